@@ -1,0 +1,14 @@
+"""The registry of compression methods, by the name users type after --method."""
+
+from __future__ import annotations
+
+from packer.methods.base import CompressJob, Method
+from packer.methods.kmeans import KMeansMethod
+from packer.methods.none import NoneMethod
+from packer.methods.uniform import Int8Method, UniformMethod
+
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (NoneMethod, UniformMethod, Int8Method, KMeansMethod)
+}
+
+__all__ = ["METHODS", "CompressJob", "Method"]

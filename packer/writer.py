@@ -1,0 +1,36 @@
+"""Lay out and write a packed file: preamble, FlatBuffers index, aligned data section."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import zstandard
+
+from packer.encode import DataSection
+from packer.index_builder import build_index
+from runtime.atomic import atomic_write
+from runtime.format.preamble import FLAG_INDEX_ZSTD, PREAMBLE_SIZE, Preamble
+from runtime.format.records import ModelRecord
+
+
+def layout(model: ModelRecord, data: DataSection) -> list[bytes]:
+    """The file's bytes as chunks; deterministic for the same records and data."""
+    index = build_index(model)
+    frame = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(index)
+    flags = FLAG_INDEX_ZSTD if len(frame) < len(index) else 0
+    index = frame if flags else index
+    alignment = data.alignment
+    index_end = PREAMBLE_SIZE + len(index)
+    data_offset = index_end + (-index_end % alignment)
+    preamble = Preamble(
+        index_offset=PREAMBLE_SIZE, index_size=len(index), data_offset=data_offset,
+        data_size=data.size, file_size=data_offset + data.size, alignment=alignment,
+        index_crc32=zlib.crc32(index), flags=flags,
+    )
+    return [preamble.pack(), index, bytes(data_offset - index_end), *data.parts]
+
+
+def write_packed(path: str | os.PathLike, model: ModelRecord, data: DataSection) -> int:
+    """Write atomically; returns the file size in bytes."""
+    return atomic_write(path, layout(model, data))

@@ -1,0 +1,12 @@
+"""weightpack's runtime: read packed files and run them, with nothing of the packer needed.
+
+    import runtime
+    model = runtime.load("model.fb")      # torch.nn.Module in eval mode
+"""
+
+from runtime.errors import WeightpackError
+from runtime.format.reader import PackedFile, open_packed
+from runtime.loader import load
+
+__version__ = "0.1.0"
+__all__ = ["PackedFile", "WeightpackError", "__version__", "load", "open_packed"]

@@ -1,0 +1,146 @@
+"""`runtime`: evaluate, inspect and verify packed files, with no packer or model code needed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.cli_common import add_common_flags, print_json, progress_enabled, run
+from runtime.data import cifar10_dataset, image_folder_dataset, imagenet_dataset, make_loader
+from runtime.errors import DataError
+from runtime.evaluate import evaluate
+from runtime.format.reader import open_packed
+from runtime.loader import load
+from runtime.report import build_report, format_report
+
+EPILOG = """examples:
+  runtime eval r20.fb --cifar10 ../shared/data/cifar10
+  runtime eval model.fb --imagenet /data/imagenet --batch-size 128 --json
+  runtime inspect r20.fb
+  runtime verify r20.fb
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runtime", description=__doc__, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("eval", help="measure top-1/top-5 accuracy of a packed model",
+                       description="Load a packed file (no model code needed) and evaluate it "
+                       "on a labelled image folder, with the input transform stored in the file.")
+    e.add_argument("file", type=Path, help="packed .fb file")
+    data = e.add_mutually_exclusive_group(required=True)
+    data.add_argument("--cifar10", type=Path, metavar="DIR",
+                      help="CIFAR-10: a folder with test/<class>/ images, or cifar-10-batches-py")
+    data.add_argument("--imagenet", type=Path, metavar="DIR",
+                      help="ImageNet: a val/ folder of wnid subfolders (or DIR holding val/)")
+    data.add_argument("--data", type=Path, metavar="DIR",
+                      help="any <class>/<image> folder, classes in sorted order")
+    e.add_argument("--limit", type=int, help="evaluate N images spread evenly over the set")
+    e.add_argument("--batch-size", type=int, default=256, help="default 256")
+    e.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data-loading processes (default: up to 4)")
+    e.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    e.add_argument("--strict", action="store_true",
+                   help="fail on an unreadable image instead of skipping and counting it")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common_flags(e)
+    e.set_defaults(func=_eval)
+
+    i = sub.add_parser("inspect", help="print the size report of a packed file")
+    i.add_argument("file", type=Path, help="packed .fb file")
+    add_common_flags(i)
+    i.set_defaults(func=_inspect)
+
+    v = sub.add_parser("verify", help="check every checksum and decode every tensor")
+    v.add_argument("file", type=Path, help="packed .fb file")
+    add_common_flags(v)
+    v.set_defaults(func=_verify)
+    return parser
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"unknown device {name!r}; use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def _dataset(args: argparse.Namespace, spec: dict[str, Any], num_classes: int):
+    if args.cifar10 is not None:
+        if num_classes and num_classes != 10:
+            raise DataError(f"this model has {num_classes} classes; CIFAR-10 has 10")
+        return cifar10_dataset(args.cifar10, "test", spec, args.strict)
+    if args.imagenet is not None:
+        if num_classes and num_classes != 1000:
+            raise DataError(f"this model has {num_classes} classes; ImageNet-1k has 1000 "
+                            "(is it a CIFAR model?)")
+        return imagenet_dataset(args.imagenet, spec, args.strict)
+    return image_folder_dataset(args.data, spec, args.strict)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise DataError("--limit must be at least 1")
+    device = _device(args.device)
+    with open_packed(args.file) as packed:
+        report = build_report(packed)
+    dataset = _dataset(args, report["input"], report["num_classes"])
+    model = load(args.file, device=device)
+    loader = make_loader(dataset, args.batch_size, args.workers, args.limit,
+                         pin_memory=device.type == "cuda")
+    result = evaluate(model, loader, device, progress=progress_enabled(args))
+    out = {**result.as_dict(), "backend": "torch", "provider": device.type,
+           "precision": "fp32", "file": str(args.file), "file_bytes": report["file_bytes"],
+           "ratio": report["ratio"]}
+    if args.json:
+        print_json(out)
+        return 0
+    print(f"top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%  on {out['images']:,} images "
+          f"({out['images_per_s']:.0f} images/s, {out['skipped']} skipped)")
+    print(f"file  {out['file_bytes']:,} bytes, ratio {out['ratio']:.2f}x vs fp32")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    with open_packed(args.file) as packed:
+        report = build_report(packed)
+    if args.json:
+        print_json(report)
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    with open_packed(args.file) as packed:
+        blobs = packed.verify()
+    model = load(args.file)
+    tensors = len(model.state_dict())
+    if args.json:
+        print_json({"file": str(args.file), "ok": True, "blobs": blobs, "tensors": tensors})
+    else:
+        print(f"{args.file}: ok ({blobs} blobs checksummed, {tensors} tensors decoded and "
+              "loaded)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return run(args.func, args, "runtime")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

@@ -1,0 +1,41 @@
+"""What both command-line tools share: one-line errors, --debug tracebacks, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from runtime.errors import WeightpackError
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object on stdout instead of tables")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback on errors")
+
+
+def run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
+    """Run a subcommand; user errors become one line on stderr and exit status 2."""
+    try:
+        return command(args)
+    except WeightpackError as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()

@@ -1,0 +1,84 @@
+"""The fixed 64-byte little-endian preamble at byte 0 of every packed file."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from runtime.errors import BadMagic, FormatError, TruncatedFile, UnsupportedVersion
+
+# PNG-style magic: non-text high byte first, CR LF, ^Z, LF catch transfer-mode damage.
+MAGIC = b"\x89WPK\r\n\x1a\n"
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+PREAMBLE_SIZE = 64
+INDEX_IDENTIFIER = b"WPK1"
+DEFAULT_ALIGNMENT = 64
+# Preamble flag bits. FLAG_INDEX_ZSTD: the index is stored as one zstd frame around the
+# FlatBuffer (its repeated vtables, names and zero fields shrink about 3-4x).
+FLAG_INDEX_ZSTD = 1
+KNOWN_FLAGS = FLAG_INDEX_ZSTD
+MAX_ALIGNMENT = 1 << 20
+
+# magic, major, minor, flags, index_offset, index_size, data_offset, data_size, file_size,
+# alignment, index_crc32. Flags must be 0 in format 1.0; a minor version may define them.
+_LAYOUT = struct.Struct("<8sHHIQQQQQII")
+assert _LAYOUT.size == PREAMBLE_SIZE
+
+
+@dataclass(frozen=True)
+class Preamble:
+    index_offset: int
+    index_size: int
+    data_offset: int
+    data_size: int
+    file_size: int
+    alignment: int
+    index_crc32: int
+    major: int = FORMAT_MAJOR
+    minor: int = FORMAT_MINOR
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        return _LAYOUT.pack(
+            MAGIC, self.major, self.minor, self.flags, self.index_offset, self.index_size,
+            self.data_offset, self.data_size, self.file_size, self.alignment, self.index_crc32,
+        )
+
+
+def parse_preamble(head: bytes, actual_size: int) -> Preamble:
+    """Parse and validate the preamble against the real file size before anything is read."""
+    if len(head) < PREAMBLE_SIZE:
+        if head[: len(MAGIC)] == MAGIC[: len(head)]:
+            raise TruncatedFile(f"file is {actual_size} bytes, shorter than the 64-byte preamble")
+        raise BadMagic("not a weightpack file (too short, no preamble)")
+    (magic, major, minor, flags, index_offset, index_size, data_offset, data_size, file_size,
+     alignment, index_crc32) = _LAYOUT.unpack_from(head)
+    if magic != MAGIC:
+        raise BadMagic("not a weightpack file (bad magic bytes)")
+    if major != FORMAT_MAJOR:
+        raise UnsupportedVersion(
+            f"file format {major}.{minor} needs a weightpack that reads format major {major}; "
+            f"this one reads format {FORMAT_MAJOR}.x"
+        )
+    if flags & ~KNOWN_FLAGS:
+        raise UnsupportedVersion(
+            f"file {major}.{minor} sets preamble flags {flags:#x} this runtime does not know; "
+            "it needs a newer weightpack")
+    if file_size != actual_size:
+        if actual_size < file_size:
+            raise TruncatedFile(
+                f"file is truncated: {actual_size} bytes on disk, preamble declares {file_size}"
+            )
+        raise FormatError(f"file has {actual_size - file_size} trailing bytes after its end")
+    if alignment == 0 or alignment & (alignment - 1) or alignment > MAX_ALIGNMENT:
+        raise FormatError(f"invalid alignment {alignment}")
+    if index_offset != PREAMBLE_SIZE:
+        raise FormatError(f"index must start right after the preamble, not at {index_offset}")
+    index_end = index_offset + index_size
+    if index_size < 8 or index_end > data_offset or data_offset % alignment:
+        raise FormatError("index and data sections overlap or are misaligned")
+    if data_offset + data_size != file_size:
+        raise FormatError("data section does not end at the end of the file")
+    return Preamble(index_offset, index_size, data_offset, data_size, file_size, alignment,
+                    index_crc32, major, minor, flags)

@@ -1,0 +1,149 @@
+"""Open a packed file: validate preamble, index and data layout, then hand out blob views."""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import zlib
+from pathlib import Path
+
+import zstandard
+
+from runtime.errors import ChecksumMismatch, FormatError, LimitExceeded, WeightpackError
+from runtime.format.index import parse_index
+from runtime.format.preamble import FLAG_INDEX_ZSTD, PREAMBLE_SIZE, Preamble, parse_preamble
+from runtime.format.records import BlobRef, ModelRecord
+
+MAX_INDEX_BYTES = 256 << 20
+
+
+class PackedFile:
+    """A validated, memory-mapped packed file. Use as a context manager.
+
+    Opening checks everything that does not need the payloads decoded: preamble, index
+    checksum and structure, and that blobs are aligned, sorted, disjoint, inside the data
+    section, and separated only by zero padding. Blob checksums are checked on access.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        except FileNotFoundError:
+            raise WeightpackError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise WeightpackError(f"{self.path}: is a directory, not a packed file") from None
+        except OSError as exc:
+            raise WeightpackError(f"{self.path}: cannot open ({exc.strerror})") from None
+        self._mm: mmap.mmap | None = None
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            head = self._file.read(PREAMBLE_SIZE)
+            self.preamble: Preamble = parse_preamble(head, self.size)
+            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            self.model: ModelRecord = self._read_index()
+            self._check_layout()
+        except WeightpackError as exc:
+            self.close()
+            raise type(exc)(f"{self.path}: {exc}") from None
+
+    # -- access -------------------------------------------------------------------------
+    def blob(self, ref: BlobRef, what: str = "blob") -> memoryview:
+        """Zero-copy view of a blob's bytes, checksum-verified."""
+        view = self._data_view(ref)
+        if zlib.crc32(view) != ref.crc32:
+            raise ChecksumMismatch(f"{self.path}: {what} fails its CRC-32 check (corrupt file)")
+        return view
+
+    def verify(self) -> int:
+        """Check every blob's checksum; returns the number of blobs checked."""
+        blobs = self.model.blobs()
+        for what, ref in blobs:
+            self.blob(ref, what)
+        return len(blobs)
+
+    def section_bytes(self) -> dict[str, int]:
+        p = self.preamble
+        return {"preamble": PREAMBLE_SIZE, "index": p.index_size,
+                "index_padding": p.data_offset - p.index_offset - p.index_size}
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        if self._mm is not None:
+            # A caller may still hold a blob view; the map is then freed when that is dropped.
+            with contextlib.suppress(BufferError):
+                self._mm.close()
+            self._mm = None
+        self._file.close()
+
+    def __enter__(self) -> PackedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- validation ---------------------------------------------------------------------
+    def _read_index(self) -> ModelRecord:
+        p = self.preamble
+        if p.index_size > MAX_INDEX_BYTES:
+            raise LimitExceeded(f"index is {p.index_size} bytes, over the cap {MAX_INDEX_BYTES}")
+        index = self._mm[p.index_offset : p.index_offset + p.index_size]
+        if zlib.crc32(index) != p.index_crc32:
+            raise ChecksumMismatch("index fails its CRC-32 check (corrupt file)")
+        padding = self._mm[p.index_offset + p.index_size : p.data_offset]
+        if padding.count(0) != len(padding):
+            raise FormatError("non-zero bytes in the padding after the index")
+        if p.flags & FLAG_INDEX_ZSTD:
+            index = _inflate_index(index)
+        self.index_raw_size = len(index)
+        return parse_index(index)
+
+    def _check_layout(self) -> None:
+        p = self.preamble
+        cursor = 0
+        for what, ref in sorted(self.model.blobs(), key=lambda item: item[1].offset):
+            if ref.offset % p.alignment:
+                raise FormatError(f"{what} is not aligned to {p.alignment} bytes")
+            if ref.offset < cursor:
+                raise FormatError(f"{what} overlaps the previous blob or is out of order")
+            if ref.offset - cursor >= p.alignment:
+                raise FormatError(f"unreferenced bytes before {what}")
+            if ref.offset + ref.length > p.data_size:
+                raise FormatError(f"{what} extends past the end of the data section")
+            self._check_zero(cursor, ref.offset, what)
+            cursor = ref.offset + ref.length
+        if p.data_size - cursor >= p.alignment:
+            raise FormatError("unreferenced bytes at the end of the data section")
+        self._check_zero(cursor, p.data_size, "the end of the file")
+
+    def _check_zero(self, start: int, stop: int, what: str) -> None:
+        base = self.preamble.data_offset
+        gap = self._mm[base + start : base + stop]
+        if gap.count(0) != len(gap):
+            raise FormatError(f"non-zero padding before {what}")
+
+    def _data_view(self, ref: BlobRef) -> memoryview:
+        if self._mm is None:
+            raise WeightpackError(f"{self.path}: file is closed")
+        if ref.offset + ref.length > self.preamble.data_size:
+            raise FormatError("blob reference outside the data section")
+        start = self.preamble.data_offset + ref.offset
+        return memoryview(self._mm)[start : start + ref.length]
+
+
+def _inflate_index(frame: bytes) -> bytes:
+    try:
+        size = zstandard.frame_content_size(frame)
+        if size < 0 or size > MAX_INDEX_BYTES:
+            raise LimitExceeded(f"compressed index declares {size} bytes, over the cap")
+        index = zstandard.ZstdDecompressor().decompress(frame, max_output_size=MAX_INDEX_BYTES)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"compressed index does not decompress ({exc})") from None
+    if len(index) != size:
+        raise FormatError("compressed index decompresses to the wrong size")
+    return index
+
+
+def open_packed(path: str | os.PathLike) -> PackedFile:
+    return PackedFile(path)

@@ -1,0 +1,139 @@
+"""Plain-Python mirror of the FlatBuffers index.
+
+The reader converts the whole index into these records once, validating as it goes, so no
+other module touches generated code or raw offsets; the writer builds the index from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SCHEMES = ("raw", "uniform", "scalar_codebook", "vector_codebook")
+CODER_NAMES = ("raw", "zstd", "huffman", "ans")
+ARCH_KINDS = ("builder", "onnx_graph")
+SCHEME_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    offset: int  # relative to the data section
+    length: int
+    crc32: int
+
+
+@dataclass(frozen=True)
+class ArrayRecord:
+    blob: BlobRef
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StreamRecord:
+    blob: BlobRef
+    coder: str
+    coder_version: int
+    alphabet_size: int
+    count: int
+    bits: int = 0
+    code_lengths: np.ndarray | None = None
+    frequencies: np.ndarray | None = None
+    precision: int = 0
+    chunk_offsets: np.ndarray | None = None
+    chunk_size: int = 0
+    entropy_bits: float = 0.0
+
+    @property
+    def params_nbytes(self) -> int:
+        arrays = (self.code_lengths, self.frequencies, self.chunk_offsets)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scheme: str
+    scheme_version: int = SCHEME_VERSION
+    values: StreamRecord | None = None
+    values_dtype: str = "float32"
+    bits: int = 0
+    symbol_offset: int = 0
+    scales: ArrayRecord | None = None
+    zero_points: ArrayRecord | None = None
+    axis: int = -1
+    codebook: ArrayRecord | None = None
+    indices: StreamRecord | None = None
+    subvector_size: int = 0
+    layout: int = 0
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def streams(self) -> list[tuple[str, StreamRecord]]:
+        return [(r, s) for r, s in (("values", self.values), ("indices", self.indices)) if s]
+
+    def arrays(self) -> list[tuple[str, ArrayRecord]]:
+        pairs = (("scales", self.scales), ("zero_points", self.zero_points),
+                 ("codebook", self.codebook))
+        return [(r, a) for r, a in pairs if a]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    shape: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: int | None = None
+    crop: int | None = None
+
+    def as_dict(self) -> dict:
+        return {"shape": list(self.shape), "mean": list(self.mean), "std": list(self.std),
+                "resize": self.resize, "crop": self.crop}
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> InputSpec:
+        return cls(tuple(int(v) for v in spec["shape"]), tuple(float(v) for v in spec["mean"]),
+                   tuple(float(v) for v in spec["std"]),
+                   int(spec["resize"]) if spec.get("resize") else None,
+                   int(spec["crop"]) if spec.get("crop") else None)
+
+
+@dataclass(frozen=True)
+class ArchitectureRecord:
+    kind: str
+    builder: str = ""
+    kwargs_json: str = "{}"
+    graph: BlobRef | None = None
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    producer: str
+    method: str
+    method_config_json: str
+    source_sha256: str
+    architecture: ArchitectureRecord
+    input: InputSpec
+    num_classes: int
+    tensors: tuple[TensorRecord, ...]
+    fp32_bytes: int
+    class_names: tuple[str, ...] = field(default_factory=tuple)
+    metadata_json: str = "{}"
+
+    def blobs(self) -> list[tuple[str, BlobRef]]:
+        """Every blob the index references, labelled `tensor/role`, in index order."""
+        out: list[tuple[str, BlobRef]] = []
+        for t in self.tensors:
+            out += [(f"{t.name}/{role}", s.blob) for role, s in t.streams()]
+            out += [(f"{t.name}/{role}", a.blob) for role, a in t.arrays()]
+        if self.architecture.graph is not None:
+            out.append(("architecture/graph", self.architecture.graph))
+        return out

@@ -1,0 +1,53 @@
+"""`runtime.load`: a packed file -> a ready nn.Module, without the user's model code."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from runtime import zoo
+from runtime.decode import decode_state_dict
+from runtime.errors import ArchitectureError, UnsupportedVersion
+from runtime.format.reader import open_packed
+from runtime.format.records import ModelRecord
+
+
+def build_module(model: ModelRecord) -> nn.Module:
+    """Instantiate the file's architecture from the allow-list (never importing by name)."""
+    arch = model.architecture
+    if arch.kind != "builder":
+        raise UnsupportedVersion(
+            f"architecture kind {arch.kind!r} rebuilds through the ONNX backend, "
+            "not as a torch module, in this version")
+    kwargs = json.loads(arch.kwargs_json)
+    if not isinstance(kwargs, dict):
+        raise ArchitectureError("builder kwargs in the file are not a JSON object")
+    return zoo.build(arch.builder, kwargs)
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu",
+         backend: str = "torch") -> nn.Module:
+    """Load a packed file as a torch.nn.Module in eval mode on `device`.
+
+    Safe on untrusted files: nothing is unpickled or imported by name, and every size is
+    checked before allocation. Each call opens the file on its own, so concurrent loads
+    from threads or processes do not share state.
+    """
+    if backend != "torch":
+        raise UnsupportedVersion(f"backend {backend!r} is not available in this version")
+    with open_packed(path) as packed:
+        module = build_module(packed.model)
+        state_dict = decode_state_dict(packed)
+    expected = module.state_dict()
+    problems = [k for k in expected if k not in state_dict or
+                expected[k].shape != state_dict[k].shape]
+    unexpected = [k for k in state_dict if k not in expected]
+    if problems or unexpected:
+        raise ArchitectureError(
+            f"{path}: tensors do not fit architecture {packed.model.architecture.builder} "
+            f"({len(problems)} missing or misshapen, {len(unexpected)} unexpected)")
+    module.load_state_dict(state_dict, strict=True, assign=True)
+    return module.to(device).eval()

@@ -1,0 +1,35 @@
+"""Allow-listed model architectures: build by name, default input specs, infer from weights.
+
+``runtime`` only constructs models listed in :data:`BUILDERS` (the CIFAR ResNets of
+:mod:`runtime.zoo.cifar_resnet` and torchvision's classification models, prefixed
+``torchvision.``), so a packed file can choose an architecture but never code.
+"""
+
+from __future__ import annotations
+
+from runtime.zoo.inference import infer, infer_one, infer_with_kwargs, shapes_of
+from runtime.zoo.registry import (
+    BUILDERS,
+    CIFAR_NAMES,
+    TORCHVISION_PREFIX,
+    build,
+    input_spec,
+    names,
+    validate_kwargs,
+)
+from runtime.zoo.specs import InputSpec
+
+__all__ = [
+    "BUILDERS",
+    "CIFAR_NAMES",
+    "TORCHVISION_PREFIX",
+    "InputSpec",
+    "build",
+    "infer",
+    "infer_one",
+    "infer_with_kwargs",
+    "input_spec",
+    "names",
+    "shapes_of",
+    "validate_kwargs",
+]

@@ -1,0 +1,137 @@
+"""The allow-list of architectures a packed file may name, and safe construction from it.
+
+Files only ever carry a *name* and a few JSON scalars; they are looked up here, never imported,
+so a file cannot make the runtime execute code of its choosing. torchvision models are always
+built with ``weights=None`` so nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torchvision
+from torch import nn
+
+from runtime.errors import ArchitectureError
+from runtime.zoo import cifar_resnet
+from runtime.zoo.specs import CIFAR_SPEC, InputSpec, imagenet_spec
+
+__all__ = [
+    "BUILDERS",
+    "CIFAR_NAMES",
+    "TORCHVISION_PREFIX",
+    "build",
+    "family",
+    "input_spec",
+    "names",
+    "validate_kwargs",
+]
+
+TORCHVISION_PREFIX = "torchvision."
+
+CIFAR_NAMES = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56")
+
+# Keyword names a file may pass, with the JSON types each accepts. Anything else is rejected
+# before any builder runs; a builder that does not take one of these is reported, not crashed.
+_KWARG_TYPES: dict[str, tuple[type, ...]] = {
+    "num_classes": (int,),
+    "dropout": (int, float),
+    "aux_logits": (bool,),
+}
+_CIFAR_KWARGS = frozenset({"num_classes"})
+_MAX_CLASSES = 1_000_000
+
+# torchvision models whose native resolution is not the usual resize 256 / crop 224.
+_TORCHVISION_SIZES: dict[str, tuple[int, int]] = {"inception_v3": (342, 299)}
+
+
+def _torchvision_builders() -> dict[str, Callable[..., nn.Module]]:
+    """Every torchvision classification model (the top-level ``torchvision.models`` ones)."""
+    out: dict[str, Callable[..., nn.Module]] = {}
+    for name in sorted(torchvision.models.list_models(module=torchvision.models)):
+        builder = torchvision.models.get_model_builder(name)
+        out[TORCHVISION_PREFIX + name] = functools.partial(builder, weights=None)
+    return out
+
+
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    **{name: getattr(cifar_resnet, name) for name in CIFAR_NAMES},
+    **_torchvision_builders(),
+}
+
+
+def names() -> list[str]:
+    """All allow-listed architecture names, CIFAR zoo first."""
+    return list(BUILDERS)
+
+
+def family(name: str) -> str:
+    """A grouping key: architectures of one family share their top-level module names."""
+    _check_name(name)
+    if name in CIFAR_NAMES:
+        return "cifar_resnet"
+    builder = BUILDERS[name]
+    assert isinstance(builder, functools.partial)
+    return builder.func.__module__
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or name not in BUILDERS:
+        examples = ", ".join(
+            ["cifar_resnet20", "cifar_resnet56", "torchvision.resnet18", "torchvision.resnet50"]
+        )
+        raise ArchitectureError(
+            f"unknown architecture {name!r}: not in the allow-list of {len(BUILDERS)} "
+            f"(e.g. {examples}; see runtime.zoo.names())"
+        )
+
+
+def validate_kwargs(name: str, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check builder kwargs from a file: known keyword names, JSON scalar values, sane ranges."""
+    _check_name(name)
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise ArchitectureError(f"kwargs for {name} must be an object, got {type(kwargs).__name__}")
+    allowed = _CIFAR_KWARGS if name in CIFAR_NAMES else frozenset(_KWARG_TYPES)
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key not in allowed:
+            raise ArchitectureError(
+                f"kwarg {key!r} is not accepted for {name} (allowed: {', '.join(sorted(allowed))})"
+            )
+        types = _KWARG_TYPES[key]
+        # bool is an int in Python; only accept it where a bool is wanted.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ArchitectureError(f"kwarg {key}={value!r} for {name} has the wrong type")
+        if key == "num_classes" and not 1 <= value <= _MAX_CLASSES:
+            raise ArchitectureError(f"num_classes={value} for {name} is out of range")
+        if key == "dropout" and not 0.0 <= value <= 1.0:
+            raise ArchitectureError(f"dropout={value} for {name} is outside [0, 1]")
+        out[key] = value
+    return out
+
+
+def build(name: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """Construct an allow-listed architecture with randomly initialised weights (no download)."""
+    checked = validate_kwargs(name, kwargs)
+    try:
+        return BUILDERS[name](**checked)
+    except TypeError as exc:
+        # Only translate "this builder does not take that keyword"; other TypeErrors are bugs.
+        msg = str(exc)
+        if "keyword argument" not in msg:
+            raise
+        raise ArchitectureError(f"{name} does not accept kwargs {sorted(checked)}: {msg}") from exc
+
+
+def input_spec(name: str) -> InputSpec:
+    """The default input spec for ``name`` (a fresh dict each call)."""
+    _check_name(name)
+    if name in CIFAR_NAMES:
+        return copy.deepcopy(CIFAR_SPEC)
+    resize, crop = _TORCHVISION_SIZES.get(name.removeprefix(TORCHVISION_PREFIX), (256, 224))
+    return imagenet_spec(resize=resize, crop=crop)
