@@ -96,7 +96,8 @@ def pack(req: PackRequest) -> dict[str, Any]:
 
     data = DataSection(req.alignment)
     encoder = Encoder(data, req.coder)
-    encoded = [encoder.tensor(name, t) for name, t in tensors.items()]
+    encoded = [encoder.tensor(name, t, config.for_tensor(name).get("coder"))
+               for name, t in tensors.items()]
     record = ModelRecord(
         producer=f"weightpack {__version__}", method=req.method,
         method_config_json=config.to_json(), source_sha256=checkpoint.sha256,

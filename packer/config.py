@@ -33,6 +33,8 @@ class Option:
 COMMON_OPTIONS: dict[str, Option] = {
     "method": Option(None, "per-layer: 'none' leaves matching layers uncompressed", str),
     "fp16": Option(False, "store tensors kept raw at float16", bool),
+    "coder": Option(None, "per-layer entropy coder (auto, raw, zstd, huffman, ans)", str,
+                    choices=("auto", "raw", "zstd", "huffman", "ans")),
 }
 
 

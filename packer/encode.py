@@ -10,6 +10,7 @@ import torch
 
 from runtime import coders
 from runtime.decode import shuffle_bytes
+from runtime.errors import ConfigError
 from runtime.format.dtypes import name_of_torch, numpy_dtype, tensor_to_numpy
 from runtime.format.records import ArrayRecord, BlobRef, StreamRecord, TensorRecord
 from runtime.tensors import (
@@ -64,17 +65,17 @@ class EncodedTensor:
 class Encoder:
     def __init__(self, data: DataSection, coder: str = "auto"):
         if coder not in CODER_CHOICES:
-            raise ValueError(f"unknown coder {coder!r}; choose from {', '.join(CODER_CHOICES)}")
+            raise ConfigError(f"unknown coder {coder!r}; choose from {', '.join(CODER_CHOICES)}")
         self.data = data
         self.coder = coder
 
     def stream(self, symbols: np.ndarray, alphabet: int, role: str,
-               reports: list[StreamReport]) -> StreamRecord:
+               reports: list[StreamReport], coder: str) -> StreamRecord:
         symbols = np.ascontiguousarray(symbols.reshape(-1))
-        if self.coder == "auto":
+        if coder == "auto":
             coded, tried = coders.encode_best(symbols, alphabet)
         else:
-            coded, tried = coders.encode(symbols, alphabet, self.coder), {}
+            coded, tried = coders.encode(symbols, alphabet, coder), {}
         entropy = coders.entropy_bits(symbols, alphabet)
         reports.append(StreamReport(role, symbols.size, alphabet, coded.coder, coded.nbytes,
                                     entropy, dict(tried)))
@@ -91,14 +92,20 @@ class Encoder:
         data = tensor_to_numpy(tensor).astype(numpy_dtype(dtype), copy=False)
         return ArrayRecord(self.data.add(data.tobytes()), dtype, tuple(tensor.shape))
 
-    def tensor(self, name: str, tensor: CompressedTensor) -> EncodedTensor:
+    def tensor(self, name: str, tensor: CompressedTensor,
+               coder: str | None = None) -> EncodedTensor:
+        """Encode one tensor; `coder` overrides the encoder's default for its streams."""
+        coder = coder or self.coder
+        if coder not in CODER_CHOICES:
+            raise ConfigError(f"{name}: unknown coder {coder!r}; choose from "
+                              f"{', '.join(CODER_CHOICES)}")
         reports: list[StreamReport] = []
         common = {"name": name, "shape": tuple(int(d) for d in tensor.shape),
                   "dtype": name_of_torch(tensor.dtype)}
         match tensor:
             case RawTensor(values=values):
                 raw = tensor_to_numpy(values)
-                stream = self.stream(shuffle_bytes(raw), 256, "values", reports)
+                stream = self.stream(shuffle_bytes(raw), 256, "values", reports, coder)
                 record = TensorRecord(scheme="raw", values=stream,
                                       values_dtype=name_of_torch(values.dtype), **common)
             case UniformTensor():
@@ -107,7 +114,7 @@ class Encoder:
                 scales = self.array(tensor.scales.to(torch.float32).reshape(-1))
                 zps = (None if tensor.zero_points is None
                        else self.array(tensor.zero_points.to(torch.int32).reshape(-1)))
-                stream = self.stream(symbols, 1 << tensor.bits, "indices", reports)
+                stream = self.stream(symbols, 1 << tensor.bits, "indices", reports, coder)
                 record = TensorRecord(
                     scheme="uniform", bits=tensor.bits, symbol_offset=low, scales=scales,
                     zero_points=zps, axis=-1 if tensor.axis is None else tensor.axis,
@@ -115,13 +122,13 @@ class Encoder:
             case ScalarCodebookTensor(codebook=codebook, indices=indices):
                 book = self.array(codebook)
                 stream = self.stream(indices.numpy(), int(codebook.shape[0]), "indices",
-                                     reports)
+                                     reports, coder)
                 record = TensorRecord(scheme="scalar_codebook", codebook=book, indices=stream,
                                       **common)
             case VectorCodebookTensor(codebook=codebook, indices=indices):
                 book = self.array(codebook)
                 stream = self.stream(indices.numpy(), int(codebook.shape[0]), "indices",
-                                     reports)
+                                     reports, coder)
                 record = TensorRecord(scheme="vector_codebook", codebook=book, indices=stream,
                                       subvector_size=tensor.subvector_size, layout=0, **common)
             case _:

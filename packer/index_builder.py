@@ -115,7 +115,7 @@ def _tensor(b: flatbuffers.Builder, t: TensorRecord) -> int:
 
 def _input(b: flatbuffers.Builder, spec: InputSpec) -> int:
     shape = _numbers(b, spec.shape, "<u4")
-    mean, std = _numbers(b, spec.mean, "<f4"), _numbers(b, spec.std, "<f4")
+    mean, std = _numbers(b, spec.mean, "<f8"), _numbers(b, spec.std, "<f8")
     FbInput.Start(b)
     FbInput.AddShape(b, shape)
     FbInput.AddMean(b, mean)

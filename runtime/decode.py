@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from runtime import coders
-from runtime.errors import CorruptBlob, FormatError
+from runtime.errors import CorruptBlob, FormatError, WeightpackError
 from runtime.format.dtypes import FLOAT_NAMES, numpy_dtype, numpy_to_tensor, torch_dtype
 from runtime.format.reader import PackedFile
 from runtime.format.records import ArrayRecord, StreamRecord, TensorRecord
@@ -61,6 +61,15 @@ def _require(cond: bool, record: TensorRecord, problem: str) -> None:
 
 def decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor:
     """Rebuild one tensor's compressed form, checking every size against the index first."""
+    try:
+        return _decode_tensor(packed, record)
+    except WeightpackError as exc:
+        if str(packed.path) in str(exc):
+            raise
+        raise type(exc)(f"{packed.path}: {exc}") from None
+
+
+def _decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor:
     name = record.name
     dtype = torch_dtype(record.dtype)
     if record.scheme == "raw":

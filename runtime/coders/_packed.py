@@ -31,10 +31,32 @@ def pack(symbols: np.ndarray, bits: int) -> bytes:
         return symbols.astype(np.uint8, copy=False).tobytes()
     if bits == 16:
         return symbols.astype("<u2", copy=False).tobytes()
-    width = 8 if bits < 8 else 16
-    as_bytes = symbols.astype(np.uint8 if width == 8 else "<u2", copy=False).view(np.uint8)
-    planes = np.unpackbits(as_bytes.reshape(symbols.size, -1), axis=1, bitorder="little")
-    return np.packbits(planes[:, :bits].reshape(-1), bitorder="little").tobytes()
+    return _pack_groups(symbols, bits)
+
+
+def _pack_groups(symbols: np.ndarray, bits: int) -> bytes:
+    """Pack 8 symbols at a time into a 128-bit (two uint64) little-endian accumulator.
+
+    8 symbols fill exactly ``bits`` bytes, so each group's accumulator contributes its low
+    ``bits`` bytes; the trailing partial group is zero-padded, which leaves zero padding bits.
+    """
+    n = symbols.size
+    groups = -(-n // 8)
+    padded = np.zeros(groups * 8, dtype=np.uint64)
+    padded[:n] = symbols
+    lanes = padded.reshape(groups, 8)
+    acc = np.zeros((groups, 2), dtype="<u8")
+    lo, hi = acc[:, 0], acc[:, 1]
+    for j in range(8):
+        value, offset = lanes[:, j], j * bits
+        if offset < 64:
+            lo |= value << np.uint64(offset)  # bits beyond 64 fall off, hi gets them below
+        if offset + bits > 64:
+            hi |= (
+                value << np.uint64(offset - 64) if offset >= 64 else value >> np.uint64(64 - offset)
+            )
+    nbytes = -(-n * bits // 8)
+    return acc.view(np.uint8).reshape(groups, 16)[:, :bits].tobytes()[:nbytes]
 
 
 def unpack(payload: bytes, count: int, bits: int, alphabet_size: int) -> np.ndarray:

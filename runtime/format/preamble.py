@@ -48,6 +48,8 @@ class Preamble:
 
 def parse_preamble(head: bytes, actual_size: int) -> Preamble:
     """Parse and validate the preamble against the real file size before anything is read."""
+    if actual_size == 0:
+        raise TruncatedFile("file is empty (0 bytes)")
     if len(head) < PREAMBLE_SIZE:
         if head[: len(MAGIC)] == MAGIC[: len(head)]:
             raise TruncatedFile(f"file is {actual_size} bytes, shorter than the 64-byte preamble")

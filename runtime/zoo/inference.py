@@ -10,6 +10,7 @@ depends on the PyTorch version that saved a checkpoint, not on the architecture.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -68,7 +69,9 @@ def _clean(shapes: Mapping[str, tuple[int, ...]]) -> Shapes:
 @functools.lru_cache(maxsize=512)
 def _cached_shapes(name: str, num_classes: int | None) -> tuple[tuple[str, tuple[int, ...]], ...]:
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    with _ShapeOnlyMode():
+    with warnings.catch_warnings(), _ShapeOnlyMode():
+        # googlenet/inception warn about their default init, which shape-only builds skip.
+        warnings.simplefilter("ignore", FutureWarning)
         model = BUILDERS[name](**kwargs)
     return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 

@@ -1,0 +1,27 @@
+"""Test helpers: pack in-memory compressed tensors into a file without a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from packer.encode import DataSection, Encoder
+from packer.writer import write_packed
+from runtime.format.records import ArchitectureRecord, InputSpec, ModelRecord
+from runtime.tensors import CompressedTensor
+
+CIFAR_SPEC = InputSpec((3, 32, 32), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def pack_tensors(path: Path, tensors: dict[str, CompressedTensor], coder: str = "auto",
+                 alignment: int = 64, builder: str = "cifar_resnet20") -> ModelRecord:
+    data = DataSection(alignment)
+    encoder = Encoder(data, coder)
+    records = tuple(encoder.tensor(name, t).record for name, t in tensors.items())
+    model = ModelRecord(
+        producer="weightpack test", method="test", method_config_json='{"k":1}',
+        source_sha256="0" * 64, architecture=ArchitectureRecord("builder", builder, "{}"),
+        input=CIFAR_SPEC, num_classes=10, tensors=records, fp32_bytes=1024,
+        class_names=("a", "b"),
+    )
+    write_packed(path, model, data)
+    return model

@@ -1,0 +1,129 @@
+"""Helpers shared by the benchmark modules: asset paths, packing, timing, Markdown tables."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+MODELS = {
+    "resnet20": ("resnet20-cifar10jpg.pth", "cifar_resnet20"),
+    "resnet56": ("resnet56-cifar10jpg.pth", "cifar_resnet56"),
+}
+"""Short model name -> (checkpoint file under models/cifar10/, zoo architecture)."""
+
+
+def shared_dir() -> Path:
+    """The shared read-only assets: $WEIGHTPACK_SHARED, else ``<repo root>/../shared``."""
+    env = os.environ.get("WEIGHTPACK_SHARED")
+    path = Path(env) if env else REPO_ROOT.parent / "shared"
+    if not path.is_dir():
+        raise SystemExit(f"shared assets not found at {path} (set WEIGHTPACK_SHARED)")
+    return path
+
+
+def checkpoint_path(model: str) -> Path:
+    """Path of the fine-tuned checkpoint of ``model`` ("resnet20" or "resnet56")."""
+    return shared_dir() / "models" / "cifar10" / MODELS[model][0]
+
+
+def arch_of(model: str) -> str:
+    """Zoo architecture name of ``model``."""
+    return MODELS[model][1]
+
+
+def setup_torch(threads: int = 2) -> None:
+    """Pin torch's intra-op thread count so every measurement runs under the same setting."""
+    torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """One packing configuration of the method table."""
+
+    label: str
+    method: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe identifier."""
+        text = "-".join([self.method, *self.overrides])
+        return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+
+
+def pack_file(source: Path, output: Path, cfg: PackConfig, coder: str = "auto") -> dict[str, Any]:
+    """Pack ``source`` into ``output`` with ``cfg``; returns the packer's report."""
+    from packer.compress import PackRequest, pack
+
+    req = PackRequest(source=source, output=output, method=cfg.method,
+                      overrides=list(cfg.overrides), coder=coder, progress=False)
+    return pack(req)
+
+
+def median_time(fn: Callable[[], object], repeat: int) -> float:
+    """Median wall time of ``repeat`` calls of ``fn`` in seconds."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (falls back to platform.processor())."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (what `nproc` prints)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def machine_lines() -> list[str]:
+    """Markdown bullet lines describing the date, machine and software versions."""
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        f"- date: {now}",
+        f"- machine: nproc {usable_cpus()}, CPU `{cpu_model()}`, "
+        f"{platform.system()} {platform.release()}",
+        f"- software: Python {platform.python_version()}, torch {torch.__version__} "
+        f"(torch threads {torch.get_num_threads()}), numpy {np.__version__}",
+    ]
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+             align: str | None = None) -> str:
+    """A Markdown table; ``align`` holds one of 'l'/'r' per column (default: first l, rest r)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    sep = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(ok: bool) -> str:
+    """PASS or FAIL."""
+    return "PASS" if ok else "FAIL"
