@@ -83,6 +83,10 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # weights_only refuses both a pickled class ("Unsupported global") and plain junk.
+        if "unsupported global" not in str(exc).lower():
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
+                                  "(not a pickle torch.load can read safely)") from None
         if not trust_pickle:
             raise CheckpointError(
                 f"{path}: holds pickled Python objects that weights_only loading refuses "

@@ -42,7 +42,7 @@ def parse_value(text: str) -> Any:
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return lowered == "true"
-    if lowered in ("null", "none"):
+    if lowered == "null":
         return None
     try:
         return json.loads(text)

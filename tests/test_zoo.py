@@ -99,13 +99,14 @@ def test_infer_nothing_matches() -> None:
         zoo.infer({"a": "not a tensor"})  # type: ignore[dict-item]
 
 
-def test_family_members_share_top_level_names() -> None:
-    """infer() skips a family by its first member's top-level names; all members must agree."""
-    by_family: dict[str, set[frozenset[str]]] = {}
+def test_family_members_share_signature() -> None:
+    """infer() skips a family by its representative's signature; all members must share it."""
+    odd = {}
     for name in zoo.names():
-        top = frozenset(k.split(".", 1)[0] for k in inference.shapes_of(name))
-        by_family.setdefault(registry.family(name), set()).add(top)
-    assert {fam: len(tops) for fam, tops in by_family.items() if len(tops) > 1} == {}
+        fam = registry.family(name)
+        if inference._Signature.of(inference.shapes_of(name)) != inference._family_signature(fam):
+            odd[name] = fam
+    assert odd == {}
 
 
 def test_names_cover_cifar_and_torchvision_classification() -> None:

@@ -2,8 +2,8 @@
 
 Candidates are built *shape-only* (parameters on the meta device, weight init skipped), so no
 memory is used and a model costs milliseconds. To stay fast over ~80 architectures, one member
-per family is built first and only families whose top-level module names match the state_dict
-are examined member by member. ``num_batches_tracked`` buffers are ignored: whether they exist
+per family is built first and only families whose top-level module names and classifier keys
+match the state_dict are examined member by member. ``num_batches_tracked`` buffers are ignored: whether they exist
 depends on the PyTorch version that saved a checkpoint, not on the architecture.
 """
 
@@ -13,6 +13,7 @@ import functools
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,19 +88,59 @@ def _top_level(keys: Any) -> frozenset[str]:
     return frozenset(k.split(".", 1)[0] for k in keys)
 
 
+@dataclass(frozen=True)
+class _Signature:
+    """What all members of a family share: top-level module names and the head's tensors.
+
+    The head is the last top-level module of the family's representative (its classifier);
+    its key names and ranks do not depend on depth or width, so comparing them rules out
+    most families that merely share names such as ``features``/``classifier``.
+    """
+
+    top: frozenset[str]
+    head: str
+    head_keys: frozenset[tuple[str, int]]
+
+    @classmethod
+    def of(cls, shapes: Shapes) -> _Signature:
+        head = next(reversed(shapes)).split(".", 1)[0]
+        return cls(_top_level(shapes), head, _head_keys(shapes, head))
+
+    def admits(self, target: Shapes) -> bool:
+        return _top_level(target) == self.top and _head_keys(target, self.head) == self.head_keys
+
+
+def _head_keys(shapes: Shapes, head: str) -> frozenset[tuple[str, int]]:
+    return frozenset((k, len(s)) for k, s in shapes.items() if k.split(".", 1)[0] == head)
+
+
+# Cheap members to stand for their family (any member would do; these build fastest).
+_PREFERRED_REPRESENTATIVES = frozenset(
+    "torchvision." + n
+    for n in (
+        "convnext_tiny", "mnasnet0_5", "mobilenet_v3_small", "regnet_x_400mf", "resnet18",
+        "shufflenet_v2_x0_5", "squeezenet1_1", "swin_t", "vit_b_32",
+    )
+)  # fmt: skip
+
+
 @functools.lru_cache(maxsize=1)
 def _families() -> dict[str, tuple[str, ...]]:
+    """Family -> members, the representative first."""
     groups: dict[str, list[str]] = defaultdict(list)
     for name in BUILDERS:
         groups[family(name)].append(name)
-    return {fam: tuple(members) for fam, members in groups.items()}
+    return {
+        fam: tuple(sorted(members, key=lambda n: n not in _PREFERRED_REPRESENTATIVES))
+        for fam, members in groups.items()
+    }
 
 
 @functools.lru_cache(maxsize=64)
-def _family_signature(fam: str) -> frozenset[str] | None:
-    """Top-level module names of a family (from its first member); None if it cannot be built."""
+def _family_signature(fam: str) -> _Signature | None:
+    """The family's signature (from its representative); None if it cannot be built."""
     try:
-        return _top_level(shapes_of(_families()[fam][0]))
+        return _Signature.of(shapes_of(_families()[fam][0]))
     except Exception:  # noqa: BLE001 - a builder that fails shape-only is simply not inferable
         return None
 
@@ -142,10 +183,10 @@ def _target_shapes(state_dict: Mapping[str, Tensor]) -> Shapes:
 def infer_with_kwargs(state_dict: Mapping[str, Tensor]) -> list[tuple[str, dict[str, Any]]]:
     """Every allow-listed architecture (with the kwargs it needs) matching ``state_dict``."""
     target = _target_shapes(state_dict)
-    wanted = _top_level(target)
     found: list[tuple[str, dict[str, Any]]] = []
     for fam, members in _families().items():
-        if _family_signature(fam) != wanted:
+        signature = _family_signature(fam)
+        if signature is None or not signature.admits(target):
             continue
         for name in members:
             try:
