@@ -16,8 +16,7 @@ from packer.compress import PackRequest, pack
 from packer.config import build_config
 from packer.methods import METHODS, CompressJob
 from packer.writer import layout
-from runtime import cli as runtime_cli
-from runtime import zoo
+from runtime import cli as runtime_cli, zoo
 
 
 @pytest.fixture(scope="module")
