@@ -218,7 +218,8 @@ def _scan(
 @functools.cache
 def imagenet_classes() -> tuple[tuple[str, str], ...]:
     """The 1000 ImageNet-1k classes as (wnid, name), in canonical index order."""
-    text = resources.files("runtime").joinpath("data").joinpath("imagenet_classes.tsv").read_text("utf-8")
+    tsv = resources.files("runtime").joinpath("data").joinpath("imagenet_classes.tsv")
+    text = tsv.read_text("utf-8")
     rows = [line.split("\t") for line in text.splitlines()[1:] if line.strip()]
     if [int(r[0]) for r in rows] != list(range(1000)):
         raise DataError("runtime/data/imagenet_classes.tsv is damaged: indices are not 0..999")

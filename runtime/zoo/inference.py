@@ -3,8 +3,9 @@
 Candidates are built *shape-only* (parameters on the meta device, weight init skipped), so no
 memory is used and a model costs milliseconds. To stay fast over ~80 architectures, one member
 per family is built first and only families whose top-level module names and classifier keys
-match the state_dict are examined member by member. ``num_batches_tracked`` buffers are ignored: whether they exist
-depends on the PyTorch version that saved a checkpoint, not on the architecture.
+match the state_dict are examined member by member. ``num_batches_tracked`` buffers are
+ignored: whether they exist depends on the PyTorch version that saved a checkpoint, not on
+the architecture.
 """
 
 from __future__ import annotations
@@ -47,19 +48,15 @@ class _ShapeOnlyMode(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        kwargs = dict(kwargs or {})
+        kwargs = kwargs or {}
         if func in _FACTORIES:
-            kwargs["device"] = "meta"
-            return func(*args, **kwargs)
+            return func(*args, **{**kwargs, "device": "meta"})
         name = getattr(func, "__name__", "")
-        if (
-            name.endswith("_")
-            and not name.endswith("__")
-            and args
-            and isinstance(args[0], Tensor)
-            and args[0].is_meta
-        ):
-            return args[0]  # weight initialisation: shapes are unchanged
+        if name.endswith("_") and not name.endswith("__"):
+            # torch.nn.init functions pass their tensor by keyword.
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, Tensor) and tensor.is_meta:
+                return tensor  # weight initialisation: shapes are unchanged
         return func(*args, **kwargs)
 
 
