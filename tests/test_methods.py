@@ -104,3 +104,15 @@ def test_every_method_has_documented_options(name: str) -> None:
         assert opt.help, f"{name}.{key} has no help"
     config = build_config(name, method.options, {}, [])
     assert set(method.options) <= set(config.options)
+
+
+def test_rdo_rounding_lowers_entropy_and_stays_within_one_step() -> None:
+    from runtime.coders import entropy_bits
+
+    w = weights(64, 64, 3, 3)
+    plain = quantize_symmetric(w, 4, clip="max")
+    rdo = quantize_symmetric(w, 4, clip="max", rdo=0.3)
+    h = [entropy_bits((q.codes + 7).reshape(-1).numpy(), 16) for q in (plain, rdo)]
+    assert h[1] < h[0]
+    assert ((rdo.dequantize() - w).abs() <= plain.scales[:, None, None, None] + 1e-7).all()
+    assert rdo.codes.abs().max() <= 7

@@ -4,6 +4,11 @@ The grid is value = code * scale with codes in [-(2^(b-1)-1), 2^(b-1)-1] (zero p
 TensorRT's rule at 8 bits). `clip` picks the scale: `max` maps the largest magnitude to the
 top code; `mse` searches clipping ratios for the smallest squared error per channel, which
 trades a few clipped outliers for finer steps everywhere else.
+
+Because codes are entropy-coded, rounding to the nearest level is not the best use of bits:
+`rdo` > 0 turns on rate-distortion optimised rounding (as in NNCodec/HEVC's RDOQ), which
+picks between the two levels around each weight to minimise
+(error / step)^2 + rdo * bits(level), with bits from the layer's own code histogram.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ def _bits_ok(b: int) -> str | None:
 
 def _step_ok(s: float | None) -> str | None:
     return None if s is None or s > 0 else "step must be positive"
+
+
+def _rdo_ok(lam: float) -> str | None:
+    return None if 0 <= lam <= 10 else "rdo must be between 0 and 10"
 
 
 def _channel_view(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -52,8 +61,25 @@ def _scales(rows: torch.Tensor, qmax: int, clip: str) -> torch.Tensor:
     return torch.where(scales > 0, scales, torch.ones_like(scales))  # all-zero rows
 
 
+def rdo_round(scaled: torch.Tensor, codes: torch.Tensor, qmax: int, lam: float,
+              iters: int = 3) -> torch.Tensor:
+    """Re-round `scaled` (weights / step) to floor or ceil, trading squared error (in steps)
+    against lam x the code's cost in bits under the current histogram; a few passes let
+    the histogram and the choices settle."""
+    lo = torch.clamp(torch.floor(scaled), -qmax, qmax)
+    hi = torch.clamp(lo + 1, -qmax, qmax)
+    for _ in range(iters):
+        counts = torch.bincount((codes + qmax).reshape(-1).long(), minlength=2 * qmax + 1)
+        cost = -torch.log2((counts.double() + 0.5) / (counts.sum() + 0.5 * counts.numel()))
+        c_lo = (scaled - lo) ** 2 + lam * cost[(lo + qmax).long()].float()
+        c_hi = (scaled - hi) ** 2 + lam * cost[(hi + qmax).long()].float()
+        codes = torch.where(c_lo <= c_hi, lo, hi).to(torch.int32)
+    return codes
+
+
 def quantize_symmetric(weight: torch.Tensor, bits: int, per_channel: bool = True,
-                       clip: str = "max", step: float | None = None) -> UniformTensor:
+                       clip: str = "max", step: float | None = None,
+                       rdo: float = 0.0) -> UniformTensor:
     rows = _channel_view(weight, per_channel)
     if step is not None:
         # A fixed step: the bit width follows from the largest code actually needed.
@@ -63,7 +89,10 @@ def quantize_symmetric(weight: torch.Tensor, bits: int, per_channel: bool = True
     qmax = (1 << (bits - 1)) - 1
     if step is None:
         scales = _scales(rows, qmax, clip)
-    codes = torch.clamp(torch.round(rows / scales[:, None]), -qmax, qmax).to(torch.int32)
+    scaled = rows / scales[:, None]
+    codes = torch.clamp(torch.round(scaled), -qmax, qmax).to(torch.int32)
+    if rdo > 0:
+        codes = rdo_round(scaled, codes, qmax, rdo)
     axis = 0 if per_channel and weight.dim() > 1 else None
     return UniformTensor(codes.reshape(weight.shape), scales.to(torch.float32), None, bits,
                          axis, weight.dtype)
@@ -78,14 +107,16 @@ class UniformMethod(PerTensorMethod):
                        check=_step_ok),
         "granularity": Option("channel", "one scale per output channel or per layer", str,
                               choices=("channel", "layer")),
-        "clip": Option("mse", "scale rule: max magnitude, or MSE-optimal clipping", str,
+        "clip": Option("max", "scale rule: max magnitude, or MSE-optimal clipping", str,
                        choices=("max", "mse")),
+        "rdo": Option(0.1, "rate-distortion rounding weight (0 = round to nearest)", float,
+                      check=_rdo_ok),
     }
 
     def compress_tensor(self, name: str, weight: torch.Tensor,
                         opts: dict[str, Any]) -> UniformTensor:
         return quantize_symmetric(weight, opts["bits"], opts["granularity"] == "channel",
-                                  opts["clip"], opts["step"])
+                                  opts["clip"], opts["step"], opts["rdo"])
 
 
 class Int8Method(UniformMethod):

@@ -6,6 +6,7 @@ import datetime as _dt
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,21 +56,38 @@ class PackConfig:
     label: str
     method: str
     overrides: tuple[str, ...] = ()
+    coder: str = "auto"
 
     @property
     def slug(self) -> str:
         """A file-name-safe identifier."""
-        text = "-".join([self.method, *self.overrides])
+        parts = [self.method, *self.overrides]
+        if self.coder != "auto":
+            parts.append(f"coder={self.coder}")
+        text = "-".join(parts)
         return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
 
 
-def pack_file(source: Path, output: Path, cfg: PackConfig, coder: str = "auto") -> dict[str, Any]:
+def pack_file(source: Path, output: Path, cfg: PackConfig) -> dict[str, Any]:
     """Pack ``source`` into ``output`` with ``cfg``; returns the packer's report."""
     from packer.compress import PackRequest, pack
 
     req = PackRequest(source=source, output=output, method=cfg.method,
-                      overrides=list(cfg.overrides), coder=coder, progress=False)
+                      overrides=list(cfg.overrides), coder=cfg.coder, progress=False)
     return pack(req)
+
+
+def packed_path(workdir: Path, model: str, cfg: PackConfig) -> Path:
+    """Where the benchmark keeps ``model`` packed with ``cfg`` inside ``workdir``."""
+    return workdir / f"{model}-{cfg.slug}.fb"
+
+
+def ensure_packed(workdir: Path, model: str, cfg: PackConfig) -> Path:
+    """The packed file of ``model`` with ``cfg``, packing it first unless already there."""
+    path = packed_path(workdir, model, cfg)
+    if not path.exists():
+        pack_file(checkpoint_path(model), path, cfg)
+    return path
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:
@@ -111,7 +129,24 @@ def machine_lines() -> list[str]:
         f"{platform.system()} {platform.release()}",
         f"- software: Python {platform.python_version()}, torch {torch.__version__} "
         f"(torch threads {torch.get_num_threads()}), numpy {np.__version__}",
+        f"- code: {code_state()}",
     ]
+
+
+def code_state() -> str:
+    """The git commit and the files that differ from it (the code actually benchmarked)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  check=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    dirty = [line[3:] for line in git("status", "--porcelain").splitlines()
+             if line[3:] and not line[3:].startswith(("tools/bench/", "docs/RESULTS.md"))]
+    if not dirty:
+        return f"commit {commit}, no uncommitted changes outside tools/bench/"
+    return f"commit {commit} + uncommitted changes in {', '.join(dirty)}"
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]],

@@ -1,0 +1,295 @@
+"""Coder table: every entropy coder on the real symbol streams of packed resnet20 files.
+
+The streams are read back from the files (index streams of the quantized files, byte-shuffled
+raw-value streams of the `none` file), re-coded with each coder and with ``encode_best``
+("auto"), compared with the order-0 entropy bound, and decoded to time each coder.
+Run alone: ``python tools/bench/coders.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from _common import PackConfig, ensure_packed, md_table, verdict
+
+from runtime import coders
+from runtime.coders import CODERS, CodedStream
+from runtime.decode import read_stream
+from runtime.format.reader import open_packed
+
+MODEL = "resnet20"
+FILES: tuple[tuple[PackConfig, str], ...] = (
+    (PackConfig("kmeans K=32", "kmeans", ("k=32",)), "indices"),
+    (PackConfig("int8", "int8"), "indices"),
+    (PackConfig("uniform 5b clip=mse", "uniform", ("bits=5", "clip=mse")), "indices"),
+    (PackConfig("none (fp32)", "none"), "values"),
+)
+"""Packed files of the coder table, with the stream role taken from each."""
+
+ALL_CODERS = (*CODERS, "auto")
+ANS_SLACK = 1.01
+ANS_MIN_BYTES = 4096
+"""The ans bar applies to streams whose bit-packed (raw) size exceeds this many bytes."""
+
+
+@dataclass
+class Stream:
+    """One symbol stream read back from a packed file."""
+
+    name: str
+    symbols: np.ndarray
+    alphabet: int
+    stored_bytes: int  # payload + parameter tables as stored in the file
+    stored_coder: str
+    coded: dict[str, CodedStream] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return int(self.symbols.size)
+
+    @property
+    def bound_bytes(self) -> float:
+        """Order-0 entropy bound of this stream in bytes."""
+        return coders.entropy_bits(self.symbols, self.alphabet) * self.count / 8
+
+
+def read_streams(path: Path, role: str) -> list[Stream]:
+    """Every stream of ``role`` in the packed file, decoded with the coder the file used."""
+    out = []
+    with open_packed(path) as packed:
+        for tensor in packed.model.tensors:
+            for r, rec in tensor.streams():
+                if r != role:
+                    continue
+                symbols = read_stream(packed, rec, f"{tensor.name}/{r}")
+                out.append(Stream(f"{tensor.name}/{r}", symbols, rec.alphabet_size,
+                                  rec.blob.length + rec.params_nbytes, rec.coder))
+    return out
+
+
+@dataclass
+class CoderStats:
+    """Size and decode speed of one coder over all streams of one file."""
+
+    coder: str
+    total_bytes: int = 0
+    payload_bytes: int = 0
+    decode_mps: float = 0.0  # per-stream decoding, M symbols/s
+    concat_bytes: int | None = None
+    concat_mps: float | None = None  # one stream of all symbols, M symbols/s
+
+
+@dataclass
+class FileResult:
+    """The coder comparison of one packed file, with its checks."""
+
+    label: str
+    role: str
+    streams: int
+    symbols: int
+    alphabet: str
+    bound_bytes: float
+    stored_bytes: int
+    stats: dict[str, CoderStats]
+    auto_choice: dict[str, int]
+    ans_checked: int
+    ans_worst: tuple[str, float] | None
+    ans_failures: list[str]
+    auto_failures: list[str]
+    mismatches: list[str]
+
+    @property
+    def ans_ok(self) -> bool:
+        return not self.ans_failures
+
+    @property
+    def auto_ok(self) -> bool:
+        best_single = min(self.stats[c].total_bytes for c in CODERS)
+        return not self.auto_failures and self.stats["auto"].total_bytes <= best_single
+
+
+def _encode_all(stream: Stream) -> None:
+    for name in CODERS:
+        stream.coded[name] = coders.encode(stream.symbols, stream.alphabet, name)
+    best, tried = coders.encode_best(stream.symbols, stream.alphabet)
+    for name, size in tried.items():
+        if size != stream.coded[name].nbytes:
+            raise RuntimeError(f"{stream.name}: encode_best reports {size} B for {name}, "
+                               f"encode gives {stream.coded[name].nbytes} B")
+    stream.coded["auto"] = best
+
+
+def _decoder(pairs: Sequence[tuple[CodedStream, int, int]]) -> Callable[[], None]:
+    def run() -> None:
+        for coded, count, alphabet in pairs:
+            coders.decode(coded, count, alphabet)
+    return run
+
+
+def _median_interleaved(jobs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds per job over ``repeats`` rounds; the order rotates every round."""
+    names = list(jobs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rnd in range(repeats):
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            start = time.perf_counter()
+            jobs[name]()
+            times[name].append(time.perf_counter() - start)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def measure_file(label: str, path: Path, role: str, repeats: int) -> FileResult:
+    """Re-code and time every stream of ``role`` in ``path``."""
+    streams = read_streams(path, role)
+    for s in streams:
+        _encode_all(s)
+        for name, coded in s.coded.items():
+            if not np.array_equal(coders.decode(coded, s.count, s.alphabet), s.symbols):
+                raise RuntimeError(f"{label} {s.name}: {name} does not round-trip")
+    n = sum(s.count for s in streams)
+    stats = {c: CoderStats(c, sum(s.coded[c].nbytes for s in streams),
+                           sum(len(s.coded[c].payload) for s in streams)) for c in ALL_CODERS}
+
+    ans_failures, auto_failures, mismatches = [], [], []
+    ans_checked, ans_worst = 0, None
+    for s in streams:
+        if len(s.coded["raw"].payload) > ANS_MIN_BYTES:
+            ans_checked += 1
+            rel = len(s.coded["ans"].payload) / s.bound_bytes
+            if ans_worst is None or rel > ans_worst[1]:
+                ans_worst = (s.name, rel)
+            if rel > ANS_SLACK:
+                ans_failures.append(f"{s.name}: {rel:.4f}")
+        best_single = min(s.coded[c].nbytes for c in CODERS)
+        if s.coded["auto"].nbytes > best_single:
+            auto_failures.append(f"{s.name}: auto {s.coded['auto'].nbytes} > {best_single}")
+        if s.stored_bytes != s.coded["auto"].nbytes:
+            mismatches.append(f"{s.name}: file stores {s.stored_bytes} B ({s.stored_coder}), "
+                              f"encode_best gives {s.coded['auto'].nbytes} B")
+
+    jobs = {c: _decoder([(s.coded[c], s.count, s.alphabet) for s in streams])
+            for c in ALL_CODERS}
+    alphabets = sorted({s.alphabet for s in streams})
+    if len(alphabets) == 1:
+        k = alphabets[0]
+        concat = np.concatenate([s.symbols for s in streams])
+        whole = {c: coders.encode(concat, k, c) for c in CODERS}
+        whole["auto"] = coders.encode_best(concat, k)[0]
+        for c in ALL_CODERS:
+            stats[c].concat_bytes = whole[c].nbytes
+            jobs[f"concat:{c}"] = _decoder([(whole[c], n, k)])
+    seconds = _median_interleaved(jobs, repeats)
+    for c in ALL_CODERS:
+        stats[c].decode_mps = n / seconds[c] / 1e6
+        if f"concat:{c}" in seconds:
+            stats[c].concat_mps = n / seconds[f"concat:{c}"] / 1e6
+
+    choice = Counter(s.coded["auto"].coder for s in streams)
+    return FileResult(label, role, len(streams), n, ",".join(map(str, alphabets)),
+                      sum(s.bound_bytes for s in streams), sum(s.stored_bytes for s in streams),
+                      stats, {c: choice[c] for c in CODERS if choice[c]}, ans_checked,
+                      ans_worst, ans_failures, auto_failures, mismatches)
+
+
+def render(results: Sequence[FileResult], repeats: int) -> str:
+    """Markdown for the coder table and its checks."""
+    headers = ["file (streams)", "coder", "total bytes", "payload bytes", "total / bound",
+               "decode Msym/s per stream", "concatenated: bytes", "decode Msym/s concatenated"]
+    rows: list[list[object]] = []
+    for r in results:
+        best_single = min(r.stats[c].total_bytes for c in CODERS)
+        rows.append([f"**{MODEL} {r.label}** ({r.streams} {r.role} streams, {r.symbols:,} "
+                     f"symbols, K={r.alphabet})", "*order-0 entropy bound*",
+                     f"{r.bound_bytes:,.0f}", "", "1.000", "", "", ""])
+        for c in ALL_CODERS:
+            s = r.stats[c]
+            name = f"**{c}**" if c != "auto" and s.total_bytes == best_single else c
+            if c == "auto":
+                name += " (picks " + ", ".join(f"{k} {v}" for k, v in r.auto_choice.items()) + ")"
+            rows.append(["", name, f"{s.total_bytes:,}", f"{s.payload_bytes:,}",
+                         f"{s.total_bytes / r.bound_bytes:.3f}", f"{s.decode_mps:.1f}",
+                         "—" if s.concat_bytes is None else f"{s.concat_bytes:,}",
+                         "—" if s.concat_mps is None else f"{s.concat_mps:.1f}"])
+    checks = []
+    for r in results:
+        worst = ("no stream over the size" if r.ans_worst is None
+                 else f"worst {r.ans_worst[0]} at {r.ans_worst[1]:.4f} x bound")
+        checks.append([f"{r.label}: ans payload <= {ANS_SLACK} x entropy bound, every stream "
+                       f"over {ANS_MIN_BYTES // 1024} KB", f"{r.ans_checked} streams checked, "
+                       f"{worst}" + (f"; over: {', '.join(r.ans_failures)}"
+                                     if r.ans_failures else ""), f"**{verdict(r.ans_ok)}**"])
+        best_single = min(r.stats[c].total_bytes for c in CODERS)
+        checks.append([f"{r.label}: auto never larger than the best single coder",
+                       f"per stream: {len(r.auto_failures)} violations of {r.streams}; file "
+                       f"total auto {r.stats['auto'].total_bytes:,} vs best single "
+                       f"{best_single:,}", f"**{verdict(r.auto_ok)}**"])
+    parts = [
+        md_table(headers, rows, "llrrrrrr"),
+        "",
+        "Bytes are payload + coder parameter tables (what the file stores per stream; the "
+        "entropy bound counts neither tables nor chunk offsets). A **bold** coder is the best "
+        "single coder for the file. Decode speed = symbols / median time of "
+        f"{repeats} interleaved rounds, decoding each stream separately (what `runtime.load` "
+        "does) or one concatenated stream of the same symbols (per-call overhead amortised). "
+        f"Streams over {ANS_MIN_BYTES // 1024} KB = bit-packed (`raw`) payload above "
+        f"{ANS_MIN_BYTES:,} bytes.",
+        "",
+        md_table(["check", "measured", "result"], checks, "llr"),
+    ]
+    for r in results:
+        if r.mismatches:
+            parts += ["", f"WARNING {r.label}: the file's stored streams differ from a fresh "
+                      "`encode_best`: " + "; ".join(r.mismatches[:5])]
+    return "\n".join(parts)
+
+
+@dataclass
+class CoderResults:
+    """Everything the coder section measured."""
+
+    files: list[FileResult]
+    markdown: str
+
+    @property
+    def ok(self) -> bool:
+        return all(f.ans_ok and f.auto_ok for f in self.files)
+
+
+def run(workdir: Path, repeats: int = 5, log=print) -> CoderResults:
+    """Measure the coder table on the packed resnet20 files in ``workdir`` (packing if needed)."""
+    results = []
+    for cfg, role in FILES:
+        path = ensure_packed(workdir, MODEL, cfg)
+        res = measure_file(cfg.label, path, role, repeats)
+        results.append(res)
+        sizes = ", ".join(f"{c} {s.total_bytes:,}" for c, s in res.stats.items())
+        log(f"coders {cfg.label}: bound {res.bound_bytes:,.0f} B; {sizes}")
+        worst = "-" if res.ans_worst is None else f"{res.ans_worst[0]} {res.ans_worst[1]:.4f}"
+        log(f"  ans bar {verdict(res.ans_ok)} ({res.ans_checked} streams > 4 KB, worst "
+            f"{worst}); auto bar {verdict(res.auto_ok)}; auto picks {res.auto_choice}")
+        for m in res.mismatches:
+            log(f"  WARNING stored vs encode_best: {m}")
+    return CoderResults(results, render(results, repeats))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5, help="timing rounds (median)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="wp-bench-") as tmp:
+        result = run(Path(tmp), args.repeats, log=lambda s: print(s, file=sys.stderr))
+    print(result.markdown)
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
