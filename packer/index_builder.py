@@ -7,6 +7,7 @@ import numpy as np
 
 from runtime.format.dtypes import code_of
 from runtime.format.generated.weightpack.fb import (
+    ActivationScale as FbActScale,
     Architecture as FbArch,
     Array as FbArray,
     BlobRef as FbBlob,
@@ -137,6 +138,23 @@ def _architecture(b: flatbuffers.Builder, arch: ArchitectureRecord) -> int:
     return FbArch.End(b)
 
 
+def _activation_scales(b: flatbuffers.Builder,
+                       scales: tuple[tuple[str, float], ...]) -> int | None:
+    if not scales:
+        return None
+    entries = []
+    for module, scale in scales:
+        name = b.CreateString(module)
+        FbActScale.Start(b)
+        FbActScale.AddModule(b, name)
+        FbActScale.AddScale(b, scale)
+        entries.append(FbActScale.End(b))
+    FbModel.StartActivationScalesVector(b, len(entries))
+    for off in reversed(entries):
+        b.PrependUOffsetTRelative(off)
+    return b.EndVector()
+
+
 def build_index(model: ModelRecord) -> bytes:
     b = flatbuffers.Builder(4096)
     tensors = [_tensor(b, t) for t in model.tensors]
@@ -149,6 +167,8 @@ def build_index(model: ModelRecord) -> bytes:
                                            model.method_config_json, model.source_sha256,
                                            model.metadata_json)]
     arch, spec = _architecture(b, model.architecture), _input(b, model.input)
+    act_scales = _activation_scales(b, model.activation_scales)
+    calibration = b.CreateString(model.calibration_json) if model.calibration_json else None
     FbModel.Start(b)
     FbModel.AddProducer(b, strings[0])
     FbModel.AddMethod(b, strings[1])
@@ -161,5 +181,9 @@ def build_index(model: ModelRecord) -> bytes:
     FbModel.AddTensors(b, tensor_vec)
     FbModel.AddFp32Bytes(b, model.fp32_bytes)
     FbModel.AddMetadataJson(b, strings[4])
+    if act_scales is not None:
+        FbModel.AddActivationScales(b, act_scales)
+    if calibration is not None:
+        FbModel.AddCalibrationJson(b, calibration)
     b.Finish(FbModel.End(b), file_identifier=INDEX_IDENTIFIER)
     return bytes(b.Output())

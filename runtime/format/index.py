@@ -203,4 +203,21 @@ def _model(fb: Model) -> ModelRecord:
         num_classes=fb.NumClasses(), tensors=tensors, fp32_bytes=fb.Fp32Bytes(),
         class_names=tuple(_text(fb.ClassNames(i), "class name") for i in range(n_names)),
         metadata_json=_json(fb.MetadataJson(), "metadata"),
+        activation_scales=_activation_scales(fb),
+        calibration_json=_json(fb.CalibrationJson(), "calibration") if fb.CalibrationJson()
+        else "",
     )
+
+
+def _activation_scales(fb: Model) -> tuple[tuple[str, float], ...]:
+    n = fb.ActivationScalesLength()
+    if n > MAX_TENSORS:
+        raise LimitExceeded(f"{n} activation scales, over the cap of {MAX_TENSORS}")
+    out = []
+    for i in range(n):
+        entry = fb.ActivationScales(i)
+        scale = float(entry.Scale())
+        if not (scale > 0 and scale < float("inf")):
+            raise FormatError(f"activation scale {i} is {scale}, not a positive finite number")
+        out.append((_text(entry.Module(), "activation scale module"), scale))
+    return tuple(out)

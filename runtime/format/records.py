@@ -127,6 +127,8 @@ class ModelRecord:
     fp32_bytes: int
     class_names: tuple[str, ...] = field(default_factory=tuple)
     metadata_json: str = "{}"
+    activation_scales: tuple[tuple[str, float], ...] = ()  # (module name, int8 scale)
+    calibration_json: str = ""
 
     def blobs(self) -> list[tuple[str, BlobRef]]:
         """Every blob the index references, labelled `tensor/role`, in index order."""

@@ -275,7 +275,8 @@ def render(rows: Sequence[MethodRow], baselines: Sequence[Baseline],
                       f"{checkpoint_path(b.model).stat().st_size:,}", "—", "32", f"{b.top1:.2f}",
                       "0.00", "—", "—"])
         for r in (r for r in rows if r.model == b.model):
-            table.append([r.model, r.label, f"`{r.options}`", f"{r.file_bytes:,}", f"{r.ratio:.2f}",
+            options = f"`{r.options}`" if r.options != "—" else "—"
+            table.append([r.model, r.label, options, f"{r.file_bytes:,}", f"{r.ratio:.2f}",
                           f"{r.bits_per_weight:.3f}", f"{r.top1:.2f}", f"{r.delta:+.2f}",
                           f"{r.pack_s:.2f}", f"{r.load_s:.3f}"])
     ref = quoted_tops.get(checkpoint_path("resnet20").name)

@@ -145,8 +145,40 @@ class Model(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
+    # Model
+    def ActivationScales(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(26))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            from runtime.format.generated.weightpack.fb.ActivationScale import ActivationScale
+            obj = ActivationScale()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # Model
+    def ActivationScalesLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(26))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Model
+    def ActivationScalesIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(26))
+        return o == 0
+
+    # Model
+    def CalibrationJson(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(28))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
 def ModelStart(builder):
-    builder.StartObject(11)
+    builder.StartObject(13)
 
 def Start(builder):
     ModelStart(builder)
@@ -228,6 +260,24 @@ def ModelAddMetadataJson(builder, metadataJson):
 
 def AddMetadataJson(builder, metadataJson):
     ModelAddMetadataJson(builder, metadataJson)
+
+def ModelAddActivationScales(builder, activationScales):
+    builder.PrependUOffsetTRelativeSlot(11, flatbuffers.number_types.UOffsetTFlags.py_type(activationScales), 0)
+
+def AddActivationScales(builder, activationScales):
+    ModelAddActivationScales(builder, activationScales)
+
+def ModelStartActivationScalesVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartActivationScalesVector(builder, numElems):
+    return ModelStartActivationScalesVector(builder, numElems)
+
+def ModelAddCalibrationJson(builder, calibrationJson):
+    builder.PrependUOffsetTRelativeSlot(12, flatbuffers.number_types.UOffsetTFlags.py_type(calibrationJson), 0)
+
+def AddCalibrationJson(builder, calibrationJson):
+    ModelAddCalibrationJson(builder, calibrationJson)
 
 def ModelEnd(builder):
     return builder.EndObject()
