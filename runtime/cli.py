@@ -89,20 +89,39 @@ def _dataset(args: argparse.Namespace, spec: dict[str, Any], num_classes: int):
     return image_folder_dataset(args.data, spec, args.strict)
 
 
+def _start_distributed(device: torch.device) -> tuple[torch.device, bool]:
+    """Under torchrun (WORLD_SIZE > 1) join the process group; one GPU per process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, True
+
+
 def _eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise DataError("--limit must be at least 1")
-    device = _device(args.device)
-    with open_packed(args.file) as packed:
-        report = build_report(packed)
-    dataset = _dataset(args, report["input"], report["num_classes"])
-    model = load(args.file, device=device)
-    loader = make_loader(dataset, args.batch_size, args.workers, args.limit,
-                         pin_memory=device.type == "cuda")
-    result = evaluate(model, loader, device, progress=progress_enabled(args))
+    device, distributed = _start_distributed(_device(args.device))
+    try:
+        with open_packed(args.file) as packed:
+            report = build_report(packed)
+        dataset = _dataset(args, report["input"], report["num_classes"])
+        model = load(args.file, device=device)
+        loader = make_loader(dataset, args.batch_size, args.workers, args.limit,
+                             distributed=distributed, pin_memory=device.type == "cuda")
+        result = evaluate(model, loader, device, progress=progress_enabled(args))
+        rank = torch.distributed.get_rank() if distributed else 0
+        world = torch.distributed.get_world_size() if distributed else 1
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if rank != 0:
+        return 0
     out = {**result.as_dict(), "backend": "torch", "provider": device.type,
-           "precision": "fp32", "file": str(args.file), "file_bytes": report["file_bytes"],
-           "ratio": report["ratio"]}
+           "precision": "fp32", "processes": world, "file": str(args.file),
+           "file_bytes": report["file_bytes"], "ratio": report["ratio"]}
     if args.json:
         print_json(out)
         return 0

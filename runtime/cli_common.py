@@ -25,11 +25,21 @@ def run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace, 
     except WeightpackError as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's own message, even when a DataLoader worker wrapped it in a traceback."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    last = lines[-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
 
 
 def print_json(obj: Any) -> None:

@@ -7,6 +7,7 @@ struct/Index/Value error; all of those are turned into one FormatError here.
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
@@ -169,6 +170,10 @@ def _input_spec(fb) -> InputSpec:
     shape = _shape(fb.ShapeLength(), fb.Shape, "input spec")
     mean = tuple(float(fb.Mean(i)) for i in range(min(fb.MeanLength(), 64)))
     std = tuple(float(fb.Std(i)) for i in range(min(fb.StdLength(), 64)))
+    if len(shape) != 3 or not len(mean) == len(std) == shape[0]:
+        raise FormatError("input spec needs a C,H,W shape and one mean and std per channel")
+    if not all(math.isfinite(m) for m in mean) or not all(0 < s < math.inf for s in std):
+        raise FormatError("input spec mean/std must be finite, std positive")
     return InputSpec(shape, mean, std, fb.Resize() or None, fb.Crop() or None)
 
 
