@@ -94,6 +94,7 @@ def pack(req: PackRequest) -> dict[str, Any]:
     tensors = {name: compressed.get(name) or raw_tensor(value, config.for_tensor(name)["fp16"])
                for name, value in state_dict.items()}
 
+    spec = _input_spec(req, arch.name)
     data = DataSection(req.alignment)
     encoder = Encoder(data, req.coder)
     encoded = [encoder.tensor(name, t, config.for_tensor(name).get("coder"))
@@ -102,7 +103,7 @@ def pack(req: PackRequest) -> dict[str, Any]:
         producer=f"weightpack {__version__}", method=req.method,
         method_config_json=config.to_json(), source_sha256=checkpoint.sha256,
         architecture=ArchitectureRecord("builder", arch.name, _kwargs_json(arch.kwargs)),
-        input=_input_spec(req, arch.name), num_classes=_num_classes(arch.model),
+        input=spec, num_classes=_num_classes(arch.model, spec),
         tensors=tuple(e.record for e in encoded), fp32_bytes=_fp32_bytes(state_dict),
     )
     write_packed(req.output, record, data)
@@ -118,9 +119,19 @@ def _kwargs_json(kwargs: dict[str, Any]) -> str:
     return json.dumps(kwargs, sort_keys=True)
 
 
-def _num_classes(model: nn.Module) -> int:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return int(linears[-1].out_features) if linears else 0
+def _num_classes(model: nn.Module, spec: InputSpec) -> int:
+    """The width of the model's output on one input of the spec's shape: works for heads
+    that are not a Linear (SqueezeNet's conv classifier) as well."""
+    try:
+        with torch.inference_mode():
+            out = model.eval()(torch.zeros(1, *spec.shape))
+    except RuntimeError as exc:
+        raise ConfigError(f"the model does not run on inputs of shape {list(spec.shape)} "
+                          f"({str(exc).splitlines()[0][:120]}); set --input-size") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise WeightpackError(f"the model returns {type(out).__name__} of shape "
+                              f"{getattr(out, 'shape', '?')}, not (batch, classes) logits")
+    return int(out.shape[1])
 
 
 def _verify_round_trip(packed, tensors: dict[str, CompressedTensor]) -> None:

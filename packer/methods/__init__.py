@@ -5,10 +5,11 @@ from __future__ import annotations
 from packer.methods.base import CompressJob, Method
 from packer.methods.kmeans import KMeansMethod
 from packer.methods.none import NoneMethod
+from packer.methods.pqf import PQFMethod
 from packer.methods.uniform import Int8Method, UniformMethod
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (NoneMethod, UniformMethod, Int8Method, KMeansMethod)
+    m.name: m for m in (NoneMethod, UniformMethod, Int8Method, KMeansMethod, PQFMethod)
 }
 
 __all__ = ["METHODS", "CompressJob", "Method"]

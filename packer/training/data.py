@@ -1,0 +1,102 @@
+"""Training data: which data set, where, and the train/validation splits with augmentation."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from runtime.data import build_transform, cifar10_dataset, image_folder_dataset, imagenet_dataset
+from runtime.errors import DataError
+from runtime.zoo.specs import CIFAR_SPEC, IMAGENET_SPEC
+
+DataKind = Literal["cifar10", "imagenet", "folder"]
+KINDS: tuple[str, ...] = ("cifar10", "imagenet", "folder")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What `packer compress --cifar10/--imagenet/--data DIR` hands a method (CompressJob.data).
+
+    `kind` picks the layout: cifar10 (`train/` and `test/` class folders or
+    cifar-10-batches-py), imagenet (`train/` and `val/` of wnid folders), folder (`train/` and
+    `val/` or `test/` of class folders, classes in sorted order). `spec` is the input spec
+    (shape, mean, std, resize, crop); None takes the data set's usual one.
+    """
+
+    kind: DataKind
+    root: Path
+    batch_size: int = 128
+    workers: int = 2
+    spec: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise DataError(f"data kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        object.__setattr__(self, "root", Path(self.root))
+        if self.batch_size < 1 or self.workers < 0:
+            raise DataError(f"batch size must be >= 1 and workers >= 0 "
+                            f"({self.batch_size}, {self.workers})")
+
+    def input_spec(self) -> dict[str, Any]:
+        base = self.spec or (CIFAR_SPEC if self.kind == "cifar10" else IMAGENET_SPEC)
+        return copy.deepcopy(dict(base))
+
+
+class _Convert:
+    """Colour mode conversion as a picklable object (loader workers may be spawned)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, img: Any) -> Any:
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+
+def train_transform(spec: Mapping[str, Any], kind: str) -> T.Compose:
+    """The standard augmentation: CIFAR pad-4 random crop + flip; ImageNet the reference's
+    Resize(resize) -> RandomCrop(crop) -> flip (both then scaled and normalised as `spec`)."""
+    c, h, w = spec["shape"]
+    tail = [T.ToTensor(), T.Normalize(spec["mean"], spec["std"])]
+    mode = "RGB" if c == 3 else "L"
+    convert = _Convert(mode)
+    if kind == "cifar10" and not spec.get("resize") and not spec.get("crop"):
+        return T.Compose([convert, T.Resize((h, w), antialias=True),
+                          T.RandomCrop((h, w), padding=4), T.RandomHorizontalFlip(), *tail])
+    resize = spec.get("resize") or max(h, w)
+    return T.Compose([convert, T.Resize(resize, antialias=True), T.RandomCrop((h, w)),
+                      T.RandomHorizontalFlip(), *tail])
+
+
+def _split_dir(root: Path, names: tuple[str, ...], what: str) -> Path:
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise DataError(f"no {' or '.join(n + '/' for n in names)} folder in {root} ({what})")
+
+
+def build_datasets(data: DataSpec) -> tuple[Dataset, Dataset]:
+    """(augmented train split, plain validation split) for `data`."""
+    if not data.root.is_dir():
+        raise DataError(f"training data folder not found: {data.root}")
+    spec = data.input_spec()
+    if data.kind == "cifar10":
+        train = cifar10_dataset(data.root, "train", spec)
+        val = cifar10_dataset(data.root, "test", spec)
+    elif data.kind == "imagenet":
+        train = imagenet_dataset(_split_dir(data.root, ("train",), "ImageNet train split"), spec)
+        val = imagenet_dataset(_split_dir(data.root, ("val",), "ImageNet val split"), spec)
+    else:
+        train = image_folder_dataset(_split_dir(data.root, ("train",), "training images"), spec)
+        val = image_folder_dataset(_split_dir(data.root, ("val", "test"), "validation images"),
+                                   spec)
+        if list(train.classes) != list(val.classes):
+            raise DataError(f"{data.root}: train/ and validation folders have different classes")
+    train.transform = train_transform(spec, data.kind)  # type: ignore[attr-defined]
+    val.transform = build_transform(spec)  # type: ignore[attr-defined]
+    return train, val

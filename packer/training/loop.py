@@ -1,0 +1,298 @@
+"""The project's one training loop: fine-tune whatever a method left trainable.
+
+Methods make a model whose trainable parameters are exactly what they want trained (PQF:
+codebooks, biases, BatchNorm, uncompressed layers) and call `fit`. The loop owns everything
+else: Adam with a per-batch cosine schedule, augmentation-ready shuffled loading, validation
+after every epoch with the best state kept, progress bars, a resumable checkpoint, and
+DistributedDataParallel under `torchrun` (gradients averaged by DDP, training data sharded,
+loss and accuracy summed across ranks). `TrainHooks` lets later methods (WFN, PWFN) change the
+loss or re-project weights after each step without copying the loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from runtime.data import collate_skipping, make_loader
+from runtime.errors import ConfigError, DataError
+from runtime.evaluate import evaluate
+
+LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class TrainConfig:
+    """How to train. `lr` is per process; like the reference it is multiplied by the number
+    of processes under torchrun (the global batch grows with it)."""
+
+    epochs: int
+    lr: float = 1e-3
+    lr_min: float = 1e-6
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    workers: int = 2
+    train_limit: int | None = None  # images drawn (fresh, at random) per epoch; None: all
+    val_limit: int | None = None  # validation images (spread evenly); None: all
+    seed: int = 0
+    checkpoint: Path | None = None  # written after every epoch; resumed from when present
+    device: str | None = None  # None: the local CUDA device when there is one, else CPU
+    progress: bool = True
+    max_batches: int | None = None  # cap on batches per epoch (tests, smoke runs)
+    scale_lr_by_world: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0, not {self.epochs}")
+        if not (self.lr > 0 and 0 <= self.lr_min <= self.lr):
+            raise ConfigError(f"need lr > 0 and 0 <= lr_min <= lr ({self.lr}, {self.lr_min})")
+
+
+@dataclass
+class TrainHooks:
+    """Method-specific steps; the defaults are plain cross-entropy classification."""
+
+    loss: LossFn | None = None  # (model, images, targets) -> scalar loss
+    after_step: Callable[[nn.Module], None] | None = None  # e.g. project weights to a grid
+    before_eval: Callable[[nn.Module], None] | None = None
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int
+    best_epoch: int  # 0: the starting state (nothing beat it)
+    best_top1: float | None
+    start_top1: float | None
+    resumed_from: int  # epochs already done in the checkpoint resumed from (0: fresh)
+    seconds: float
+    world_size: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if distributed() else 1
+
+
+def init_distributed() -> bool:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
+    if distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh seeded shuffle each epoch, `limit` of it, this rank's equal-length shard.
+
+    Equal shard lengths matter: DDP ranks that ran different numbers of steps would hang.
+    """
+
+    def __init__(self, length: int, limit: int | None, seed: int, rank: int = 0,
+                 world: int = 1) -> None:
+        self.length, self.seed, self.rank, self.world = length, seed, rank, world
+        total = length if limit is None else min(limit, length)
+        self.per_rank = total // world
+        if self.per_rank == 0:
+            raise DataError(f"{total} training images cannot be shared by {world} processes")
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.length, generator=gen)[:self.per_rank * self.world]
+        return iter(order[self.rank::self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+# --- checkpoint -----------------------------------------------------------------------------
+
+
+def _fingerprint(model: nn.Module) -> list[list[Any]]:
+    return [[k, list(v.shape)] for k, v in model.state_dict().items()]
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load(path: Path, model: nn.Module, cfg: TrainConfig, steps: int) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several kinds for damaged or foreign files
+        raise ConfigError(f"cannot resume from {path}: {str(exc).splitlines()[0]}") from None
+    if state.get("fingerprint") != _fingerprint(model):
+        raise ConfigError(f"cannot resume from {path}: it was written for another model or "
+                          f"method configuration")
+    if state.get("epochs") != cfg.epochs or state.get("steps_per_epoch") != steps:
+        raise ConfigError(f"cannot resume from {path}: it was for {state.get('epochs')} epochs "
+                          f"of {state.get('steps_per_epoch')} steps, not {cfg.epochs} of {steps}")
+    return state
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+def _cross_entropy(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(model(images), targets)
+
+
+def _validate(model: nn.Module, loader: DataLoader | None, device: torch.device,
+              hooks: TrainHooks, progress: bool) -> float | None:
+    if loader is None:
+        return None
+    if hooks.before_eval is not None:
+        hooks.before_eval(model)
+    return evaluate(model, loader, device, progress=progress).top1
+
+
+def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig,
+        hooks: TrainHooks | None = None) -> TrainResult:
+    """Train `model`'s trainable parameters in place; on return it holds the best state."""
+    hooks = hooks or TrainHooks()
+    started = time.perf_counter()
+    init_distributed()
+    world, me = world_size(), rank()
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: the model has no trainable parameter")
+    sampler = EpochSampler(len(train_set), cfg.train_limit, cfg.seed, me, world)  # type: ignore
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                              num_workers=cfg.workers, collate_fn=collate_skipping,
+                              drop_last=world > 1, pin_memory=device.type == "cuda",
+                              persistent_workers=cfg.workers > 0)
+    val_loader = None if val_set is None else make_loader(
+        val_set, cfg.batch_size, cfg.workers, cfg.val_limit, distributed=world > 1)
+    steps = len(train_loader) if cfg.max_batches is None else min(cfg.max_batches,
+                                                                    len(train_loader))
+    if steps == 0:
+        raise DataError(f"fewer training images ({len(sampler)}) than one batch per process")
+    lr = cfg.lr * (world if cfg.scale_lr_by_world else 1)
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, cfg.epochs * steps), eta_min=cfg.lr_min)
+    net: nn.Module = model
+    if world > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index]
+                                      if device.type == "cuda" else None)
+    loss_fn = hooks.loss or _cross_entropy
+    show = cfg.progress and me == 0 and sys.stderr.isatty()
+
+    start_epoch, history = 0, []
+    best_state: dict[str, Tensor] | None = None
+    best_top1: float | None = None
+    best_epoch = 0
+    if cfg.checkpoint is not None and Path(cfg.checkpoint).is_file():
+        state = _load(Path(cfg.checkpoint), model, cfg, steps)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+        best_state, best_top1 = state["best_state"], state["best_top1"]
+        best_epoch, start_top1 = int(state["best_epoch"]), state["start_top1"]
+    else:
+        start_top1 = _validate(model, val_loader, device, hooks, show)
+        best_top1 = start_top1
+        best_state = copy.deepcopy(model.state_dict())
+
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        net.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
+        bar = tqdm(train_loader, total=steps, desc=f"train {epoch + 1}/{cfg.epochs}",
+                   unit="batch", file=sys.stderr, disable=not show, leave=False)
+        for step, batch in enumerate(bar):
+            if step >= steps:
+                break
+            images, targets = batch[0].to(device), batch[1].to(device)
+            if targets.numel() == 0:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(net, images, targets)
+            if not math.isfinite(float(loss)):
+                raise DataError(f"training diverged (loss {float(loss)}) in epoch {epoch + 1}; "
+                                f"lower lr")
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if hooks.after_step is not None:
+                hooks.after_step(model)
+            sums[0] += float(loss) * targets.numel()
+            sums[2] += targets.numel()
+            if show:
+                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+        if world > 1:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        top1 = _validate(model, val_loader, device, hooks, show)
+        record = {"epoch": epoch + 1, "train_loss": float(sums[0] / sums[2].clamp_min(1)),
+                  "images": int(sums[2]), "top1": top1 if top1 is not None else math.nan}
+        history.append(record)
+        if top1 is None or best_top1 is None or top1 > best_top1:
+            best_top1, best_epoch = top1, epoch + 1
+            best_state = copy.deepcopy(model.state_dict())
+        if show or (cfg.progress and me == 0):
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}"
+                  + (f", top-1 {top1:.2f}%" if top1 is not None else ""), file=sys.stderr)
+        if cfg.checkpoint is not None and me == 0:
+            _save(Path(cfg.checkpoint), {
+                "epoch": epoch + 1, "epochs": cfg.epochs, "steps_per_epoch": steps,
+                "fingerprint": _fingerprint(model), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "history": history, "best_state": best_state, "best_top1": best_top1,
+                "best_epoch": best_epoch, "start_top1": start_top1})
+        if world > 1:
+            dist.barrier()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(epochs_run=cfg.epochs - start_epoch, best_epoch=best_epoch,
+                       best_top1=best_top1, start_top1=start_top1, resumed_from=start_epoch,
+                       seconds=round(time.perf_counter() - started, 2), world_size=world,
+                       history=history)

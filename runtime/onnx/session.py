@@ -1,0 +1,151 @@
+"""onnxruntime sessions for packed files, with weights injected from memory.
+
+The graph handed to onnxruntime is weight-free (a few tens of KB); the decoded weights go in
+through `SessionOptions.add_external_initializers`, so nothing is serialised twice and no
+temporary file is written. GPU providers are tried first and fall back to CPU with one warning.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch  # noqa: F401 - loads the CUDA/cuDNN libraries of the torch wheel for CUDA EPs
+
+from runtime.errors import ArchitectureError, WeightpackError
+from runtime.format.reader import open_packed
+from runtime.onnx.graph import check_weights, external_weights, graph_and_weights
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+PREFERENCE = (TENSORRT, CUDA, CPU)
+
+
+def providers_available() -> list[str]:
+    """The providers weightpack can use in this onnxruntime build, best first."""
+    available = set(ort.get_available_providers())
+    return [p for p in PREFERENCE if p in available]
+
+
+def _gpu_visible() -> bool:
+    """Whether trying a GPU provider can succeed; avoids onnxruntime's load errors otherwise."""
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken driver install must not stop CPU inference
+        return False
+
+
+def _chain(providers: Sequence[str] | None) -> list[str]:
+    """Providers to try, in order, always ending with CPU."""
+    if providers is None:
+        wanted = [p for p in providers_available() if p != CPU] if _gpu_visible() else []
+    else:
+        unknown = [p for p in providers if p not in PREFERENCE]
+        if unknown:
+            raise WeightpackError(f"unknown execution provider {unknown[0]!r}; choose from "
+                                  f"{', '.join(PREFERENCE)}")
+        wanted = [p for p in providers if p != CPU]
+    return [*dict.fromkeys(wanted), CPU]
+
+
+def make_session(
+    model: onnx.ModelProto,
+    initializers: dict[str, np.ndarray] | None = None,
+    providers: list[str] | None = None,
+    *,
+    optimized_model_path: str | os.PathLike | None = None,
+) -> tuple[ort.InferenceSession, str]:
+    """An InferenceSession for `model` and the provider it actually runs on.
+
+    `initializers` supplies the weights of a weight-free graph (see graph.weight_free) from
+    memory; the arrays stay referenced by the returned session, whose lifetime they must
+    outlive. `providers=None` prefers TensorRT > CUDA > CPU (GPUs only when one is visible);
+    a GPU provider that fails to start falls back to CPU with one RuntimeWarning.
+    `optimized_model_path` makes onnxruntime save its optimised graph there (for checks).
+    """
+    initializers = initializers or {}
+    check_weights(external_weights(model), initializers)
+    arrays = {n: np.ascontiguousarray(a) for n, a in initializers.items()}
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
+    try:
+        data = model.SerializeToString()
+    except ValueError:
+        raise WeightpackError("the ONNX graph is over protobuf's 2 GiB limit") from None
+
+    def options() -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # onnxruntime's warnings would bypass Python's
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimized_model_path is not None:
+            opts.optimized_model_filepath = os.fspath(optimized_model_path)
+        if arrays:
+            opts.add_external_initializers(list(arrays), values)
+        return opts
+
+    chain = _chain(providers)
+    failed: list[str] = []
+    for i, provider in enumerate(chain[:-1]):
+        try:
+            sess = ort.InferenceSession(data, options(), providers=chain[i:],
+                                        enable_fallback=0)
+        except Exception as exc:  # onnxruntime raises its own pybind types
+            failed.append(f"{provider} ({_first_line(exc)})")
+            continue
+        used = sess.get_providers()[0]
+        if used == provider:
+            return _keep(sess, arrays, values), used
+        failed.append(f"{provider} (did not start)")
+    try:
+        sess = ort.InferenceSession(data, options(), providers=[CPU], enable_fallback=0)
+    except Exception as exc:
+        raise ArchitectureError(f"onnxruntime rejects the graph: {_first_line(exc)}") from None
+    if failed:
+        warnings.warn(f"onnxruntime could not start {'; '.join(failed)}: running on {CPU}",
+                      RuntimeWarning, stacklevel=2)
+    return _keep(sess, arrays, values), sess.get_providers()[0]
+
+
+def _keep(sess: ort.InferenceSession, arrays: dict[str, np.ndarray],
+          values: list[ort.OrtValue]) -> ort.InferenceSession:
+    """onnxruntime uses injected buffers in place: tie their lifetime to the session."""
+    sess._weightpack_buffers = (arrays, values)  # type: ignore[attr-defined]
+    return sess
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip()[:300] if text else type(exc).__name__
+
+
+class OnnxSession:
+    """A packed file running on onnxruntime: `run(x)` maps an NCHW float batch to logits."""
+
+    def __init__(self, sess: ort.InferenceSession, provider: str, build_seconds: float = 0.0):
+        self.ort = sess
+        self.provider = provider
+        self.input_name: str = sess.get_inputs()[0].name
+        self.output_name: str = sess.get_outputs()[0].name
+        self.build_seconds = build_seconds
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Logits for the batch `x` (converted to contiguous float32)."""
+        batch = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+        return self.ort.run([self.output_name], {self.input_name: batch})[0]
+
+    def __repr__(self) -> str:
+        return f"OnnxSession(provider={self.provider!r}, input={self.input_name!r})"
+
+
+def session(path: str | os.PathLike, providers: list[str] | None = None) -> OnnxSession:
+    """Open a packed file as an onnxruntime session; weights are injected from memory."""
+    started = time.perf_counter()
+    with open_packed(path) as packed:
+        graph, weights = graph_and_weights(packed)
+    sess, provider = make_session(graph, weights, providers)
+    return OnnxSession(sess, provider, time.perf_counter() - started)
