@@ -97,7 +97,7 @@ def _decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor
         codebook = numpy_to_tensor(read_array(packed, codebook_rec, f"{name}/codebook"),
                                    codebook_rec.dtype)
         symbols = read_stream(packed, indices, f"{name}/indices")
-        idx = torch.from_numpy(symbols.astype(np.int64)).reshape(record.shape)
+        idx = torch.from_numpy(symbols.astype(np.int32)).reshape(record.shape)
         return ScalarCodebookTensor(codebook, idx, dtype)
     # vector_codebook
     d = record.subvector_size
@@ -109,7 +109,7 @@ def _decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor
     codebook = numpy_to_tensor(read_array(packed, codebook_rec, f"{name}/codebook"),
                                codebook_rec.dtype)
     symbols = read_stream(packed, indices, f"{name}/indices")
-    idx = torch.from_numpy(symbols.astype(np.int64))
+    idx = torch.from_numpy(symbols.astype(np.int32))
     return VectorCodebookTensor(codebook, idx, record.shape, dtype)
 
 

@@ -196,7 +196,8 @@ def test_int8_model_uses_file_scales_or_says_there_are_none(packs, scales, tmp_p
     tensors = p.module.state_dict()
     data = DataSection(64)
     encoder = Encoder(data, "raw")
-    records = tuple(encoder.tensor(name, RawTensor(t.detach().clone(), t.dtype)).record for name, t in tensors.items())
+    records = tuple(encoder.tensor(name, RawTensor(t.detach().clone(), t.dtype)).record
+                    for name, t in tensors.items())
     record = ModelRecord(
         producer="weightpack test", method="test", method_config_json="{}",
         source_sha256="0" * 64, architecture=ArchitectureRecord("builder", "cifar_resnet20", "{}"),

@@ -256,18 +256,19 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Trai
                 continue
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(net, images, targets)
-            if not math.isfinite(float(loss)):
-                raise DataError(f"training diverged (loss {float(loss)}) in epoch {epoch + 1}; "
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise DataError(f"training diverged (loss {value}) in epoch {epoch + 1}; "
                                 f"lower lr")
             loss.backward()
             optimizer.step()
             scheduler.step()
             if hooks.after_step is not None:
                 hooks.after_step(model)
-            sums[0] += float(loss) * targets.numel()
+            sums[0] += value * targets.numel()
             sums[2] += targets.numel()
             if show:
-                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+                bar.set_postfix(loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
         if world > 1:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         top1 = _validate(model, val_loader, device, hooks, show)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch  # noqa: F401 - loads the CUDA/cuDNN libraries of the torch wheel for CUDA EPs
+import torch  # also loads the torch wheel's CUDA/cuDNN libraries, which CUDA EPs need
 
 from runtime.errors import ArchitectureError, WeightpackError
 from runtime.format.reader import open_packed
@@ -69,9 +69,10 @@ def make_session(
     a GPU provider that fails to start falls back to CPU with one RuntimeWarning.
     `optimized_model_path` makes onnxruntime save its optimised graph there (for checks).
     """
+    specs = external_weights(model)
     initializers = initializers or {}
-    check_weights(external_weights(model), initializers)
-    arrays = {n: np.ascontiguousarray(a) for n, a in initializers.items()}
+    check_weights(specs, initializers)
+    arrays = {n: np.ascontiguousarray(initializers[n]) for n in specs}  # extras would fail ORT
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
     try:
         data = model.SerializeToString()
@@ -137,6 +138,11 @@ class OnnxSession:
         """Logits for the batch `x` (converted to contiguous float32)."""
         batch = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
         return self.ort.run([self.output_name], {self.input_name: batch})[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Torch in, torch out on x's device: `runtime.evaluate` takes a session as the model."""
+        logits = self.run(x.detach().cpu().numpy())
+        return torch.from_numpy(logits).to(x.device)
 
     def __repr__(self) -> str:
         return f"OnnxSession(provider={self.provider!r}, input={self.input_name!r})"

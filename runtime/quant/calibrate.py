@@ -12,7 +12,7 @@ with amax chosen by `minmax` (largest |x|), `percentile` (that percentile of |x|
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -22,13 +22,21 @@ from torch import Tensor, nn
 from runtime.quant.errors import CalibrationError
 
 __all__ = ["ACT_QMAX", "ACT_QMIN", "METHODS", "QUANTIZED_TYPES", "AbsHistogram", "calibrate",
-           "scale_from_amax"]
+           "check_scales", "scale_from_amax"]
 
 ACT_QMIN, ACT_QMAX = -128, 127
 METHODS = ("percentile", "minmax", "mse")
 QUANTIZED_TYPES = (nn.Conv2d, nn.Linear)
 BINS = 4096
 MSE_CANDIDATES = 512
+
+
+def check_scales(act_scales: Mapping[str, float]) -> None:
+    """Refuse scales a QuantizeLinear cannot use (from a hand-edited file or dict)."""
+    bad = [n for n, v in act_scales.items()
+           if not isinstance(v, int | float) or not np.isfinite(v) or v <= 0]
+    if bad:
+        raise CalibrationError(f"activation scale(s) must be finite and > 0: {', '.join(bad[:5])}")
 
 
 def scale_from_amax(amax: float) -> float:

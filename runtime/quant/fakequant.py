@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from runtime.quant.calibrate import ACT_QMAX, ACT_QMIN, QUANTIZED_TYPES
+from runtime.quant.calibrate import ACT_QMAX, ACT_QMIN, QUANTIZED_TYPES, check_scales
 from runtime.quant.errors import QuantError
 from runtime.quant.weights import Int8Weight
 
@@ -50,6 +50,7 @@ def fake_quant_module(module: nn.Module, act_scales: Mapping[str, float],
     Every Conv2d/Linear must have an activation scale and an int8 weight (keyed by module
     name, as `calibrate` and `quantize_weights` give them).
     """
+    check_scales(act_scales)
     qmodule = copy.deepcopy(module).eval()
     layers = [(n, m) for n, m in qmodule.named_modules() if isinstance(m, QUANTIZED_TYPES)]
     missing = [n for n, _ in layers if n not in act_scales or n not in weights]

@@ -14,6 +14,7 @@ deduplicates equal tensors behind Identity nodes.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from runtime.quant.calibrate import QUANTIZED_TYPES
+from runtime.quant.calibrate import QUANTIZED_TYPES, check_scales
 from runtime.quant.errors import QuantError
 from runtime.quant.weights import Int8Weight
 
@@ -38,12 +39,14 @@ def export_fp32(module: nn.Module, input_shape: Sequence[int]) -> onnx.ModelProt
     weights keep their state_dict names and BatchNorm stays a separate node)."""
     x = torch.zeros((1, *input_shape), dtype=torch.float32)
     buf = io.BytesIO()
-    torch.onnx.export(
-        module.eval(), (x,), buf, dynamo=False, opset_version=OPSET,
-        input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        do_constant_folding=False,
-    )
+    with warnings.catch_warnings():  # the exporter's notes on Slice folding are noise here
+        warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
+        torch.onnx.export(
+            module.eval(), (x,), buf, dynamo=False, opset_version=OPSET,
+            input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            do_constant_folding=False,
+        )
     model = onnx.load_from_string(buf.getvalue())
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     return model
@@ -89,6 +92,7 @@ def _prune(graph: onnx.GraphProto) -> None:
 def to_qdq(fp32: onnx.ModelProto, module: nn.Module, act_scales: Mapping[str, float],
            weights: Mapping[str, Int8Weight]) -> onnx.ModelProto:
     """A QDQ copy of `fp32` (exported from `module`) with int8 weights and activations."""
+    check_scales(act_scales)
     model = onnx.ModelProto()
     model.CopyFrom(fp32)
     graph = model.graph

@@ -129,7 +129,7 @@ class PQFMethod(Method):
                               + ("; ".join(skipped) or "no Conv or Linear layer") + ")")
         for plan in plans.values():
             for note in plan.notes:
-                log.warning("pqf %s: %s", plan.name, note)
+                (log.info if "capped" in note else log.warning)("pqf %s: %s", plan.name, note)
         for note in skipped:
             log.info("pqf %s", note)
         return plans, skipped

@@ -1,0 +1,122 @@
+"""Int8 QDQ graph vs fp32 graph on onnxruntime's CPU provider: throughput and top-1.
+
+For resnet20 and resnet56 (packed with `int8`; resnet20 also with `kmeans`): calibrate the
+activation scales (percentile 99.99 on --calib-images train images), export the fp32 graph,
+rewrite it to QDQ, and time both sessions at batch 64, interleaved (the order alternates
+every round, after warm-up) so background load hits both alike; each figure is the median of
+the rounds. Then top-1 of both graphs on the test images. Also prints which op types ORT's
+optimizer left in each graph (QLinearConv appears only if it fused the QDQ nodes).
+
+Run alone: ``python tools/bench/int8_throughput.py [--limit 10000] [--threads 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from _common import PackConfig, ensure_packed, machine_lines, md_table, setup_torch, shared_dir
+
+from runtime import quant
+from runtime.data import cifar10_dataset, make_loader
+from runtime.zoo.specs import CIFAR_SPEC
+
+TARGET = 1.3
+CASES = (("resnet20", "int8"), ("resnet20", "kmeans"), ("resnet56", "int8"))
+
+
+def load_images(split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    data = cifar10_dataset(shared_dir() / "data" / "cifar10", split, CIFAR_SPEC)
+    batches = list(make_loader(data, 500, 2, limit=limit))
+    return torch.cat([b.images for b in batches]), torch.cat([b.targets for b in batches])
+
+
+def interleaved(a: quant.OrtModel, b: quant.OrtModel, x: np.ndarray, rounds: int,
+                warmup: int = 3) -> tuple[float, float]:
+    """Median images/s of `a` and `b` on batch `x`, alternating which goes first."""
+    for _ in range(warmup):
+        a.run(x), b.run(x)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for r in range(rounds):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for i in order:
+            start = time.perf_counter()
+            (a, b)[i].run(x)
+            times[i].append(time.perf_counter() - start)
+    return (x.shape[0] / statistics.median(times[0]), x.shape[0] / statistics.median(times[1]))
+
+
+def top1(model: quant.OrtModel, images: torch.Tensor, targets: torch.Tensor) -> float:
+    hits = sum(int((model(images[i:i + 250]).argmax(1) == targets[i:i + 250]).sum())
+               for i in range(0, len(images), 250))
+    return 100.0 * hits / len(images)
+
+
+def optimized_ops(model: onnx.ModelProto, threads: int, workdir: Path, tag: str) -> str:
+    path = workdir / f"{tag}-optimized.onnx"
+    quant.OrtModel(model, threads=threads, optimized_path=str(path))
+    ops = quant.graph_types(onnx.load(str(path)))
+    return ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--limit", type=int, default=10_000, help="test images for top-1")
+    ap.add_argument("--calib-images", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=15, help="timed runs of each graph (>= 5)")
+    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
+    args = ap.parse_args(argv)
+    setup_torch(1)
+    calib, _ = load_images("train", args.calib_images)
+    images, targets = load_images("test", args.limit)
+    x = np.ascontiguousarray(images[: args.batch].numpy())
+    speed_rows, acc_rows, op_lines = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for model_name, method in CASES:
+            path = ensure_packed(work, model_name, PackConfig(method, method))
+            pack = quant.load_int8(path)
+            scales = quant.calibrate(pack.module, calib.split(128))
+            fp32 = quant.export_fp32(pack.module, pack.input_shape)
+            int8 = quant.to_qdq(fp32, pack.module, scales, pack.weights)
+            ort_fp32 = quant.OrtModel(fp32, threads=args.threads)
+            ort_int8 = quant.OrtModel(int8, threads=args.threads)
+            exact = sum(pack.exact_layers().values())
+            if method == "int8" or model_name == "resnet20":
+                f_ips, q_ips = interleaved(ort_fp32, ort_int8, x, args.rounds)
+                speed_rows.append([f"{model_name} ({method} pack)", f"{f_ips:.0f}",
+                                   f"{q_ips:.0f}", f"{q_ips / f_ips:.2f}x",
+                                   "yes" if q_ips / f_ips >= TARGET else "no"])
+            if model_name == "resnet20":
+                f_acc, q_acc = top1(ort_fp32, images, targets), top1(ort_int8, images, targets)
+                acc_rows.append([f"{model_name} {method}", f"{exact}/{len(pack.weights)}",
+                                 f"{f_acc:.2f}", f"{q_acc:.2f}", f"{q_acc - f_acc:+.2f}"])
+            if (model_name, method) == ("resnet20", "int8"):
+                for tag, graph in (("fp32", fp32), ("int8", int8)):
+                    op_lines.append(f"- {tag}: {optimized_ops(graph, args.threads, work, tag)}")
+    print(f"## Int8 QDQ vs fp32 on onnxruntime CPU (batch {args.batch}, "
+          f"{args.threads} intra-op threads, ORT_ENABLE_ALL, median of {args.rounds} "
+          "interleaved runs)\n")
+    print(md_table(["model", "fp32 img/s", "int8 img/s", "int8 / fp32", f">= {TARGET}x"],
+                   speed_rows))
+    print(f"\nTop-1 on {len(images)} test images (activations calibrated on "
+          f"{len(calib)} train images, percentile 99.99; ORT sessions):\n")
+    print(md_table(["pack", "layers exact in int8", "fp32 top-1", "int8 top-1", "delta"],
+                   acc_rows))
+    print("\nOp types in ORT's optimized resnet20 graphs:\n")
+    print("\n".join(op_lines))
+    print()
+    print("\n".join(machine_lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""PQF size/accuracy curve on the shared ResNet-20, and k-means/permutation timing on ResNet-18.
+
+    python tools/bench/pqf.py curve --ks 16 32 64 128 256 --val-limit 2000 -o pqf_curve.json
+    python tools/bench/pqf.py finetune --k 64 --epochs 2 --train-limit 10000 -o pqf_ft.json
+    python tools/bench/pqf.py timing -o pqf_timing.json     # torchvision resnet18, random weights
+
+Every point is a real packed file (packer.compress.pack): `file_bytes` are bytes on disk and
+`ratio` is fp32 bytes / file bytes; top-1 is measured by loading that file with the runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from packer.compress import PackRequest, pack
+from packer.config import build_config
+from packer.methods import CompressJob
+from packer.methods.pqf import PQFMethod
+from packer.training import DataSpec
+from runtime import load
+from runtime.data import cifar10_dataset, make_loader
+from runtime.evaluate import evaluate
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("WEIGHTPACK_SHARED", REPO.parent / "shared"))
+MODEL = SHARED / "models/cifar10/resnet20-cifar10jpg.pth"
+DATA = SHARED / "data/cifar10"
+BASELINE_TOP1 = 88.25
+
+
+def _point(overrides: list[str], val_limit: int | None, data: DataSpec | None,
+           seed: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "m.fb"
+        started = time.perf_counter()
+        method = PQFMethod()
+        report = _pack_with(method, overrides, out, data, seed)
+        pack_s = time.perf_counter() - started
+        model = load(out)
+        test = cifar10_dataset(DATA, "test")
+        top1 = evaluate(model, make_loader(test, 500, 1, limit=val_limit), progress=False).top1
+    extra = method.extra_report()
+    perms = extra.get("pqf_permutations", [])
+    return {
+        "overrides": overrides, "file_bytes": report["file_bytes"],
+        "ratio": round(report["ratio"], 2), "top1": round(top1, 2),
+        "drop": round(BASELINE_TOP1 - top1, 2), "val_images": val_limit or 10000,
+        "reference_bits": extra.get("reference_bits"), "reference_mib": extra.get("reference_mib"),
+        "groups_permuted": sum(1 for g in perms if g.get("applied")),
+        "groups_skipped": sum(1 for g in perms if "skipped" in g),
+        "empty_reseeded": sum(v.get("empty_reseeded", 0)
+                              for v in extra.get("pqf_layers", {}).values()),
+        "timings": extra.get("pqf_timings"), "finetune": extra.get("pqf_finetune"),
+        "pack_s": round(pack_s, 1),
+    }
+
+
+def _pack_with(method: PQFMethod, overrides: list[str], out: Path, data: DataSpec | None,
+               seed: int) -> dict[str, Any]:
+    """Run pack() while keeping a handle on the method object it uses (for its report)."""
+    import packer.compress as compress
+
+    original = compress.METHODS["pqf"]
+    compress.METHODS["pqf"] = lambda: method  # type: ignore[assignment]
+    try:
+        return pack(PackRequest(MODEL, out, method="pqf", overrides=overrides, progress=False,
+                                data=data, seed=seed))
+    finally:
+        compress.METHODS["pqf"] = original
+
+
+def curve(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for k in args.ks:
+        for large in (False, True):
+            for perm in ((False, True) if large else (False,)):
+                # Small blocks on ResNet-20: every child is a 3x3 conv with d=9, so no group
+                # is optimisable and permutations are a no-op; one row covers both.
+                o = [f"k={k}", f"large_subvectors={str(large).lower()}",
+                     f"use_permutations={str(perm).lower()}", "finetune_epochs=0",
+                     f"kmeans_iters={args.kmeans_iters}", f"sls_iterations={args.sls}"]
+                row = _point(o, args.val_limit, None, args.seed)
+                row.update(k=k, blocks="large" if large else "small", permutations=perm,
+                           epochs=0)
+                print(json.dumps({k2: row[k2] for k2 in ("k", "blocks", "permutations",
+                                                         "file_bytes", "ratio", "top1",
+                                                         "pack_s")}), flush=True)
+                rows.append(row)
+    return rows
+
+
+def finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
+    data = DataSpec("cifar10", DATA, batch_size=args.batch_size, workers=args.workers)
+    o = [f"k={args.k}", f"large_subvectors={str(args.large).lower()}",
+         f"finetune_epochs={args.epochs}", f"train_limit={args.train_limit}",
+         f"val_limit={args.ft_val_limit}", f"kmeans_iters={args.kmeans_iters}",
+         f"sls_iterations={args.sls}", f"lr={args.lr}"]
+    row = _point(o, args.val_limit, data, args.seed)
+    row.update(k=args.k, blocks="large" if args.large else "small", epochs=args.epochs,
+               train_limit=args.train_limit)
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def timing(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """k-means and permutation wall time on torchvision resnet18 (random weights), CPU."""
+    import torchvision
+
+    from packer.compress import compressible_weights
+
+    rows = []
+    for large in (False, True):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18().eval()
+        method = PQFMethod()
+        cfg = build_config("pqf", method.options, {}, [
+            "fc.k=2048", f"large_subvectors={str(large).lower()}", "finetune_epochs=0",
+            f"kmeans_iters={args.kmeans_iters}", f"sls_iterations={args.sls}"])
+        job = CompressJob(model, model.state_dict(), compressible_weights(model), cfg,
+                          progress=False)
+        started = time.perf_counter()
+        method.compress(job)
+        rep = method.extra_report()
+        row = {"model": "torchvision.resnet18 (random weights)",
+               "blocks": "large" if large else "small", "kmeans_iters": args.kmeans_iters,
+               "sls_iterations": args.sls, "threads": torch.get_num_threads(),
+               **rep["pqf_timings"], "total_s": round(time.perf_counter() - started, 1),
+               "reference_bits": rep["reference_bits"], "reference_mib": rep["reference_mib"],
+               "reference_ratio": rep["reference_ratio"],
+               "groups_permuted": sum(1 for g in rep["pqf_permutations"] if g.get("applied"))}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=("curve", "finetune", "timing"))
+    p.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--large", action="store_true")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train-limit", type=int, default=0)
+    p.add_argument("--ft-val-limit", type=int, default=1000, help="per-epoch validation images")
+    p.add_argument("--val-limit", type=int, default=None, help="final test images (all)")
+    p.add_argument("--kmeans-iters", type=int, default=100)
+    p.add_argument("--sls", type=int, default=10_000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", type=Path)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = {"curve": curve, "finetune": finetune, "timing": timing}[args.mode](args)
+    if args.output:
+        args.output.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
