@@ -68,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a whole pickled model (runs code from the file: "
                    "only for files you trust)")
+    c.add_argument("--calib-data", type=Path, metavar="DIR",
+                   help="calibrate 8-bit activation scales on these images (a CIFAR/ImageNet "
+                   "root, whose train/ split is used, or any <class>/<image> folder) and store "
+                   "them in the file for `runtime eval --int8`")
+    c.add_argument("--calib-images", type=int, default=512, help="images to calibrate on "
+                   "(default 512)")
+    c.add_argument("--calib-method", default="percentile", choices=["minmax", "percentile", "mse"],
+                   help="activation range rule (default percentile 99.99)")
+    c.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
     c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--quiet", action="store_true", help="print totals only, no tensor table")
@@ -99,7 +108,8 @@ def _compress(args: argparse.Namespace) -> int:
         source=args.model, output=output, method=args.method, config_file=args.config,
         overrides=overrides, arch=args.arch, coder=args.coder, mean=args.mean, std=args.std,
         input_size=args.input_size, trust_pickle=args.trust_pickle, seed=args.seed,
-        progress=progress_enabled(args)))
+        progress=progress_enabled(args), calib_data=args.calib_data,
+        calib_images=args.calib_images, calib_method=args.calib_method, workers=args.workers))
     if args.json:
         print_json(report)
     else:

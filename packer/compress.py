@@ -19,7 +19,8 @@ from packer.encode import DataSection, Encoder
 from packer.methods import METHODS, CompressJob
 from packer.methods.none import raw_tensor
 from packer.writer import write_packed
-from runtime import zoo
+from runtime import quant, zoo
+from runtime.data import calibration_dataset, make_loader
 from runtime.decode import decode_state_dict
 from runtime.errors import ConfigError, WeightpackError
 from runtime.format.preamble import DEFAULT_ALIGNMENT
@@ -48,6 +49,10 @@ class PackRequest:
     progress: bool = True
     data: Any = None
     alignment: int = DEFAULT_ALIGNMENT
+    calib_data: Path | None = None  # calibrate int8 activation scales on these images
+    calib_images: int = 512
+    calib_method: str = "percentile"
+    workers: int = 2
 
 
 def compressible_weights(model: nn.Module) -> list[str]:
@@ -95,6 +100,7 @@ def pack(req: PackRequest) -> dict[str, Any]:
                for name, value in state_dict.items()}
 
     spec = _input_spec(req, arch.name)
+    act_scales, calibration = _calibrate(req, arch.name, arch.kwargs, tensors, spec)
     data = DataSection(req.alignment)
     encoder = Encoder(data, req.coder)
     encoded = [encoder.tensor(name, t, config.for_tensor(name).get("coder"))
@@ -105,6 +111,7 @@ def pack(req: PackRequest) -> dict[str, Any]:
         architecture=ArchitectureRecord("builder", arch.name, _kwargs_json(arch.kwargs)),
         input=spec, num_classes=_num_classes(arch.model, spec),
         tensors=tuple(e.record for e in encoded), fp32_bytes=_fp32_bytes(state_dict),
+        activation_scales=act_scales, calibration_json=calibration,
     )
     write_packed(req.output, record, data)
     with open_packed(req.output) as packed:
@@ -113,6 +120,26 @@ def pack(req: PackRequest) -> dict[str, Any]:
     report["pack_seconds"] = round(time.perf_counter() - started, 3)
     report["streams"] = {e.record.name: [vars(s) for s in e.streams] for e in encoded}
     return report
+
+
+def _calibrate(req: PackRequest, arch: str, kwargs: dict[str, Any],
+               tensors: dict[str, CompressedTensor],
+               spec: InputSpec) -> tuple[tuple[tuple[str, float], ...], str]:
+    """Activation scales for 8-bit inference, measured on the weights being packed."""
+    if req.calib_data is None:
+        return (), ""
+    if req.calib_images < 1:
+        raise ConfigError("--calib-images must be at least 1")
+    module = zoo.build(arch, kwargs)
+    module.load_state_dict({n: t.dequantize() for n, t in tensors.items()})
+    dataset = calibration_dataset(req.calib_data, spec.as_dict())
+    loader = make_loader(dataset, 64, req.workers, limit=min(req.calib_images, len(dataset)))
+    scales = quant.calibrate(module, loader, method=req.calib_method)
+    images = min(req.calib_images, len(dataset))
+    return (tuple(sorted(scales.items())),
+            quant.calibration_json(req.calib_method, images,
+                                   99.99 if req.calib_method == "percentile" else None,
+                                   data=req.calib_data.name))
 
 
 def _kwargs_json(kwargs: dict[str, Any]) -> str:

@@ -2,11 +2,13 @@
 
     import runtime
     model = runtime.load("model.fb")      # torch.nn.Module in eval mode
+    sess = runtime.session("model.fb")    # onnxruntime: TensorRT > CUDA > CPU
 """
 
 from runtime.errors import WeightpackError
 from runtime.format.reader import PackedFile, open_packed
 from runtime.loader import load
+from runtime.onnx import session
 
 __version__ = "0.1.0"
-__all__ = ["PackedFile", "WeightpackError", "__version__", "load", "open_packed"]
+__all__ = ["PackedFile", "WeightpackError", "__version__", "load", "open_packed", "session"]

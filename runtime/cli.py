@@ -10,17 +10,28 @@ from typing import Any
 
 import torch
 
+from runtime import quant
+from runtime.atomic import atomic_write
 from runtime.cli_common import add_common_flags, print_json, progress_enabled, run
-from runtime.data import cifar10_dataset, image_folder_dataset, imagenet_dataset, make_loader
+from runtime.data import (
+    calibration_dataset,
+    cifar10_dataset,
+    image_folder_dataset,
+    imagenet_dataset,
+    make_loader,
+)
 from runtime.errors import DataError
 from runtime.evaluate import evaluate
 from runtime.format.reader import open_packed
 from runtime.loader import load
+from runtime.onnx import export_onnx, session
 from runtime.report import build_report, format_report
 
 EPILOG = """examples:
   runtime eval r20.fb --cifar10 ../shared/data/cifar10
   runtime eval model.fb --imagenet /data/imagenet --batch-size 128 --json
+  runtime eval r20.fb --cifar10 ../shared/data/cifar10 --backend onnx --int8
+  runtime export r20.fb --onnx r20.onnx --compact
   runtime inspect r20.fb
   runtime verify r20.fb
 """
@@ -48,6 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="data-loading processes (default: up to 4)")
     e.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    e.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                   help="torch module (default) or an onnxruntime session "
+                   "(TensorRT > CUDA > CPU, as available)")
+    e.add_argument("--int8", action="store_true",
+                   help="8-bit weights and activations (QDQ graph / torch fake-quant), with "
+                   "the activation scales stored in the file or measured with --calib-data")
+    e.add_argument("--calib-data", type=Path, metavar="DIR",
+                   help="calibrate activation scales on these images now (for --int8)")
+    e.add_argument("--calib-images", type=int, default=512, help="default 512")
     e.add_argument("--strict", action="store_true",
                    help="fail on an unreadable image instead of skipping and counting it")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -58,6 +78,19 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("file", type=Path, help="packed .fb file")
     add_common_flags(i)
     i.set_defaults(func=_inspect)
+
+    x = sub.add_parser("export", help="write a standalone ONNX model for any ONNX server",
+                       description="Export a packed file as an ONNX model (onnxruntime, Triton, "
+                       "TensorRT). --compact keeps codebooks and indices inside the ONNX file "
+                       "and rebuilds each weight with Gather when the session starts.")
+    x.add_argument("file", type=Path, help="packed .fb file")
+    x.add_argument("--onnx", type=Path, required=True, metavar="OUT", help="output .onnx file")
+    x.add_argument("--compact", action="store_true",
+                   help="store indices + codebooks, not fp32 weights (verified to fold)")
+    x.add_argument("--int8", action="store_true",
+                   help="QDQ graph with int8 weights and the file's activation scales")
+    add_common_flags(x)
+    x.set_defaults(func=_export)
 
     v = sub.add_parser("verify", help="check every checksum and decode every tensor")
     v.add_argument("file", type=Path, help="packed .fb file")
@@ -100,6 +133,55 @@ def _start_distributed(device: torch.device) -> tuple[torch.device, bool]:
     return device, True
 
 
+def _act_scales(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, float] | None:
+    """Scales measured now with --calib-data, else None (use the file's own)."""
+    if args.calib_data is None:
+        return None
+    dataset = calibration_dataset(args.calib_data, spec)
+    count = min(args.calib_images, len(dataset))
+    return quant.calibrate(load(args.file), make_loader(dataset, 64, args.workers, count))
+
+
+def _model_for_eval(args: argparse.Namespace, device: torch.device,
+                    spec: dict[str, Any]) -> tuple[Any, str]:
+    """The model to evaluate, and which provider runs it."""
+    if args.int8:
+        if device.type != "cpu" and args.backend == "torch":
+            raise DataError("--int8 with the torch backend simulates int8 on the CPU; "
+                            "use --backend onnx for GPU int8")
+        model = quant.int8_model(args.file, _act_scales(args, spec), backend=args.backend)
+        return model, "CPUExecutionProvider" if args.backend == "onnx" else "cpu"
+    if args.backend == "onnx":
+        providers = ["CPUExecutionProvider"] if device.type == "cpu" else None
+        sess = session(args.file, providers=providers)
+        return sess, sess.provider
+    return load(args.file, device=device), device.type
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.int8:
+        if args.compact:
+            raise DataError("--int8 and --compact cannot be combined yet; pick one")
+        pack = quant.load_int8(args.file)
+        if not pack.act_scales:
+            raise quant.NoActivationScales(f"{args.file}: has no activation scales; pack it "
+                                           "with --calib-data DIR")
+        model = quant.qdq_model(pack, pack.act_scales)
+        atomic_write(args.onnx, [model.SerializeToString()])
+        report = {"path": str(args.onnx), "onnx_bytes": args.onnx.stat().st_size,
+                  "packed_bytes": args.file.stat().st_size, "int8": True}
+        report["ratio"] = report["onnx_bytes"] / report["packed_bytes"]
+    else:
+        report = export_onnx(args.file, args.onnx, compact=args.compact)
+    if args.json:
+        print_json(report)
+    else:
+        kind = "int8 QDQ" if args.int8 else "compact" if args.compact else "standalone"
+        print(f"{args.onnx}: {report['onnx_bytes']:,} bytes ({kind} ONNX), packed file "
+              f"{report['packed_bytes']:,} bytes ({report['ratio']:.2f}x)")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise DataError("--limit must be at least 1")
@@ -108,10 +190,11 @@ def _eval(args: argparse.Namespace) -> int:
         with open_packed(args.file) as packed:
             report = build_report(packed)
         dataset = _dataset(args, report["input"], report["num_classes"])
-        model = load(args.file, device=device)
+        model, provider = _model_for_eval(args, device, report["input"])
         loader = make_loader(dataset, args.batch_size, args.workers, args.limit,
                              distributed=distributed, pin_memory=device.type == "cuda")
-        result = evaluate(model, loader, device, progress=progress_enabled(args))
+        result = evaluate(model, loader, device if args.backend == "torch" else "cpu",
+                          progress=progress_enabled(args))
         rank = torch.distributed.get_rank() if distributed else 0
         world = torch.distributed.get_world_size() if distributed else 1
     finally:
@@ -119,8 +202,9 @@ def _eval(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
     if rank != 0:
         return 0
-    out = {**result.as_dict(), "backend": "torch", "provider": device.type,
-           "precision": "fp32", "processes": world, "file": str(args.file),
+    out = {**result.as_dict(), "backend": args.backend, "provider": provider,
+           "precision": "int8" if args.int8 else "fp32", "processes": world,
+           "file": str(args.file),
            "file_bytes": report["file_bytes"], "ratio": report["ratio"]}
     if args.json:
         print_json(out)

@@ -376,3 +376,22 @@ def make_loader(
         collate_fn=collate_skipping,
         pin_memory=pin_memory,
     )
+
+
+def calibration_dataset(
+    root: str | os.PathLike[str], spec: Mapping[str, Any] | None = None
+) -> Dataset:
+    """Images to calibrate activation ranges on; labels are ignored.
+
+    Takes a CIFAR-style root (its ``train/`` split), an ImageNet root (its ``train/`` or
+    ``val/``), or any ``<class>/<image>`` folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"calibration data folder {root} does not exist")
+    for split in ("train", "val"):
+        if (root / split).is_dir():
+            root = root / split
+            break
+    samples, classes = _scan(root, None, "<class>/<image> subfolders (or train/<class>/...)")
+    return ImageFiles(samples, classes, build_transform(spec or IMAGENET_SPEC), False)

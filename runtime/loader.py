@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 
+import onnx
 import torch
 from torch import nn
 
 from runtime import zoo
 from runtime.decode import decode_state_dict
-from runtime.errors import ArchitectureError, UnsupportedVersion
+from runtime.errors import ArchitectureError, ConfigError, UnsupportedVersion
 from runtime.format.reader import open_packed
 from runtime.format.records import ModelRecord
 
@@ -29,15 +30,20 @@ def build_module(model: ModelRecord) -> nn.Module:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu",
-         backend: str = "torch") -> nn.Module:
-    """Load a packed file as a torch.nn.Module in eval mode on `device`.
+         backend: str = "torch") -> nn.Module | onnx.ModelProto:
+    """Load a packed file as a torch.nn.Module in eval mode on `device` (backend "torch"),
+    or as a standalone fp32 onnx.ModelProto with its weights inline (backend "onnx").
 
     Safe on untrusted files: nothing is unpickled or imported by name, and every size is
     checked before allocation. Each call opens the file on its own, so concurrent loads
     from threads or processes do not share state.
     """
+    if backend == "onnx":
+        from runtime.onnx.graph import fp32_graph  # the ONNX backend imports this module
+
+        return fp32_graph(path)
     if backend != "torch":
-        raise UnsupportedVersion(f"backend {backend!r} is not available in this version")
+        raise ConfigError(f"unknown backend {backend!r}; choose torch or onnx")
     with open_packed(path) as packed:
         module = build_module(packed.model)
         state_dict = decode_state_dict(packed)

@@ -51,7 +51,8 @@ def export_onnx(packed_path: str | os.PathLike, out_path: str | os.PathLike,
     Report: onnx_bytes, packed_bytes, ratio (onnx / packed), compact, folded (no
     dequantization subgraph survives onnxruntime's optimiser; trivially true when not
     compact), rebuilt (weights rebuilt in-graph), and with `verify` on a compact export
-    max_abs_diff / exact: its outputs against the standalone graph's on onnxruntime CPU.
+    max_abs_diff / exact: its outputs against the standalone graph's on onnxruntime CPU
+    (this writes onnxruntime's optimised graph to a temporary folder, deleted at once).
     """
     with open_packed(packed_path) as packed:
         packed_bytes = packed.size

@@ -1,0 +1,80 @@
+"""The runtime CLI's backends: onnx, int8 (stored or on-the-fly calibration), export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+
+import runtime
+from packer.compress import PackRequest, pack
+from runtime import cli as runtime_cli
+
+
+@pytest.fixture(scope="module")
+def calibrated(shared_dir: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "r20.fb"
+    report = pack(PackRequest(shared_dir / "models" / "cifar10" / "resnet20-cifar10jpg.pth",
+                              out, "int8", progress=False,
+                              calib_data=shared_dir / "data" / "cifar10", calib_images=64,
+                              workers=0))
+    assert report["file_bytes"] == out.stat().st_size
+    return out
+
+
+def eval_json(argv: list[str], capsys) -> dict:
+    capsys.readouterr()
+    assert runtime_cli.main([*argv, "--json", "--no-progress", "--workers", "0"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_calibration_is_stored_in_the_file(calibrated: Path) -> None:
+    with runtime.open_packed(calibrated) as packed:
+        scales = dict(packed.model.activation_scales)
+        calibration = json.loads(packed.model.calibration_json)
+    assert "conv1" in scales and "linear" in scales and len(scales) == 20
+    assert calibration["images"] == 64 and calibration["method"] == "percentile"
+
+
+def test_backends_and_precisions_agree(calibrated: Path, shared_dir: Path, capsys) -> None:
+    data = ["--cifar10", str(shared_dir / "data" / "cifar10"), "--limit", "200"]
+    torch_fp32 = eval_json(["eval", str(calibrated), *data], capsys)
+    onnx_fp32 = eval_json(["eval", str(calibrated), *data, "--backend", "onnx"], capsys)
+    onnx_int8 = eval_json(["eval", str(calibrated), *data, "--backend", "onnx", "--int8"],
+                          capsys)
+    torch_int8 = eval_json(["eval", str(calibrated), *data, "--int8"], capsys)
+    assert onnx_fp32["provider"] == "CPUExecutionProvider" and onnx_fp32["backend"] == "onnx"
+    assert onnx_fp32["top1"] == torch_fp32["top1"]
+    assert onnx_int8["precision"] == torch_int8["precision"] == "int8"
+    assert abs(onnx_int8["top1"] - torch_int8["top1"]) <= 1.0
+    assert abs(onnx_int8["top1"] - torch_fp32["top1"]) <= 2.0
+
+
+def test_on_the_fly_calibration_and_missing_scales(calibrated: Path, shared_dir: Path,
+                                                  tmp_path: Path, capsys) -> None:
+    plain = tmp_path / "plain.fb"
+    pack(PackRequest(shared_dir / "models" / "cifar10" / "resnet20-cifar10jpg.pth", plain,
+                     "int8", progress=False))
+    data = ["--cifar10", str(shared_dir / "data" / "cifar10"), "--limit", "100"]
+    assert runtime_cli.main(["eval", str(plain), *data, "--int8", "--no-progress"]) == 2
+    assert "no activation scales" in capsys.readouterr().err
+    out = eval_json(["eval", str(plain), *data, "--int8", "--calib-data",
+                     str(shared_dir / "data" / "cifar10"), "--calib-images", "32"], capsys)
+    assert out["precision"] == "int8" and out["images"] == 100
+
+
+@pytest.mark.parametrize("flags", [[], ["--compact"], ["--int8"]])
+def test_export_writes_a_loadable_onnx(calibrated: Path, tmp_path: Path, flags, capsys) -> None:
+    out = tmp_path / "m.onnx"
+    capsys.readouterr()
+    assert runtime_cli.main(["export", str(calibrated), "--onnx", str(out), *flags,
+                             "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["onnx_bytes"] == out.stat().st_size
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    assert model.ir_version <= 10
+    if "--int8" in flags:
+        assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)
