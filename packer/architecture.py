@@ -11,12 +11,18 @@ from torch import nn
 from runtime import zoo
 from runtime.errors import ArchitectureError
 
+GRAPH = "graph"  # --arch value: store the model's own graph instead of a zoo builder
+
 
 @dataclass(frozen=True)
 class ResolvedArchitecture:
-    name: str
+    name: str  # zoo builder name, or GRAPH
     kwargs: dict[str, Any]
     model: nn.Module  # eval mode, source weights loaded
+
+    @property
+    def kind(self) -> str:
+        return "onnx_graph" if self.name == GRAPH else "builder"
 
 
 def _last_linear(model: nn.Module) -> str | None:
@@ -52,7 +58,17 @@ def build_loaded(name: str, state_dict: dict[str, torch.Tensor]) -> ResolvedArch
     return ResolvedArchitecture(name, kwargs, model.eval())
 
 
-def resolve(state_dict: dict[str, torch.Tensor], arch: str | None) -> ResolvedArchitecture:
+def resolve(state_dict: dict[str, torch.Tensor], arch: str | None,
+            module: nn.Module | None = None) -> ResolvedArchitecture:
+    """A zoo architecture when one matches; else, for a checkpoint that carries its own
+    module (TorchScript, or a trusted pickle), that module, to be stored as a graph."""
+    if arch == GRAPH or (arch is None and module is not None
+                         and not zoo.infer_with_kwargs(state_dict)):
+        if module is None:
+            raise ArchitectureError("--arch graph needs a checkpoint that holds the model "
+                                    "itself (TorchScript, or a pickled model with "
+                                    "--trust-pickle)")
+        return ResolvedArchitecture(GRAPH, {}, module.eval())
     if arch is not None:
         return build_loaded(arch, state_dict)
     candidates = [name for name, _ in zoo.infer_with_kwargs(state_dict)]
@@ -61,6 +77,7 @@ def resolve(state_dict: dict[str, torch.Tensor], arch: str | None) -> ResolvedAr
     if not candidates:
         raise ArchitectureError(
             "no known architecture matches this checkpoint's tensor names and shapes; "
-            "pass --arch NAME (see `packer archs`)")
+            "pass --arch NAME (see `packer archs`), or give a TorchScript file so its "
+            "graph can be stored")
     raise ArchitectureError(f"several architectures match this checkpoint: "
                             f"{', '.join(candidates)}; pass --arch NAME to pick one")

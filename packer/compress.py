@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from packer import __version__
-from packer.architecture import resolve
+from packer.architecture import GRAPH, ResolvedArchitecture, resolve
 from packer.checkpoint import load_checkpoint
 from packer.config import build_config, load_config_file
 from packer.encode import DataSection, Encoder
@@ -26,6 +26,7 @@ from runtime.errors import ConfigError, WeightpackError
 from runtime.format.preamble import DEFAULT_ALIGNMENT
 from runtime.format.reader import open_packed
 from runtime.format.records import ArchitectureRecord, InputSpec, ModelRecord
+from runtime.onnx.graph import export_module, weight_free
 from runtime.report import build_report
 from runtime.tensors import CompressedTensor
 
@@ -55,13 +56,25 @@ class PackRequest:
     workers: int = 2
 
 
+def _compressible(module: nn.Module) -> bool:
+    if isinstance(module, torch.jit.ScriptModule):  # TorchScript keeps the class name only
+        return getattr(module, "original_name", "") in {c.__name__ for c in COMPRESSIBLE}
+    return isinstance(module, COMPRESSIBLE)
+
+
 def compressible_weights(model: nn.Module) -> list[str]:
     """Conv and Linear weights, in module order: what methods compress by default."""
-    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE)]
+    return [f"{n}.weight" for n, m in model.named_modules() if _compressible(m)]
 
 
 def _input_spec(req: PackRequest, arch: str) -> InputSpec:
-    spec = dict(zoo.input_spec(arch))
+    if arch == GRAPH:
+        if req.input_size is None:
+            raise ConfigError("a model stored as a graph needs --input-size C,H,W")
+        spec = {"shape": list(req.input_size), "mean": [0.485, 0.456, 0.406][: req.input_size[0]],
+                "std": [0.229, 0.224, 0.225][: req.input_size[0]], "resize": None, "crop": None}
+    else:
+        spec = dict(zoo.input_spec(arch))
     if req.mean is not None:
         spec["mean"] = list(req.mean)
     if req.std is not None:
@@ -86,7 +99,7 @@ def pack(req: PackRequest) -> dict[str, Any]:
     file_doc = load_config_file(req.config_file) if req.config_file else {}
     config = build_config(req.method, method.options, file_doc, req.overrides)
     checkpoint = load_checkpoint(req.source, trust_pickle=req.trust_pickle)
-    arch = resolve(checkpoint.state_dict, req.arch)
+    arch = resolve(checkpoint.state_dict, req.arch, checkpoint.module)
     state_dict = arch.model.state_dict()
     targets = [n for n in compressible_weights(arch.model)
                if config.for_tensor(n).get("method") != "none"]
@@ -105,10 +118,11 @@ def pack(req: PackRequest) -> dict[str, Any]:
     encoder = Encoder(data, req.coder)
     encoded = [encoder.tensor(name, t, config.for_tensor(name).get("coder"))
                for name, t in tensors.items()]
+    architecture = _architecture_record(arch, spec, set(tensors), data)
     record = ModelRecord(
         producer=f"weightpack {__version__}", method=req.method,
         method_config_json=config.to_json(), source_sha256=checkpoint.sha256,
-        architecture=ArchitectureRecord("builder", arch.name, _kwargs_json(arch.kwargs)),
+        architecture=architecture,
         input=spec, num_classes=_num_classes(arch.model, spec),
         tensors=tuple(e.record for e in encoded), fp32_bytes=_fp32_bytes(state_dict),
         activation_scales=act_scales, calibration_json=calibration,
@@ -142,8 +156,15 @@ def _calibrate(req: PackRequest, arch: str, kwargs: dict[str, Any],
                                    data=req.calib_data.name))
 
 
-def _kwargs_json(kwargs: dict[str, Any]) -> str:
-    return json.dumps(kwargs, sort_keys=True)
+def _architecture_record(arch: ResolvedArchitecture, spec: InputSpec, names: set[str],
+                         data: DataSection) -> ArchitectureRecord:
+    """A zoo builder, or the model's own ONNX graph with the packed weights taken out."""
+    if arch.kind == "builder":
+        return ArchitectureRecord("builder", arch.name, json.dumps(arch.kwargs, sort_keys=True))
+    graph = export_module(arch.model, spec.shape)
+    stored = {t.name for t in graph.graph.initializer} & names
+    blob = weight_free(graph, stored).SerializeToString(deterministic=True)
+    return ArchitectureRecord("onnx_graph", graph=data.add(blob))
 
 
 def _num_classes(model: nn.Module, spec: InputSpec) -> int:

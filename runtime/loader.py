@@ -20,9 +20,7 @@ def build_module(model: ModelRecord) -> nn.Module:
     """Instantiate the file's architecture from the allow-list (never importing by name)."""
     arch = model.architecture
     if arch.kind != "builder":
-        raise UnsupportedVersion(
-            f"architecture kind {arch.kind!r} rebuilds through the ONNX backend, "
-            "not as a torch module, in this version")
+        raise UnsupportedVersion(f"architecture kind {arch.kind!r} has no torch builder")
     kwargs = json.loads(arch.kwargs_json)
     if not isinstance(kwargs, dict):
         raise ArchitectureError("builder kwargs in the file are not a JSON object")
@@ -45,6 +43,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     if backend != "torch":
         raise ConfigError(f"unknown backend {backend!r}; choose torch or onnx")
     with open_packed(path) as packed:
+        if packed.model.architecture.kind == "onnx_graph":
+            from runtime.onnx.module import load_graph_module
+
+            return load_graph_module(path, torch.device(device))
         module = build_module(packed.model)
         state_dict = decode_state_dict(packed)
     expected = module.state_dict()
