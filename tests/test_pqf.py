@@ -242,3 +242,16 @@ def test_finetune_through_the_shared_loop(tmp_path: Path) -> None:
     assert torch.equal(job.state_dict["layer1.0.conv1.weight"], conv.weight)
     assert ft["history"][0]["images"] == 20 and ft["best_epoch"] in (0, 1)
     assert set(job.state_dict) == set(before)
+
+
+def test_distillation_loss_is_zero_against_itself() -> None:
+    from packer.methods.pqf.method import distillation_loss
+
+    torch.manual_seed(0)
+    net = nn.Linear(5, 3)
+    teacher = nn.Linear(5, 3)
+    teacher.load_state_dict(net.state_dict())
+    x = torch.randn(4, 5)
+    loss = distillation_loss(teacher, 2.0)(net, x, torch.zeros(4, dtype=torch.long))
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6)
+    assert not any(p.requires_grad for p in teacher.parameters())

@@ -2,6 +2,8 @@
 
     python tools/bench/pqf.py curve --ks 16 32 64 128 256 --val-limit 2000 -o pqf_curve.json
     python tools/bench/pqf.py finetune --k 64 --epochs 2 --train-limit 10000 -o pqf_ft.json
+    python tools/bench/pqf.py ftcurve --configs 64:small:off 64:large:on --epochs 1 \
+        --train-limit 2000 --distill -o pqf_ftcurve.json
     python tools/bench/pqf.py timing -o pqf_timing.json     # torchvision resnet18, random weights
 
 Every point is a real packed file (packer.compress.pack): `file_bytes` are bytes on disk and
@@ -103,12 +105,27 @@ def finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
     o = [f"k={args.k}", f"large_subvectors={str(args.large).lower()}",
          f"finetune_epochs={args.epochs}", f"train_limit={args.train_limit}",
          f"val_limit={args.ft_val_limit}", f"kmeans_iters={args.kmeans_iters}",
-         f"sls_iterations={args.sls}", f"lr={args.lr}"]
-    row = _point(o, args.val_limit, data, args.seed)
+         f"sls_iterations={args.sls}", f"lr={args.lr}",
+         f"distill={str(args.distill).lower()}"]
+    row = _point(o + args.set, args.val_limit, data, args.seed)
     row.update(k=args.k, blocks="large" if args.large else "small", epochs=args.epochs,
+               distill=args.distill,
                train_limit=args.train_limit)
     print(json.dumps(row), flush=True)
     return [row]
+
+
+def ftcurve(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Short fine-tuning of several points (`--configs K:small|large:on|off ...`)."""
+    rows = []
+    for spec in args.configs:
+        k, blocks, perm = spec.split(":")
+        args.k, args.large = int(k), blocks == "large"
+        args.set = [*args.base_set, f"use_permutations={'true' if perm == 'on' else 'false'}"]
+        row = finetune(args)[0]
+        row["permutations"] = perm == "on"
+        rows.append(row)
+    return rows
 
 
 def timing(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -144,12 +161,15 @@ def timing(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("curve", "finetune", "timing"))
+    p.add_argument("mode", choices=("curve", "finetune", "ftcurve", "timing"))
+    p.add_argument("--configs", nargs="+", default=["64:small:off"])
     p.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--large", action="store_true")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--distill", action="store_true")
+    p.add_argument("--set", action="append", default=[], help="extra pqf KEY=VALUE")
     p.add_argument("--train-limit", type=int, default=0)
     p.add_argument("--ft-val-limit", type=int, default=1000, help="per-epoch validation images")
     p.add_argument("--val-limit", type=int, default=None, help="final test images (all)")
@@ -162,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = {"curve": curve, "finetune": finetune, "timing": timing}[args.mode](args)
+    args.base_set = list(args.set)
+    modes = {"curve": curve, "finetune": finetune, "ftcurve": ftcurve, "timing": timing}
+    rows = modes[args.mode](args)
     if args.output:
         args.output.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -9,11 +9,13 @@ rule is kept in `self.report` for the packer's report (`reference_bits`, `refere
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from packer.config import Option
@@ -29,7 +31,14 @@ from packer.methods.pqf.layers import (
 )
 from packer.methods.pqf.permute import permute_model
 from packer.methods.pqf.size import reference_size
-from packer.training import DataSpec, TrainConfig, build_datasets, default_device, fit
+from packer.training import (
+    DataSpec,
+    TrainConfig,
+    TrainHooks,
+    build_datasets,
+    default_device,
+    fit,
+)
 from runtime.errors import ConfigError, DataError
 from runtime.tensors import CompressedTensor
 
@@ -88,6 +97,12 @@ class PQFMethod(Method):
                               check=_between(0, 10**9, "train_limit"), per_layer=False),
         "val_limit": Option(0, "validation images (0: all)", int,
                             check=_between(0, 10**9, "val_limit"), per_layer=False),
+        "distill": Option(False, "fine-tune against the uncompressed model's outputs "
+                          "(knowledge distillation) instead of the labels", bool,
+                          per_layer=False),
+        "distill_temperature": Option(1.0, "softmax temperature of the distillation loss",
+                                      float, check=_between(0.05, 100.0, "distill_temperature"),
+                                      per_layer=False),
         "checkpoint": Option(None, "fine-tuning checkpoint file: written every epoch, resumed "
                              "from if present", str, per_layer=False),
     }
@@ -163,6 +178,7 @@ class PQFMethod(Method):
             self.report["pqf_permutations"] = groups
         timings["permutation_s"] = round(time.perf_counter() - started, 3)
 
+        teacher = copy.deepcopy(model).eval() if opts["distill"] and epochs > 0 else None
         started = time.perf_counter()
         device = default_device()
         bar = tqdm(list(plans.values()), desc="pqf k-means", unit="layer",
@@ -180,7 +196,7 @@ class PQFMethod(Method):
         self.report.update(reference_size(model, plans))
 
         if epochs > 0 and data is not None:
-            self.report["pqf_finetune"] = self._finetune(job, epochs, data)
+            self.report["pqf_finetune"] = self._finetune(job, epochs, data, teacher)
 
         out: dict[str, CompressedTensor] = {}
         for plan in plans.values():
@@ -199,19 +215,39 @@ class PQFMethod(Method):
         self.report["pqf_timings"] = timings
         return out
 
-    def _finetune(self, job: CompressJob, epochs: int, data: DataSpec) -> dict[str, Any]:
+    def _finetune(self, job: CompressJob, epochs: int, data: DataSpec,
+                  teacher: nn.Module | None) -> dict[str, Any]:
         opts = job.config.options
         model = job.model
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.requires_grad_(True)  # codebooks, biases, BN, uncompressed layers; codes are buffers
-            del name
         train_set, val_set = build_datasets(data)
         cfg = TrainConfig(epochs=epochs, lr=opts["lr"], lr_min=opts["lr_min"],
                           batch_size=data.batch_size, workers=data.workers,
                           train_limit=opts["train_limit"] or None,
                           val_limit=opts["val_limit"] or None, seed=job.seed,
                           checkpoint=opts["checkpoint"], progress=job.progress)
-        result = fit(model, train_set, val_set, cfg)
+        hooks = TrainHooks(loss=distillation_loss(teacher, opts["distill_temperature"])
+                           if teacher is not None else None)
+        result = fit(model, train_set, val_set, cfg, hooks)
         for p in model.parameters():
             p.requires_grad_(False)
         return result.as_dict()
+
+
+def distillation_loss(teacher: nn.Module, temperature: float):
+    """KL(teacher || student) at `temperature`, scaled by T^2: the compressed model learns the
+    original's whole output distribution, more signal per image than one label (as in BGD)."""
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def loss(net: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        del targets
+        if next(teacher.parameters()).device != images.device:
+            teacher.to(images.device)
+        with torch.no_grad():
+            soft = torch.softmax(teacher(images) / temperature, dim=1)
+        log_p = torch.log_softmax(net(images) / temperature, dim=1)
+        return torch.nn.functional.kl_div(log_p, soft, reduction="batchmean") * temperature**2
+
+    return loss
