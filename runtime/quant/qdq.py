@@ -13,16 +13,14 @@ deduplicates equal tensors behind Identity nodes.
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
-import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from runtime.onnx.graph import export_module
 from runtime.quant.calibrate import QUANTIZED_TYPES, check_scales
 from runtime.quant.errors import QuantError
 from runtime.quant.weights import Int8Weight
@@ -35,21 +33,9 @@ _WEIGHT_SUFFIX = ".weight"
 
 
 def export_fp32(module: nn.Module, input_shape: Sequence[int]) -> onnx.ModelProto:
-    """fp32 ONNX graph of `module` (TorchScript exporter, dynamic batch, no folding so the
-    weights keep their state_dict names and BatchNorm stays a separate node)."""
-    x = torch.zeros((1, *input_shape), dtype=torch.float32)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():  # the exporter's notes on Slice folding are noise here
-        warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
-        torch.onnx.export(
-            module.eval(), (x,), buf, dynamo=False, opset_version=OPSET,
-            input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            do_constant_folding=False,
-        )
-    model = onnx.load_from_string(buf.getvalue())
-    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    return model
+    """fp32 ONNX graph of `module`: the ONNX backend's export (no folding, so weights keep
+    their state_dict names and BatchNorm stays a separate node)."""
+    return export_module(module, tuple(input_shape))
 
 
 def _layer_of(weight_input: str, producers: dict[str, onnx.NodeProto]) -> tuple[str, bool]:
