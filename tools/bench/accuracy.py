@@ -50,6 +50,8 @@ RESNET20_CONFIGS: tuple[PackConfig, ...] = (
     *(PackConfig(f"uniform {b}b clip=mse", "uniform", (f"bits={b}", "clip=mse"))
       for b in (3, 4, 5, 6)),
     *(PackConfig(f"uniform {b}b clip=max", "uniform", (f"bits={b}", "clip=max")) for b in (4, 5)),
+    PackConfig("uniform 4b, 5b layer1, 8b first/last", "uniform",
+               ("bits=4", "clip=max", "layer1.*.bits=5", "conv1.bits=8", "linear.bits=8")),
     *(PackConfig(f"kmeans K={k}", "kmeans", (f"k={k}",)) for k in (16, 32, 64)),
 )
 """clip is always given explicitly so a change of the packer's default cannot relabel a row;
