@@ -9,6 +9,7 @@ from pathlib import Path
 from packer.compress import PackRequest, pack
 from packer.encode import CODER_CHOICES
 from packer.methods import METHODS
+from packer.training import DataSpec
 from runtime import zoo
 from runtime.cli_common import add_common_flags, print_json, progress_enabled, run
 from runtime.format.reader import open_packed
@@ -76,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
                    "(default 512)")
     c.add_argument("--calib-method", default="percentile", choices=["minmax", "percentile", "mse"],
                    help="activation range rule (default percentile 99.99)")
+    data = c.add_mutually_exclusive_group()
+    data.add_argument("--cifar10", type=Path, metavar="DIR",
+                      help="training data for methods that fine-tune (train/<class>/ images)")
+    data.add_argument("--imagenet", type=Path, metavar="DIR", help="ImageNet root (train/, val/)")
+    data.add_argument("--data", type=Path, metavar="DIR", help="any image folder with train/, val/")
+    c.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
     c.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
     c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -103,17 +110,26 @@ def _parser() -> argparse.ArgumentParser:
 
 def _compress(args: argparse.Namespace) -> int:
     output = args.output or Path(f"{args.model.stem}.{args.method}.fb")
+    data = None
+    for kind, root in (("cifar10", args.cifar10), ("imagenet", args.imagenet),
+                       ("folder", args.data)):
+        if root is not None:
+            data = DataSpec(kind, root, batch_size=args.batch_size, workers=args.workers)
     overrides = list(args.overrides) + (["fp16=true"] if args.fp16 else [])
     report = pack(PackRequest(
         source=args.model, output=output, method=args.method, config_file=args.config,
         overrides=overrides, arch=args.arch, coder=args.coder, mean=args.mean, std=args.std,
         input_size=args.input_size, trust_pickle=args.trust_pickle, seed=args.seed,
         progress=progress_enabled(args), calib_data=args.calib_data,
-        calib_images=args.calib_images, calib_method=args.calib_method, workers=args.workers))
+        calib_images=args.calib_images, calib_method=args.calib_method, workers=args.workers,
+        data=data))
     if args.json:
         print_json(report)
     else:
         print(format_report(report, tensors=not args.quiet))
+        if "reference_bits" in report:
+            print(f"reference   {report['reference_bits']:,} bits = "
+                  f"{report['reference_mib']:.3f} MiB by the PQF paper's size rule")
         print(f"packed in {report['pack_seconds']:.2f} s -> {output}")
     return 0
 

@@ -132,6 +132,9 @@ def pack(req: PackRequest) -> dict[str, Any]:
         _verify_round_trip(packed, tensors)
         report = build_report(packed)
     report["pack_seconds"] = round(time.perf_counter() - started, 3)
+    extra = getattr(method, "extra_report", None)
+    if callable(extra):
+        report.update(extra(job))
     report["streams"] = {e.record.name: [vars(s) for s in e.streams] for e in encoded}
     return report
 
