@@ -627,3 +627,16 @@ def test_huffman_detects_invalid_code_in_incomplete_table() -> None:
     bad = dataclasses.replace(stream, payload=b"\x80" + bytes(7))
     with pytest.raises(CorruptBlob):
         decode(bad, 64, 4)
+
+
+@pytest.mark.parametrize("count", [1, 100, 4097, 30_000])
+def test_huffman_small_stream_fast_path_equals_lockstep_loop(count: int, monkeypatch) -> None:
+    from runtime.coders import _huffman
+
+    rng = np.random.default_rng(count)
+    symbols = np.minimum(rng.geometric(0.2, count) - 1, 40).astype(np.uint8)
+    stream = encode(symbols, 41, "huffman")
+    fast = decode(stream, count, 41)
+    monkeypatch.setattr(_huffman, "SMALL_STREAM_BITS", -1)
+    slow = decode(stream, count, 41)
+    assert np.array_equal(fast, symbols) and np.array_equal(slow, symbols)

@@ -25,6 +25,7 @@ from runtime.errors import CorruptBlob, LimitExceeded
 MAX_CODE_LENGTH = 16
 """Longest code: enough for any alphabet up to 65536 and keeps the decode table at 2**16."""
 
+SMALL_STREAM_BITS = 1 << 18  # doubling tables: ~(log2 chunk) x this x 8 bytes
 MAX_CHUNK_SIZE = 1 << 16
 """Largest chunk a decoder accepts; bounds the read-past-the-end padding it allocates."""
 
@@ -211,15 +212,20 @@ def decode_huffman(stream: CodedStream, count: int, alphabet_size: int) -> np.nd
     win = (buf[:-2] << 16) | (buf[1:-1] << 8) | buf[2:]
 
     last_count = count - (n_chunks - 1) * chunk_size
-    pos = offsets.astype(np.int64)
-    out = np.empty((chunk_size, n_chunks), dtype=work)
-    last_end = -1
-    for i in range(chunk_size):
-        peek = (win[pos >> 3] >> (8 - (pos & 7))) & _PEEK_MASK
-        out[i] = tsym[peek]
-        pos += tlen[peek]
-        if i == last_count - 1:
-            last_end = int(pos[-1])
+    if total_bits <= SMALL_STREAM_BITS:
+        out, pos, last_end = _decode_by_doubling(win, tsym, tlen, offsets, count, chunk_size,
+                                                 total_bits)
+    else:
+        pos = offsets.astype(np.int64)
+        out = np.empty((chunk_size, n_chunks), dtype=work)
+        last_end = -1
+        for i in range(chunk_size):
+            peek = (win[pos >> 3] >> (8 - (pos & 7))) & _PEEK_MASK
+            out[i] = tsym[peek]
+            pos += tlen[peek]
+            if i == last_count - 1:
+                last_end = int(pos[-1])
+        out = out.T.reshape(-1)[:count]
 
     if n_chunks > 1 and not np.array_equal(pos[:-1], offsets[1:].astype(np.int64)):
         raise CorruptBlob("huffman chunk does not end where the next one starts")
@@ -227,10 +233,44 @@ def decode_huffman(stream: CodedStream, count: int, alphabet_size: int) -> np.nd
         raise CorruptBlob(f"huffman stream ends at bit {last_end}, payload holds {total_bits} bits")
     if last_end % 8 and int(payload[-1]) & ((1 << (8 - last_end % 8)) - 1):
         raise CorruptBlob("huffman payload has non-zero padding bits")
-    result = out.T.reshape(-1)[:count]
+    result = out
     if int(result.max()) >= k:
         raise CorruptBlob("huffman payload contains a bit pattern that is not a code")
     return result.astype(dtype, copy=False)
+
+
+def _decode_by_doubling(win: np.ndarray, tsym: np.ndarray, tlen: np.ndarray,
+                        offsets: np.ndarray, count: int, chunk_size: int,
+                        total_bits: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Small streams: the lock-step loop costs chunk_size Python iterations however few
+    symbols there are, so instead look up the code at *every* bit position at once and find
+    each symbol's position by pointer doubling (log2(chunk_size) vectorised gathers).
+
+    Returns (symbols, end position of each chunk, end position of the last chunk)."""
+    bits = np.arange(total_bits + 1, dtype=np.int64)
+    peek = (win[bits >> 3] >> (8 - (bits & 7))) & _PEEK_MASK
+    raw_next = bits + tlen[peek]
+    # A code running past the payload jumps to the end sentinel, which loops on itself.
+    overflow = raw_next > total_bits
+    nxt = np.where(overflow, total_bits, raw_next).astype(np.int64)
+    levels = max(1, int(chunk_size).bit_length())
+    jumps = [nxt]
+    for _ in range(levels):
+        jumps.append(jumps[-1][jumps[-1]])
+    index = np.arange(count, dtype=np.int64)
+    step = index % chunk_size
+    pos = offsets.astype(np.int64)[index // chunk_size]
+    for level in range(levels):
+        take = (step >> level) & 1 == 1
+        pos = np.where(take, jumps[level][pos], pos)
+    symbols = tsym[peek[pos]]
+    ends = pos + tlen[peek[pos]]
+    # A code that would run past the payload marks the stream corrupt.
+    ends = np.where(overflow[pos], total_bits + 8, ends)
+    n_chunks = len(offsets)
+    chunk_last = np.minimum((np.arange(n_chunks) + 1) * chunk_size, count) - 1
+    chunk_ends = ends[chunk_last]
+    return symbols, chunk_ends, int(chunk_ends[-1])
 
 
 def _check_offsets(values: object, n_chunks: int, total_bits: int) -> np.ndarray:
