@@ -159,7 +159,7 @@ class ImageFiles(Dataset):
 
 
 class _TransformedCifar(Dataset):
-    """torchvision's pickled CIFAR-10 arrays with a spec transform (never unreadable)."""
+    """torchvision's CIFAR-10 batch arrays (its own loader) with a spec transform."""
 
     def __init__(self, base: CIFAR10, transform: Transform) -> None:
         self.base = base

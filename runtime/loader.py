@@ -32,7 +32,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     """Load a packed file as a torch.nn.Module in eval mode on `device` (backend "torch"),
     or as a standalone fp32 onnx.ModelProto with its weights inline (backend "onnx").
 
-    Safe on untrusted files: nothing is unpickled or imported by name, and every size is
+    Safe on untrusted files: no Python object is deserialised or imported by name; every size is
     checked before allocation. Each call opens the file on its own, so concurrent loads
     from threads or processes do not share state.
     """
