@@ -10,10 +10,9 @@ from packer.compress import PackRequest, pack
 from packer.encode import CODER_CHOICES
 from packer.methods import METHODS
 from packer.training import DataSpec
-from runtime import zoo
+from runtime import cli as runtime_cli, zoo
 from runtime.cli_common import add_common_flags, print_json, progress_enabled, run
-from runtime.format.reader import open_packed
-from runtime.report import build_report, format_report
+from runtime.report import format_report
 
 EPILOG = """examples:
   packer compress --method kmeans resnet20.pth -o r20.fb
@@ -135,18 +134,7 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    with open_packed(args.file) as packed:
-        checked = packed.verify() if args.verify else None
-        report = build_report(packed)
-    if checked is not None:
-        report["verified_blobs"] = checked
-    if args.json:
-        print_json(report)
-    else:
-        print(format_report(report))
-        if checked is not None:
-            print(f"verified    {checked} blobs, all checksums match")
-    return 0
+    return runtime_cli.print_inspect(args.file, args.json, args.verify)
 
 
 def _methods(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -113,7 +114,7 @@ def pack(req: PackRequest) -> dict[str, Any]:
                for name, value in state_dict.items()}
 
     spec = _input_spec(req, arch.name)
-    act_scales, calibration = _calibrate(req, arch.name, arch.kwargs, tensors, spec)
+    act_scales, calibration = _calibrate(req, arch, tensors, spec)
     data = DataSection(req.alignment)
     encoder = Encoder(data, req.coder)
     encoded = [encoder.tensor(name, t, config.for_tensor(name).get("coder"))
@@ -139,7 +140,7 @@ def pack(req: PackRequest) -> dict[str, Any]:
     return report
 
 
-def _calibrate(req: PackRequest, arch: str, kwargs: dict[str, Any],
+def _calibrate(req: PackRequest, arch: ResolvedArchitecture,
                tensors: dict[str, CompressedTensor],
                spec: InputSpec) -> tuple[tuple[tuple[str, float], ...], str]:
     """Activation scales for 8-bit inference, measured on the weights being packed."""
@@ -147,7 +148,8 @@ def _calibrate(req: PackRequest, arch: str, kwargs: dict[str, Any],
         return (), ""
     if req.calib_images < 1:
         raise ConfigError("--calib-images must be at least 1")
-    module = zoo.build(arch, kwargs)
+    # A copy of the source module (zoo or graph alike) holding the weights being packed.
+    module = copy.deepcopy(arch.model)
     module.load_state_dict({n: t.dequantize() for n, t in tensors.items()})
     dataset = calibration_dataset(req.calib_data, spec.as_dict())
     loader = make_loader(dataset, 64, req.workers, limit=min(req.calib_images, len(dataset)))

@@ -25,7 +25,7 @@ from runtime.evaluate import evaluate
 from runtime.format.reader import open_packed
 from runtime.loader import load
 from runtime.onnx import export_onnx, session
-from runtime.report import build_report, format_report
+from runtime.report import build_report, format_report, inspect_file
 
 EPILOG = """examples:
   runtime eval r20.fb --cifar10 ../shared/data/cifar10
@@ -215,14 +215,20 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    with open_packed(args.file) as packed:
-        report = build_report(packed)
-    if args.json:
+def print_inspect(path: Path, as_json: bool, verify: bool = False) -> int:
+    """`inspect` for both CLIs: the per-tensor table and totals, or the JSON report."""
+    report = inspect_file(path, verify)
+    if as_json:
         print_json(report)
     else:
         print(format_report(report))
+        if verify:
+            print(f"verified    {report['verified_blobs']} blobs, all checksums match")
     return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    return print_inspect(args.file, args.json)
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -101,6 +101,16 @@ def build_report(packed: PackedFile) -> dict[str, Any]:
     }
 
 
+def inspect_file(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
+    """The report of a file on disk; with `verify`, every blob checksum is checked too."""
+    with PackedFile(path) as packed:
+        checked = packed.verify() if verify else None
+        report = build_report(packed)
+    if checked is not None:
+        report["verified_blobs"] = checked
+    return report
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
