@@ -148,9 +148,12 @@ def _model_for_eval(args: argparse.Namespace, device: torch.device,
     if args.int8:
         if device.type != "cpu" and args.backend == "torch":
             raise DataError("--int8 with the torch backend simulates int8 on the CPU; "
-                            "use --backend onnx for GPU int8")
-        model = quant.int8_model(args.file, _act_scales(args, spec), backend=args.backend)
-        return model, "CPUExecutionProvider" if args.backend == "onnx" else "cpu"
+                            "use --backend onnx (TensorRT or CUDA provider) for GPU int8")
+        model = quant.int8_model(args.file, _act_scales(args, spec), backend=args.backend,
+                                 device=device.type)
+        if isinstance(model, quant.OnnxSession):
+            return model, model.provider
+        return model, "cpu"
     if args.backend == "onnx":
         providers = ["CPUExecutionProvider"] if device.type == "cpu" else None
         sess = session(args.file, providers=providers)
@@ -166,7 +169,10 @@ def _export(args: argparse.Namespace) -> int:
         if not pack.act_scales:
             raise quant.NoActivationScales(f"{args.file}: has no activation scales; pack it "
                                            "with --calib-data DIR")
-        model = quant.qdq_model(pack, pack.act_scales)
+        try:
+            model = quant.qdq_model(pack, pack.act_scales)
+        except quant.NoActivationScales as exc:
+            raise quant.NoActivationScales(f"{args.file}: {exc}") from None
         atomic_write(args.onnx, [model.SerializeToString()])
         report = {"path": str(args.onnx), "onnx_bytes": args.onnx.stat().st_size,
                   "packed_bytes": args.file.stat().st_size, "int8": True}

@@ -127,7 +127,7 @@ class ModelRecord:
     fp32_bytes: int
     class_names: tuple[str, ...] = field(default_factory=tuple)
     metadata_json: str = "{}"
-    activation_scales: tuple[tuple[str, float], ...] = ()  # (module name, int8 scale)
+    activation_scales: tuple[tuple[str, float], ...] = ()  # (tensor label, int8 scale)
     calibration_json: str = ""
 
     def blobs(self) -> list[tuple[str, BlobRef]]:

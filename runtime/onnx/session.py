@@ -59,6 +59,7 @@ def make_session(
     initializers: dict[str, np.ndarray] | None = None,
     providers: list[str] | None = None,
     *,
+    threads: int | None = None,
     optimized_model_path: str | os.PathLike | None = None,
 ) -> tuple[ort.InferenceSession, str]:
     """An InferenceSession for `model` and the provider it actually runs on.
@@ -67,6 +68,7 @@ def make_session(
     memory; the arrays stay referenced by the returned session, whose lifetime they must
     outlive. `providers=None` prefers TensorRT > CUDA > CPU (GPUs only when one is visible);
     a GPU provider that fails to start falls back to CPU with one RuntimeWarning.
+    `threads` sets onnxruntime's intra-op threads (None: its default, one per core).
     `optimized_model_path` makes onnxruntime save its optimised graph there (for checks).
     """
     specs = external_weights(model)
@@ -83,6 +85,9 @@ def make_session(
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # onnxruntime's warnings would bypass Python's
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
         if optimized_model_path is not None:
             opts.optimized_model_filepath = os.fspath(optimized_model_path)
         if arrays:
@@ -125,7 +130,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 class OnnxSession:
-    """A packed file running on onnxruntime: `run(x)` maps an NCHW float batch to logits."""
+    """An ONNX graph (a packed file's, or any in memory) running on onnxruntime: `run(x)`
+    maps an NCHW float batch to logits, `sess(x)` does it for torch tensors."""
 
     def __init__(self, sess: ort.InferenceSession, provider: str, build_seconds: float = 0.0):
         self.ort = sess
@@ -133,6 +139,16 @@ class OnnxSession:
         self.input_name: str = sess.get_inputs()[0].name
         self.output_name: str = sess.get_outputs()[0].name
         self.build_seconds = build_seconds
+
+    @classmethod
+    def from_graph(cls, model: onnx.ModelProto, initializers: dict[str, np.ndarray] | None = None,
+                   providers: list[str] | None = None, *, threads: int | None = None,
+                   optimized_model_path: str | os.PathLike | None = None) -> OnnxSession:
+        """A session over `model` (see make_session for the arguments)."""
+        started = time.perf_counter()
+        sess, provider = make_session(model, initializers, providers, threads=threads,
+                                      optimized_model_path=optimized_model_path)
+        return cls(sess, provider, time.perf_counter() - started)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Logits for the batch `x` (converted to contiguous float32)."""
@@ -153,5 +169,6 @@ def session(path: str | os.PathLike, providers: list[str] | None = None) -> Onnx
     started = time.perf_counter()
     with open_packed(path) as packed:
         graph, weights = graph_and_weights(packed)
-    sess, provider = make_session(graph, weights, providers)
-    return OnnxSession(sess, provider, time.perf_counter() - started)
+    sess = OnnxSession.from_graph(graph, weights, providers)
+    sess.build_seconds = time.perf_counter() - started
+    return sess

@@ -4,8 +4,11 @@
     model = int8_model("r20.fb")                     # torch fake-quant module
     model = int8_model("r20.fb", backend="onnx")     # onnxruntime QDQ session, same results
 
-Activation scales come from the packed file (`ModelRecord.activation_scales`, written by
-`packer compress --calib-data`) or are passed in (`calibrate()` makes them).
+BatchNorm is folded into the convolutions; weights are int8 per output channel, biases int32,
+and activations int8 per tensor at every layer input, every convolution output and around
+every residual add (`plan`), so onnxruntime runs QLinearConv / QLinearAdd. Activation scales
+come from the packed file (`ModelRecord.activation_scales`, written by `packer compress
+--calib-data`) or are passed in (`calibrate()` makes them).
 """
 
 from __future__ import annotations
@@ -22,26 +25,32 @@ from torch import nn
 from runtime.decode import decode_tensor
 from runtime.format.reader import open_packed
 from runtime.loader import load
-from runtime.quant.calibrate import METHODS, QUANTIZED_TYPES, calibrate
+from runtime.onnx.session import OnnxSession
+from runtime.quant.calibrate import METHODS, calibrate
 from runtime.quant.errors import CalibrationError, NoActivationScales, QuantError
-from runtime.quant.fakequant import FakeQuantInput, fake_quant_module
-from runtime.quant.ort import OrtModel
+from runtime.quant.fakequant import FakeQuant, fake_quant_module
+from runtime.quant.ort import cpu_session, for_cpu
+from runtime.quant.plan import QUANTIZED_TYPES, QuantPlan, build_plan
 from runtime.quant.qdq import export_fp32, graph_types, to_qdq
 from runtime.quant.weights import Int8Weight, int8_weight
 
 __all__ = [
     "METHODS",
     "CalibrationError",
-    "FakeQuantInput",
+    "FakeQuant",
     "Int8Pack",
     "Int8Weight",
     "NoActivationScales",
-    "OrtModel",
+    "OnnxSession",
     "QuantError",
+    "QuantPlan",
+    "build_plan",
     "calibrate",
     "calibration_json",
+    "cpu_session",
     "export_fp32",
     "fake_quant_module",
+    "for_cpu",
     "graph_types",
     "int8_model",
     "int8_weight",
@@ -52,6 +61,7 @@ __all__ = [
 ]
 
 BACKENDS = ("torch", "onnx")
+TENSORS = "layer inputs, conv outputs (BatchNorm folded), residual add inputs and outputs"
 
 
 @dataclass
@@ -59,7 +69,7 @@ class Int8Pack:
     """What int8 inference needs from one packed file."""
 
     module: nn.Module  # the fp32 decoded model, eval mode
-    weights: dict[str, Int8Weight]  # per Conv2d/Linear module name
+    weights: dict[str, Int8Weight]  # per Conv2d/Linear module name (BatchNorm not folded)
     act_scales: dict[str, float] | None  # from the file, None when it has none
     input_shape: tuple[int, ...]  # (C, H, W)
 
@@ -90,10 +100,14 @@ def load_int8(path: str | os.PathLike[str]) -> Int8Pack:
 
 
 def int8_model(path: str | os.PathLike[str], act_scales: Mapping[str, float] | None = None,
-               backend: str = "torch", threads: int | None = None) -> nn.Module | OrtModel:
+               backend: str = "torch", threads: int | None = None,
+               device: str = "cpu") -> nn.Module | OnnxSession:
     """The packed model with int8 weights and activations, as a torch fake-quant module
-    (`backend="torch"`) or an onnxruntime CPU session over the QDQ graph (`"onnx"`); both
-    compute the same arithmetic. `act_scales` overrides the file's calibrated scales."""
+    (`backend="torch"`) or an onnxruntime session over the QDQ graph (`"onnx"`), both
+    built from one plan: onnxruntime computes in integers what torch simulates in float32.
+    `act_scales` overrides the file's calibrated scales. With `backend="onnx"`,
+    `device="cuda"` runs the plain QDQ graph on TensorRT, else CUDA (else CPU, with one
+    warning); `"cpu"` runs the CPU-tuned rewrite of it."""
     if backend not in BACKENDS:
         raise QuantError(f"unknown int8 backend {backend!r}; choose from {', '.join(BACKENDS)}")
     pack = load_int8(path)
@@ -102,22 +116,27 @@ def int8_model(path: str | os.PathLike[str], act_scales: Mapping[str, float] | N
         raise NoActivationScales(
             f"{path}: has no activation scales; pack it with --calib-data DIR or pass "
             "act_scales from runtime.quant.calibrate()")
-    if backend == "torch":
-        return fake_quant_module(pack.module, scales, pack.weights)
-    return OrtModel(qdq_model(pack, scales), threads=threads)
+    try:
+        if backend == "torch":
+            return fake_quant_module(pack.module, scales, pack.weights)
+        graph = qdq_model(pack, scales)
+        if device == "cpu":
+            return cpu_session(graph, threads=threads)
+        return OnnxSession.from_graph(graph, providers=None, threads=threads)
+    except NoActivationScales as exc:
+        raise NoActivationScales(f"{path}: {exc}") from None
 
 
 def qdq_model(pack: Int8Pack, act_scales: Mapping[str, float]) -> onnx.ModelProto:
     """The QDQ ONNX graph of a loaded pack."""
-    return to_qdq(export_fp32(pack.module, pack.input_shape), pack.module, act_scales,
-                  pack.weights)
+    return to_qdq(pack.module, pack.input_shape, act_scales, pack.weights)
 
 
 def calibration_json(method: str, images: int, percentile: float | None = None,
                      data: str = "") -> str:
     """Canonical JSON recording how activation scales were made (ModelRecord field)."""
     doc: dict[str, Any] = {"method": method, "images": images, "activations": "int8 symmetric "
-                           "per-tensor, zero point 0", "data": data}
+                           "per-tensor, zero point 0", "tensors": TENSORS, "data": data}
     if method == "percentile":
         doc["percentile"] = percentile
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))

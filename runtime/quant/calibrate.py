@@ -1,9 +1,11 @@
-"""Per-tensor int8 scales for the inputs of every Conv2d / Linear, from sample images.
+"""Per-tensor int8 scales for every tensor int8 inference quantizes, from sample images.
 
-Forward pre-hooks see each layer's input; we keep only a histogram of |x| per layer (no
-activations are stored), so memory stays bounded however many images are used. The
-histogram has a fixed number of bins whose width doubles (merging neighbour pairs) whenever
-a larger value arrives, so the range never has to be known in advance.
+The tensors are the plan's (`runtime.quant.plan`: the inputs of every Conv2d / Linear, the
+outputs of every Conv2d with its BatchNorm folded in, the inputs and outputs of residual
+adds). An observer placed after each one keeps only a histogram of |x| (no activations are
+stored), so memory stays bounded however many images are used. The histogram has a fixed
+number of bins whose width doubles (merging neighbour pairs) whenever a larger value
+arrives, so the range never has to be known in advance.
 
 Scales are symmetric (zero point 0, int8 activations in [-128, 127]): scale = amax / 127,
 with amax chosen by `minmax` (largest |x|), `percentile` (that percentile of |x|) or `mse`
@@ -19,14 +21,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from runtime.quant.errors import CalibrationError
+from runtime.quant.errors import CalibrationError, QuantError
+from runtime.quant.plan import QUANTIZED_TYPES, build_plan, insert_after
 
 __all__ = ["ACT_QMAX", "ACT_QMIN", "METHODS", "QUANTIZED_TYPES", "AbsHistogram", "calibrate",
            "check_scales", "scale_from_amax"]
 
 ACT_QMIN, ACT_QMAX = -128, 127
 METHODS = ("percentile", "minmax", "mse")
-QUANTIZED_TYPES = (nn.Conv2d, nn.Linear)
 BINS = 4096
 MSE_CANDIDATES = 512
 
@@ -108,49 +110,65 @@ def _images(batch: Any) -> Tensor:
     raise CalibrationError(f"a calibration batch must be a tensor of images, got {type(batch)}")
 
 
+class Observer(nn.Module):
+    """Passes its input through, adding it to a histogram."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hist = AbsHistogram()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.hist.add(x)
+        return x
+
+
 def calibrate(module: nn.Module, batches: Iterable[Any], method: str = "percentile",
               percentile: float = 99.99) -> dict[str, float]:
-    """Scale of the input activation of each Conv2d/Linear, keyed by module name.
+    """Scale of every tensor int8 inference quantizes, keyed by its label
+    (`runtime.quant.plan`; the input of a layer is keyed by the layer's module name).
 
     `module` should hold the weights that will be deployed (the decoded ones), so the
-    activations measured are the ones int8 inference sees.
+    activations measured are the ones int8 inference sees; it is not modified.
     """
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; "
                                f"choose from {', '.join(METHODS)}")
     if not 0 < percentile <= 100:
         raise CalibrationError(f"percentile must be in (0, 100], not {percentile}")
-    targets = {name: m for name, m in module.named_modules() if isinstance(m, QUANTIZED_TYPES)}
-    if not targets:
+    if not any(isinstance(m, QUANTIZED_TYPES) for m in module.modules()):
         raise CalibrationError("the model has no Conv2d or Linear layer to calibrate")
-    hists = {name: AbsHistogram() for name in targets}
-    handles = [m.register_forward_pre_hook(lambda _m, args, h=hists[name]: h.add(args[0]))
-               for name, m in targets.items()]
-    was_training = module.training
+    try:
+        plan = build_plan(module)
+    except QuantError as exc:
+        raise CalibrationError(str(exc)) from None
+    observers: dict[str, Observer] = {}
+
+    def observe(node: str, label: str) -> Observer | None:
+        if node not in plan.defining:
+            return None  # reuses the scale of the tensor it was sliced / pooled from
+        observers[label] = Observer()
+        return observers[label]
+
+    insert_after(plan, observe, prefix="observer")
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     seen = 0
-    try:
-        module.eval()
-        with torch.inference_mode():
-            for batch in batches:
-                images = _images(batch)
-                if images.numel() == 0:
-                    continue
-                module(images.to(device))
-                seen += images.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
-        module.train(was_training)
+    with torch.inference_mode():
+        for batch in batches:
+            images = _images(batch)
+            if images.numel() == 0:
+                continue
+            plan.graph(images.to(device))
+            seen += images.shape[0]
     if seen == 0:
         raise CalibrationError("calibration data yielded no images")
     out: dict[str, float] = {}
-    for name, h in hists.items():
+    for label, obs in observers.items():
+        h = obs.hist
         if method == "minmax":
             amax = h.amax
         elif method == "percentile":
             amax = h.percentile_amax(percentile)
         else:
             amax = h.mse_amax()
-        out[name] = scale_from_amax(amax)
+        out[label] = scale_from_amax(amax)
     return out

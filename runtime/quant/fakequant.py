@@ -1,69 +1,68 @@
-"""Torch simulation of the int8 QDQ graph, so torch and ONNX Runtime agree.
+"""Torch simulation of the int8 QDQ graph, so torch and onnxruntime agree.
 
-Each Conv2d/Linear is wrapped: its input goes through QuantizeLinear->DequantizeLinear
-(`torch.fake_quantize_per_tensor_affine`, zero point 0, [-128, 127]) and its weight is
-replaced by the dequantized int8 weight (float32(q) * scale, as DequantizeLinear computes).
-Everything else (BatchNorm, residual adds, pooling) stays float32, as in the QDQ graph.
+Built from the same plan as the QDQ graph (`runtime.quant.plan`): BatchNorm folded into its
+convolution, every Conv2d/Linear holding its dequantized int8 weight (float32(q) * scale, as
+DequantizeLinear computes) and its int32-quantized bias, and a `FakeQuant` (QuantizeLinear ->
+DequantizeLinear: `torch.fake_quantize_per_tensor_affine`, zero point 0, [-128, 127]) after
+every tensor the graph quantizes. What stays float here (ReLU, pooling, slicing) stays float
+between DequantizeLinear and QuantizeLinear there; onnxruntime's fused integer kernels
+round once where this rounds in float32, so outputs agree to within a step, not bit for bit.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
-from runtime.quant.calibrate import ACT_QMAX, ACT_QMIN, QUANTIZED_TYPES, check_scales
-from runtime.quant.errors import QuantError
+from runtime.quant.calibrate import ACT_QMAX, ACT_QMIN
+from runtime.quant.layers import QuantizedLayer, quantize_layers
+from runtime.quant.plan import QuantPlan, build_plan, insert_after
 from runtime.quant.weights import Int8Weight
 
-__all__ = ["FakeQuantInput", "fake_quant_module"]
+__all__ = ["FakeQuant", "fake_quant_module", "fake_quant_plan"]
 
 
-class FakeQuantInput(nn.Module):
-    """Fake-quantizes the input of the wrapped layer with one per-tensor scale."""
+class FakeQuant(nn.Module):
+    """Quantizes and dequantizes a tensor with one per-tensor scale (its label's)."""
 
-    def __init__(self, layer: nn.Module, scale: float) -> None:
+    def __init__(self, label: str, scale: float) -> None:
         super().__init__()
-        self.layer = layer
+        self.label = label
         self.scale = float(scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = torch.fake_quantize_per_tensor_affine(x, self.scale, 0, ACT_QMIN, ACT_QMAX)
-        return self.layer(x)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, 0, ACT_QMIN, ACT_QMAX)
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale:.6g}"
+        return f"{self.label!r}, scale={self.scale:.6g}"
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+def fake_quant_plan(module: nn.Module, act_scales: Mapping[str, float],
+                    weights: Mapping[str, Int8Weight]
+                    ) -> tuple[QuantPlan, dict[str, QuantizedLayer], dict[str, str]]:
+    """The plan of `module` with int8 layers and FakeQuant modules in place; also the
+    quantized layers and the FakeQuant submodule name -> label (for the ONNX export)."""
+    plan = build_plan(module)
+    layers = quantize_layers(plan, act_scales, weights)
+    for name, q in layers.items():
+        layer = plan.graph.get_submodule(name)
+        device = layer.weight.device
+        with torch.no_grad():
+            layer.weight = nn.Parameter(q.weight.dequantize().to(device), requires_grad=False)
+            bias = q.bias_values()
+            if bias is not None:
+                layer.bias = nn.Parameter(bias.to(device), requires_grad=False)
+    fq = insert_after(plan, lambda _node, label: FakeQuant(label, act_scales[label]))
+    return plan, layers, fq
 
 
 def fake_quant_module(module: nn.Module, act_scales: Mapping[str, float],
-                      weights: Mapping[str, Int8Weight]) -> nn.Module:
-    """A deep copy of `module` (in eval mode) computing what the QDQ graph computes.
+                      weights: Mapping[str, Int8Weight]) -> fx.GraphModule:
+    """An eval-mode copy of `module` computing what the QDQ graph computes.
 
-    Every Conv2d/Linear must have an activation scale and an int8 weight (keyed by module
-    name, as `calibrate` and `quantize_weights` give them).
+    `act_scales` must hold a scale for every label of the plan (as `calibrate` gives them),
+    `weights` an int8 weight per Conv2d/Linear module name (as `quantize_weights` does).
     """
-    check_scales(act_scales)
-    qmodule = copy.deepcopy(module).eval()
-    layers = [(n, m) for n, m in qmodule.named_modules() if isinstance(m, QUANTIZED_TYPES)]
-    missing = [n for n, _ in layers if n not in act_scales or n not in weights]
-    if missing:
-        raise QuantError(f"no activation scale or int8 weight for layer(s): "
-                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    for name, layer in layers:
-        w = weights[name]
-        if tuple(w.q.shape) != tuple(layer.weight.shape):
-            raise QuantError(f"int8 weight of {name} has shape {w.q.shape}, "
-                             f"the layer {tuple(layer.weight.shape)}")
-        with torch.no_grad():
-            layer.weight = nn.Parameter(w.dequantize().to(layer.weight.device),
-                                        requires_grad=False)
-        _replace(qmodule, name, FakeQuantInput(layer, act_scales[name]))
-    return qmodule
+    return fake_quant_plan(module, act_scales, weights)[0].graph

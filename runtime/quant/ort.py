@@ -1,51 +1,79 @@
-"""A thin onnxruntime CPU session usable wherever a torch model is (Tensor in, Tensor out)."""
+"""The QDQ graph on onnxruntime's CPU provider, in the form its integer kernels run fastest.
+
+Two rewrites, each computing exactly what the int8 graph computes:
+* activations int8 with zero point 0 -> uint8 with zero point 128 (q + 128, same scale).
+  x86 integer kernels multiply uint8 activations by int8 weights; onnxruntime makes this
+  change itself (QDQS8ToU8Transformer), but only for a QuantizeLinear with one consumer, so a
+  tensor that feeds both a convolution and a residual add would stay int8 and break fusion.
+* a Relu between DequantizeLinear and QuantizeLinear -> LeakyRelu(alpha=0), which onnxruntime
+  fuses into QLinearLeakyRelu, a 256-entry lookup table on the uint8 codes; a Relu would run
+  in float32 between them (there is no integer Relu for a zero point other than the minimum).
+The exported graph (`runtime export --int8`) stays int8 with zero point 0, as TensorRT wants.
+"""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
-import onnxruntime as ort
-import torch
-from torch import Tensor
+from onnx import helper, numpy_helper
 
-__all__ = ["OrtModel", "session_options"]
+from runtime.onnx.session import CPU, OnnxSession
 
-_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
+__all__ = ["cpu_session", "for_cpu"]
 
 
-def session_options(threads: int | None = None, optimization: str = "all",
-                    optimized_path: str | None = None) -> ort.SessionOptions:
-    """Session options: `threads` intra-op threads (None: ORT's default), optimization level,
-    and optionally where to save the optimized graph (to see which nodes ORT fused)."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = _LEVELS[optimization]
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    if optimized_path is not None:
-        opts.optimized_model_filepath = optimized_path
-    return opts
+def _to_uint8(graph: onnx.GraphProto) -> None:
+    inits = {t.name: t for t in graph.initializer}
+    quantized = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    converted: dict[str, str] = {}
+    for node in graph.node:
+        activation = node.op_type == "QuantizeLinear" or (
+            node.op_type == "DequantizeLinear" and node.input[0] in quantized)
+        if not activation or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        zp = node.input[2]
+        if zp not in converted:
+            value = numpy_helper.to_array(inits[zp])
+            if value.dtype != np.int8:
+                continue
+            converted[zp] = f"{zp}.uint8"
+            shifted = (value.astype(np.int16) + 128).astype(np.uint8)
+            graph.initializer.append(numpy_helper.from_array(shifted, converted[zp]))
+        node.input[2] = converted[zp]
 
 
-class OrtModel:
-    """Runs an ONNX model on onnxruntime's CPU provider; call it with an NCHW float tensor."""
+def _relu_to_table(graph: onnx.GraphProto) -> None:
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        if node.op_type != "Relu" or node.output[0] in outputs:
+            continue
+        source = producers.get(node.input[0])
+        users = consumers.get(node.output[0], [])
+        if (source is not None and source.op_type == "DequantizeLinear" and users
+                and all(u.op_type == "QuantizeLinear" for u in users)):
+            node.op_type = "LeakyRelu"
+            node.attribute.append(helper.make_attribute("alpha", 0.0))
 
-    def __init__(self, model: onnx.ModelProto, threads: int | None = None,
-                 optimization: str = "all", optimized_path: str | None = None) -> None:
-        self.model = model
-        self.session = ort.InferenceSession(
-            model.SerializeToString(), session_options(threads, optimization, optimized_path),
-            providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a QDQ graph rewritten for onnxruntime's CPU kernels (same results)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    _to_uint8(out.graph)
+    _relu_to_table(out.graph)
+    return out
 
-    def __call__(self, x: Tensor) -> Tensor:
-        arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.run(arr))
+
+def cpu_session(model: onnx.ModelProto, threads: int | None = None,
+                optimized_path: str | os.PathLike | None = None) -> OnnxSession:
+    """An onnxruntime CPU session over `model` (QDQ graphs rewritten by `for_cpu`; an fp32
+    graph is unchanged); `optimized_path` saves the graph onnxruntime actually runs."""
+    return OnnxSession.from_graph(for_cpu(model), providers=[CPU], threads=threads,
+                                  optimized_model_path=optimized_path)

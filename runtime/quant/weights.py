@@ -36,6 +36,20 @@ class Int8Weight:
         q = torch.from_numpy(self.q.astype(np.float32))
         return q * torch.from_numpy(self.scales).reshape(view)
 
+    def fold(self, factor: np.ndarray) -> Int8Weight:
+        """The weight times `factor` per output channel (a folded BatchNorm): same codes,
+        scales times |factor|, codes negated where factor < 0; a zero factor zeroes the
+        channel. Stays on a symmetric per-channel grid, so an exact weight stays exact."""
+        f = np.asarray(factor, dtype=np.float32).reshape(-1)
+        if f.size != self.scales.size:
+            raise ValueError(f"{f.size} factors for {self.scales.size} output channels")
+        view = (-1,) + (1,) * (self.q.ndim - 1)
+        scales = (self.scales * np.abs(f)).astype(np.float32)
+        live = np.isfinite(scales) & (scales > 0)  # a zero (or underflowing) factor
+        sign = np.where(live, np.where(f < 0, -1, 1), 0).astype(np.int8).reshape(view)
+        scales = np.where(live, scales, np.float32(1.0)).astype(np.float32)
+        return Int8Weight((self.q * sign).astype(np.int8), scales, self.exact)
+
 
 def _rows(w: Tensor) -> np.ndarray:
     """The weight as float32 [out channels, everything else]."""

@@ -1,11 +1,13 @@
 """Int8 QDQ graph vs fp32 graph on onnxruntime's CPU provider: throughput and top-1.
 
 For resnet20 and resnet56 (packed with `int8`; resnet20 also with `kmeans`): calibrate the
-activation scales (percentile 99.99 on --calib-images train images), export the fp32 graph,
-rewrite it to QDQ, and time both sessions at batch 64, interleaved (the order alternates
-every round, after warm-up) so background load hits both alike; each figure is the median of
-the rounds. Then top-1 of both graphs on the test images. Also prints which op types ORT's
-optimizer left in each graph (QLinearConv appears only if it fused the QDQ nodes).
+activation scales (percentile 99.99 on --calib-images train images), export the fp32 graph
+and the QDQ graph (`runtime.quant.qdq_model`; both run through `quant.cpu_session`, which
+leaves the fp32 graph as it is), and time both sessions at batch 64, interleaved (the order
+alternates every round, after warm-up) so background load hits both alike; each figure is
+the median of the rounds. Then top-1 of both graphs on the test images. Also prints which
+op types ORT's optimizer left in each graph (QLinearConv appears only if it fused the QDQ
+nodes).
 
 Run alone: ``python tools/bench/int8_throughput.py [--limit 10000] [--threads 2]``.
 """
@@ -38,7 +40,7 @@ def load_images(split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([b.images for b in batches]), torch.cat([b.targets for b in batches])
 
 
-def interleaved(a: quant.OrtModel, b: quant.OrtModel, x: np.ndarray, rounds: int,
+def interleaved(a: quant.OnnxSession, b: quant.OnnxSession, x: np.ndarray, rounds: int,
                 warmup: int = 3) -> tuple[float, float]:
     """Median images/s of `a` and `b` on batch `x`, alternating which goes first."""
     for _ in range(warmup):
@@ -53,7 +55,7 @@ def interleaved(a: quant.OrtModel, b: quant.OrtModel, x: np.ndarray, rounds: int
     return (x.shape[0] / statistics.median(times[0]), x.shape[0] / statistics.median(times[1]))
 
 
-def top1(model: quant.OrtModel, images: torch.Tensor, targets: torch.Tensor) -> float:
+def top1(model: quant.OnnxSession, images: torch.Tensor, targets: torch.Tensor) -> float:
     hits = sum(int((model(images[i:i + 250]).argmax(1) == targets[i:i + 250]).sum())
                for i in range(0, len(images), 250))
     return 100.0 * hits / len(images)
@@ -61,7 +63,7 @@ def top1(model: quant.OrtModel, images: torch.Tensor, targets: torch.Tensor) -> 
 
 def optimized_ops(model: onnx.ModelProto, threads: int, workdir: Path, tag: str) -> str:
     path = workdir / f"{tag}-optimized.onnx"
-    quant.OrtModel(model, threads=threads, optimized_path=str(path))
+    quant.cpu_session(model, threads=threads, optimized_path=str(path))
     ops = quant.graph_types(onnx.load(str(path)))
     return ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1]))
 
@@ -86,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             pack = quant.load_int8(path)
             scales = quant.calibrate(pack.module, calib.split(128))
             fp32 = quant.export_fp32(pack.module, pack.input_shape)
-            int8 = quant.to_qdq(fp32, pack.module, scales, pack.weights)
-            ort_fp32 = quant.OrtModel(fp32, threads=args.threads)
-            ort_int8 = quant.OrtModel(int8, threads=args.threads)
+            int8 = quant.qdq_model(pack, scales)
+            ort_fp32 = quant.cpu_session(fp32, threads=args.threads)
+            ort_int8 = quant.cpu_session(int8, threads=args.threads)
             exact = sum(pack.exact_layers().values())
             if method == "int8" or model_name == "resnet20":
                 f_ips, q_ips = interleaved(ort_fp32, ort_int8, x, args.rounds)

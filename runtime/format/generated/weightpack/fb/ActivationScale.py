@@ -7,7 +7,7 @@ import flatbuffers
 from flatbuffers.compat import import_numpy
 np = import_numpy()
 
-# Per-tensor scale of a Conv/Gemm/MatMul input activation, for 8-bit QDQ inference.
+# Per-tensor scale of one activation tensor the 8-bit QDQ graph quantizes.
 class ActivationScale(object):
     __slots__ = ['_tab']
 
