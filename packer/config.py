@@ -23,7 +23,7 @@ from runtime.errors import ConfigError
 class Option:
     default: Any
     help: str
-    kind: type = str  # bool, int, float or str
+    kind: type = str  # bool, int, float, str, or list (of floats)
     choices: tuple[Any, ...] | None = None
     check: Callable[[Any], str | None] | None = None  # returns a problem, or None
     per_layer: bool = True
@@ -66,10 +66,17 @@ def _coerce(name: str, value: Any, opt: Option) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             value = float(value)
+        elif kind is list:
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", ",").split(",") if v]
+            if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) for v in value):
+                raise ValueError
+            value = [float(v) for v in value]
         else:
             value = str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"option {name}: expected {kind.__name__}, got {value!r}") from None
+        what = "a list of numbers" if kind is list else kind.__name__
+        raise ConfigError(f"option {name}: expected {what}, got {value!r}") from None
     if opt.choices is not None and value not in opt.choices:
         raise ConfigError(f"option {name}: {value!r} is not one of "
                           f"{', '.join(map(str, opt.choices))}")

@@ -7,9 +7,11 @@ from packer.methods.kmeans import KMeansMethod
 from packer.methods.none import NoneMethod
 from packer.methods.pqf import PQFMethod
 from packer.methods.uniform import Int8Method, UniformMethod
+from packer.methods.weightfix import PWFNMethod, WFNMethod
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (NoneMethod, UniformMethod, Int8Method, KMeansMethod, PQFMethod)
+    m.name: m for m in (NoneMethod, UniformMethod, Int8Method, KMeansMethod, PQFMethod,
+                                   WFNMethod, PWFNMethod)
 }
 
 __all__ = ["METHODS", "CompressJob", "Method"]

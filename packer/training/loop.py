@@ -54,10 +54,14 @@ class TrainConfig:
     progress: bool = True
     max_batches: int | None = None  # cap on batches per epoch (tests, smoke runs)
     scale_lr_by_world: bool = True
+    optimizer: str = "adam"  # "adam", or "sgd" (momentum 0.9)
+    grad_clip: float | None = None  # max gradient norm (WFN clips at 0.5); None: no clipping
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
             raise ConfigError(f"epochs must be >= 0, not {self.epochs}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer must be adam or sgd, not {self.optimizer!r}")
         if not (self.lr > 0 and 0 <= self.lr_min <= self.lr):
             raise ConfigError(f"need lr > 0 and 0 <= lr_min <= lr ({self.lr}, {self.lr_min})")
 
@@ -215,7 +219,11 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Trai
     if steps == 0:
         raise DataError(f"fewer training images ({len(sampler)}) than one batch per process")
     lr = cfg.lr * (world if cfg.scale_lr_by_world else 1)
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    optimizer: torch.optim.Optimizer
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=max(1, cfg.epochs * steps), eta_min=cfg.lr_min)
     net: nn.Module = model
@@ -261,6 +269,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Trai
                 raise DataError(f"training diverged (loss {value}) in epoch {epoch + 1}; "
                                 f"lower lr")
             loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             if hooks.after_step is not None:

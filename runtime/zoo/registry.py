@@ -22,6 +22,7 @@ from runtime.zoo.specs import CIFAR_SPEC, InputSpec, imagenet_spec
 __all__ = [
     "BUILDERS",
     "CIFAR_NAMES",
+    "TIMM_PREFIX",
     "TORCHVISION_PREFIX",
     "build",
     "family",
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 TORCHVISION_PREFIX = "torchvision."
+TIMM_PREFIX = "timm."  # timm models, when the optional `timm` extra is installed
 
 CIFAR_NAMES = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56")
 
@@ -63,6 +65,29 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+@functools.cache
+def _timm_names() -> frozenset[str]:
+    """timm's model names, or none without timm. Imported on first use only: importing timm
+    takes seconds, and services that never name a timm model should not pay for it."""
+    try:
+        import timm
+    except ImportError:
+        return frozenset()
+    return frozenset(timm.list_models())
+
+
+def _timm_builder(name: str) -> Callable[..., nn.Module]:
+    import timm
+
+    return functools.partial(timm.create_model, name.removeprefix(TIMM_PREFIX),
+                             pretrained=False)
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
+    _check_name(name)
+    return _timm_builder(name) if name.startswith(TIMM_PREFIX) else BUILDERS[name]
+
+
 def names() -> list[str]:
     """All allow-listed architecture names, CIFAR zoo first."""
     return list(BUILDERS)
@@ -73,12 +98,19 @@ def family(name: str) -> str:
     _check_name(name)
     if name in CIFAR_NAMES:
         return "cifar_resnet"
+    if name.startswith(TIMM_PREFIX):
+        return "timm"
     builder = BUILDERS[name]
     assert isinstance(builder, functools.partial)
     return builder.func.__module__
 
 
 def _check_name(name: str) -> None:
+    if isinstance(name, str) and name.startswith(TIMM_PREFIX):
+        if not _timm_names():
+            raise ArchitectureError(f"{name} needs timm: pip install 'weightpack[timm]'")
+        if name.removeprefix(TIMM_PREFIX) in _timm_names():
+            return
     if not isinstance(name, str) or name not in BUILDERS:
         examples = ", ".join(
             ["cifar_resnet20", "cifar_resnet56", "torchvision.resnet18", "torchvision.resnet50"]
@@ -119,7 +151,7 @@ def build(name: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """Construct an allow-listed architecture with randomly initialised weights (no download)."""
     checked = validate_kwargs(name, kwargs)
     try:
-        return BUILDERS[name](**checked)
+        return _builder(name)(**checked)
     except TypeError as exc:
         # Only translate "this builder does not take that keyword"; other TypeErrors are bugs.
         msg = str(exc)
@@ -133,5 +165,21 @@ def input_spec(name: str) -> InputSpec:
     _check_name(name)
     if name in CIFAR_NAMES:
         return copy.deepcopy(CIFAR_SPEC)
+    if name.startswith(TIMM_PREFIX):
+        return _timm_spec(name.removeprefix(TIMM_PREFIX))
     resize, crop = _TORCHVISION_SIZES.get(name.removeprefix(TORCHVISION_PREFIX), (256, 224))
     return imagenet_spec(resize=resize, crop=crop)
+
+
+def _timm_spec(model: str) -> InputSpec:
+    """timm's own preprocessing for `model`: its input size, crop fraction, mean and std."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(model, allow_unregistered=True)
+    if cfg is None:
+        return imagenet_spec()
+    _, h, w = cfg.input_size
+    spec = imagenet_spec(resize=int(h / (cfg.crop_pct or 0.875)), crop=h)  # timm floors
+    spec["shape"] = [cfg.input_size[0], h, w]
+    spec["mean"], spec["std"] = list(cfg.mean), list(cfg.std)
+    return spec

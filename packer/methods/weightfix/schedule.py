@@ -1,0 +1,225 @@
+"""What WFN and PWFN share around their fixing rounds: options checks, training data,
+evaluation, per-iteration logs, iteration checkpoints, and the final report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from packer.methods.base import CompressJob
+from packer.methods.weightfix.fixed import FixedParams
+from packer.training import DataSpec, build_datasets, default_device, rank
+from runtime.data import collate_skipping, make_loader
+from runtime.errors import ConfigError, DataError
+from runtime.evaluate import evaluate
+from runtime.quant.weights import int8_weight
+from runtime.tensors import ScalarCodebookTensor
+
+
+def check_schedule(values: list[float], name: str) -> str | None:
+    """A cumulative fixing schedule: strictly increasing fractions in (0, 1], ending at 1."""
+    if not values:
+        return f"{name} must not be empty"
+    if any(not 0 < v <= 1 for v in values):
+        return f"{name}: every fraction must be in (0, 1]"
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        return f"{name} must be strictly increasing"
+    if values[-1] != 1.0:
+        return f"{name} must end at 1.0 (every weight fixed)"
+    return None
+
+
+def open_interval(lo: float, hi: float, what: str):
+    return lambda v: None if lo < v < hi else f"{what} must be > {lo} and < {hi}"
+
+
+def closed_interval(lo: float, hi: float, what: str):
+    return lambda v: None if lo <= v <= hi else f"{what} must be between {lo} and {hi}"
+
+
+def data_spec(job: CompressJob, method: str, needs_data: bool) -> DataSpec | None:
+    data = job.data
+    if data is not None and not isinstance(data, DataSpec):
+        raise DataError(f"{method}: training data must be a packer.training.DataSpec, "
+                        f"not {type(data).__name__}")
+    if needs_data and data is None:
+        raise DataError(f"{method}: training between fixing steps needs data: pass "
+                        f"--cifar10 DIR, --imagenet DIR or --data DIR, or set "
+                        f"fixing_epochs=0 for the post-training variant")
+    return data
+
+
+def fixable_names(job: CompressJob, include_bn: bool) -> list[str]:
+    """Conv/Linear weights being compressed, their biases, and BatchNorm affine parameters
+    when asked (WFN's bn_inc), in module order."""
+    params = dict(job.model.named_parameters())
+    targets = set(job.targets)
+    names: list[str] = []
+    for mod_name, module in job.model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if f"{prefix}weight" in targets:
+            names.append(f"{prefix}weight")
+            if f"{prefix}bias" in params and job.config.for_tensor(
+                    f"{prefix}bias").get("method") != "none":
+                names.append(f"{prefix}bias")
+        elif include_bn and isinstance(module, nn.modules.batchnorm._BatchNorm):
+            names += [f"{prefix}{p}" for p in ("weight", "bias") if f"{prefix}{p}" in params]
+    if not names:
+        raise ConfigError(f"{job.config.method}: the model has no Conv or Linear layer to fix")
+    return names
+
+
+@dataclass
+class Evaluator:
+    """Top-1 on the validation split (None without data), for the per-iteration log."""
+
+    val_set: Dataset | None
+    batch_size: int
+    workers: int
+    limit: int | None
+
+    def __call__(self, model: nn.Module, progress: bool) -> float | None:
+        if self.val_set is None:
+            return None
+        loader = make_loader(self.val_set, self.batch_size, self.workers, self.limit,
+                             distributed=torch.distributed.is_available()
+                             and torch.distributed.is_initialized())
+        was_training = model.training
+        result = evaluate(model, loader, default_device(), progress=progress)
+        model.train(was_training)
+        return result.top1
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, train_set: Dataset | None, images: int, batch_size: int,
+                   workers: int, seed: int) -> bool:
+    """Re-estimate BatchNorm running statistics on `images` training images (no gradient,
+    no parameter change). Fixing moves weights, so the stored statistics go stale; the last
+    step is not followed by training, so without this they stay stale in the packed file."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if train_set is None or images <= 0 or not norms:
+        return False
+    from packer.training import EpochSampler
+
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=batch_size, num_workers=workers,
+        sampler=EpochSampler(len(train_set), images, seed),  # type: ignore[arg-type]
+        collate_fn=collate_skipping)
+    device = default_device()
+    was_training = model.training
+    model.to(device).eval()  # no dropout, no PWFN sampling: only BN in training mode
+    for m in norms:
+        m.train()
+    for batch in loader:
+        model(batch[0].to(device))
+    model.train(was_training)
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+    return True
+
+
+def datasets(data: DataSpec | None) -> tuple[Dataset | None, Dataset | None]:
+    return build_datasets(data) if data is not None else (None, None)
+
+
+@dataclass
+class IterationLog:
+    """Per-iteration records, printed to stderr as they come (one line each, progress bars
+    or not: long runs under nohup need them) and kept for the report."""
+
+    method: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if rank() == 0:
+            top1 = record.get("top1")
+            print(f"{self.method} {record['iteration']}/{record['iterations']}: "
+                  f"fixed {100 * record['fixed_fraction']:.2f}%, "
+                  f"{record['centres']} centres, entropy {record['entropy_bits']:.3f} b"
+                  + (f", top-1 {top1:.2f}%" if top1 is not None else "")
+                  + f" ({record['seconds']:.0f} s)", file=sys.stderr)
+
+
+class IterationCheckpoint:
+    """Model, fixed masks and log after each fixing iteration, for `resume`."""
+
+    def __init__(self, path: str | None, job: CompressJob, fixed: FixedParams) -> None:
+        self.path = Path(path) if path else None
+        shapes = [[k, list(v.shape)] for k, v in job.model.state_dict().items()]
+        options = {k: v for k, v in job.config.options.items()
+                   if k not in ("resume", "checkpoint")}  # where from, not what
+        doc = json.dumps({"options": options, "layers": job.config.layers, "seed": job.seed,
+                          "shapes": shapes}, sort_keys=True, default=str)
+        self.fingerprint = hashlib.sha256(doc.encode()).hexdigest()
+        self.fixed = fixed
+
+    def save(self, model: nn.Module, iteration: int, log: IterationLog,
+             extra: dict[str, Any] | None = None) -> None:
+        if self.path is None or rank() != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({"fingerprint": self.fingerprint, "iteration": iteration,
+                    "model": model.state_dict(), "fixed": self.fixed.state(),
+                    "log": json.dumps(log.records), "extra": extra or {}}, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self, model: nn.Module, log: IterationLog) -> tuple[int, dict[str, Any]]:
+        """Restore the state after the last finished iteration; returns (iterations done,
+        extra state)."""
+        if self.path is None:
+            raise ConfigError("resume=true needs checkpoint=PATH (the iteration checkpoint)")
+        if not self.path.is_file():
+            raise ConfigError(f"cannot resume: checkpoint {self.path} not found")
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            if state.get("fingerprint") != self.fingerprint:
+                raise ConfigError(f"cannot resume from {self.path}: it was written for another "
+                                  f"model, configuration or seed")
+            model.load_state_dict(state["model"])
+            self.fixed.load_state(state["fixed"])
+        except ConfigError:
+            raise
+        except Exception as exc:  # damaged or foreign file
+            raise ConfigError(f"cannot resume from {self.path}: "
+                              f"{str(exc).splitlines()[0]}") from None
+        log.records[:] = json.loads(state["log"])
+        return int(state["iteration"]), dict(state.get("extra") or {})
+
+
+def iteration_record(iteration: int, iterations: int, fixed: FixedParams,
+                     top1: float | None, started: float, **extra: Any) -> dict[str, Any]:
+    stats = fixed.stats()
+    return {"iteration": iteration, "iterations": iterations,
+            "fixed_fraction": round(fixed.fixed_fraction(), 6),
+            "centres": int(fixed.centres().numel()), **stats, "top1": top1,
+            "seconds": round(time.perf_counter() - started, 2), **extra}
+
+
+def final_report(fixed: FixedParams, compressed: dict[str, ScalarCodebookTensor],
+                 log: IterationLog, timings: dict[str, float]) -> dict[str, Any]:
+    """unique values and entropy (both conventions), per-layer int8 exactness, the log."""
+    int8_exact = {}
+    for name, tensor in compressed.items():
+        if name.endswith(".weight") and tensor.indices.dim() >= 2:
+            int8_exact[name] = int8_weight(tensor.dequantize(), tensor).exact
+    return {**fixed.stats(), "centres": int(fixed.centres().numel()),
+            "fixable_parameters": fixed.numel,
+            "int8_exact_layers": int8_exact,
+            "int8_exact_count": f"{sum(int8_exact.values())}/{len(int8_exact)}",
+            f"{log.method}_iterations": log.records, f"{log.method}_timings": timings}

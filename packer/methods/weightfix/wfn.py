@@ -1,0 +1,194 @@
+"""`wfn`: Weight Fixing Networks (Subia-Waud & Dasmahapatra, ECCV 2022).
+
+Iteratively fix a growing fraction of all Conv/Linear weights and biases (network-wide) to 0
+or short sums of powers of two, training the rest in between with a regulariser that pulls
+them toward the centres already chosen (METHODS.md section 1). The allowed distance shrinks
+from N*delta at the first step to delta at the last, as the reference code does. Unlike the
+reference, fixed weights stay fixed (set `refix` to re-cluster everything every step), and
+the result is a real file: one codebook (the values used) + entropy-coded indices per tensor.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from packer.config import Option
+from packer.methods.base import CompressJob, Method
+from packer.methods.weightfix.fixed import FixedParams
+from packer.methods.weightfix.greedy import fix_step
+from packer.methods.weightfix.regulariser import cluster_distance, regularised_loss
+from packer.methods.weightfix.schedule import (
+    Evaluator,
+    IterationCheckpoint,
+    IterationLog,
+    check_schedule,
+    closed_interval,
+    data_spec,
+    datasets,
+    final_report,
+    fixable_names,
+    iteration_record,
+    open_interval,
+    recalibrate_bn,
+)
+from packer.training import TrainConfig, TrainHooks, fit
+from runtime.tensors import CompressedTensor
+
+PERCENTAGES = [0.3, 0.6, 0.8, 0.9, 0.95, 0.975, 0.99, 0.9975, 0.999, 1.0]
+
+
+def _epochs(v: int) -> str | None:
+    return None if 0 <= v <= 1000 else "epochs must be between 0 and 1000"
+
+
+class WFNMethod(Method):
+    name = "wfn"
+    summary = "weight fixing to powers of two, network-wide, with retraining (WFN)"
+    options = {
+        "distance_allowed": Option(0.0075, "delta: allowed mean distance to a centre at the "
+                                   "last step (the first uses N*delta)", float,
+                                   check=open_interval(0.0, 1.0, "distance_allowed"),
+                                   per_layer=False),
+        "calculation_type": Option("relative", "distance |w-c|/|w| (relative) or |w-c|",
+                                   str, choices=("relative", "euclidean"), per_layer=False),
+        "percentages": Option(PERCENTAGES, "cumulative fraction fixed after each iteration",
+                              list, check=lambda v: check_schedule(v, "percentages"),
+                              per_layer=False),
+        "first_epoch": Option(0, "training epochs before the first fixing step", int,
+                              check=_epochs, per_layer=False),
+        "fixing_epochs": Option(3, "training epochs after each fixing step but the last "
+                                "(0: post-training fixing, no data needed)", int,
+                                check=_epochs, per_layer=False),
+        "zero_distance": Option(2.0 ** -7, "gamma0: |w| below this joins the 0 centre", float,
+                                check=open_interval(0.0, 1.0, "zero_distance"),
+                                per_layer=False),
+        "regularisation_ratio": Option(0.4, "gamma: the regulariser's weight relative to "
+                                       "the cross-entropy", float,
+                                       check=closed_interval(0.0, 100.0,
+                                                             "regularisation_ratio"),
+                                       per_layer=False),
+        "bn_inc": Option(False, "also fix BatchNorm weight and bias", bool, per_layer=False),
+        "optimizer": Option("adam", "adam (no weight decay) or sgd (momentum 0.9, weight "
+                            "decay 5e-4)", str, choices=("adam", "sgd"), per_layer=False),
+        "lr": Option(2e-5, "learning rate", float, check=closed_interval(1e-9, 10.0, "lr"),
+                     per_layer=False),
+        "scheduler": Option("none", "none (constant lr) or cosine (to lr/100 per phase)", str,
+                            choices=("none", "cosine"), per_layer=False),
+        "grad_clip": Option(0.5, "gradient norm clip (0: off)", float,
+                            check=closed_interval(0.0, 1e6, "grad_clip"), per_layer=False),
+        "refix": Option(False, "re-cluster already fixed weights every step (the reference's "
+                        "behaviour)", bool, per_layer=False),
+        "train_limit": Option(0, "training images per epoch, drawn at random (0: all)", int,
+                              check=closed_interval(0, 10**9, "train_limit"), per_layer=False),
+        "val_limit": Option(0, "validation images for the per-iteration log (0: all)", int,
+                            check=closed_interval(0, 10**9, "val_limit"), per_layer=False),
+        "bn_recalibration": Option(2048, "training images to re-estimate BatchNorm statistics "
+                                   "on after each fixing step (0: off; needs data)", int,
+                                   check=closed_interval(0, 10**7, "bn_recalibration"),
+                                   per_layer=False),
+        "checkpoint": Option(None, "iteration checkpoint file, written after every fixing "
+                             "step", str, per_layer=False),
+        "resume": Option(False, "continue from `checkpoint`", bool, per_layer=False),
+    }
+
+    def __init__(self) -> None:
+        self.report: dict[str, Any] = {}
+
+    def extra_report(self, job: CompressJob | None = None) -> dict[str, Any]:
+        return dict(self.report)
+
+    def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
+        opts = job.config.options
+        schedule = list(opts["percentages"])
+        trains = opts["fixing_epochs"] > 0 and len(schedule) > 1 or opts["first_epoch"] > 0
+        data = data_spec(job, self.name, trains)
+        train_set, val_set = datasets(data)
+        model = job.model
+        fixed = FixedParams(model, fixable_names(job, opts["bn_inc"]))
+        evaluate = Evaluator(val_set, data.batch_size if data else 128,
+                             data.workers if data else 0, opts["val_limit"] or None)
+        log = IterationLog(self.name)
+        checkpoint = IterationCheckpoint(opts["checkpoint"], job, fixed)
+        timings = {"training_s": 0.0, "fixing_s": 0.0, "evaluation_s": 0.0}
+
+        done = 0
+        if opts["resume"]:
+            done, extra = checkpoint.load(model, log)
+            timings.update(extra.get("timings", {}))
+        n = len(schedule)
+        for t in range(done, n):
+            started = time.perf_counter()
+            epochs = opts["first_epoch"] if t == 0 else opts["fixing_epochs"]
+            loss = None
+            if epochs > 0 and train_set is not None:
+                before = time.perf_counter()
+                loss = self._train(job, model, fixed, train_set, epochs, t)
+                timings["training_s"] += time.perf_counter() - before
+            before = time.perf_counter()
+            distance = opts["distance_allowed"] * max(1, n - t)
+            if opts["refix"]:
+                fixed.set_fixed(fixed.flat_values(), torch.zeros(fixed.numel, dtype=torch.bool))
+            result = fix_step(fixed.flat_values(), fixed.flat_fixed(), schedule[t], distance,
+                              opts["calculation_type"] == "relative", opts["zero_distance"])
+            fixed.set_fixed(result.values, result.fixed)
+            recalibrate_bn(model, train_set, opts["bn_recalibration"],
+                           data.batch_size if data else 128, data.workers if data else 0,
+                           job.seed + t)
+            timings["fixing_s"] += time.perf_counter() - before
+            before = time.perf_counter()
+            top1 = evaluate(model, job.progress)
+            timings["evaluation_s"] += time.perf_counter() - before
+            log.add(iteration_record(
+                t + 1, n, fixed, top1, started, target=schedule[t],
+                distance=round(distance, 6), newly_fixed=result.newly_fixed,
+                max_order=result.max_order, mean_distance=round(result.distance_mean, 6),
+                train_loss=loss))
+            checkpoint.save(model, t + 1, log, {"timings": timings})
+
+        model.cpu().eval()
+        compressed = fixed.compressed()
+        final = model.state_dict()
+        for key in job.state_dict:  # trained BN and any layer left out of fixing
+            job.state_dict[key] = final[key].detach().clone()
+        self.report = final_report(fixed, compressed, log,
+                                   {k: round(v, 2) for k, v in timings.items()})
+        return dict(compressed)
+
+    def _train(self, job: CompressJob, model: nn.Module, fixed: FixedParams, train_set: Any,
+               epochs: int, iteration: int) -> float | None:
+        opts = job.config.options
+        data = job.data
+        for p in model.parameters():
+            p.requires_grad_(True)
+        centres = fixed.centres()
+        relative = opts["calculation_type"] == "relative"
+        gamma = opts["regularisation_ratio"] if centres.numel() else 0.0
+
+        def loss(net: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+            ce = nn.functional.cross_entropy(net(images), targets)
+            if gamma <= 0:
+                return ce
+            r = cluster_distance(fixed.free_values(), centres, relative, opts["zero_distance"])
+            return regularised_loss(ce, r, gamma)
+
+        lr = opts["lr"]
+        cfg = TrainConfig(epochs=epochs, lr=lr,
+                          lr_min=lr / 100 if opts["scheduler"] == "cosine" else lr,
+                          weight_decay=5e-4 if opts["optimizer"] == "sgd" else 0.0,
+                          optimizer=opts["optimizer"], batch_size=data.batch_size,
+                          workers=data.workers, train_limit=opts["train_limit"] or None,
+                          seed=job.seed * 1009 + iteration, progress=job.progress,
+                          grad_clip=opts["grad_clip"] or None)
+        fixed.freeze_fixed()
+        try:
+            result = fit(model, train_set, None, cfg,
+                         TrainHooks(loss=loss, after_step=lambda _m: fixed.project()))
+        finally:
+            fixed.release()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return result.history[-1]["train_loss"] if result.history else None
