@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,20 @@ def test_fit_learns_and_keeps_the_best_epoch() -> None:
     assert result.best_top1 == max([result.start_top1] + [h["top1"] for h in result.history])
     assert result.best_top1 > result.start_top1
     assert not model.training
+    assert all(h["images"] == 64 and h["images_per_s"] > 0 for h in result.history)
+    assert result.threads == torch.get_num_threads()
+
+
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_packer_import_makes_openmp_threads_sleep_unless_told(preset: str | None) -> None:
+    # Spinning OpenMP threads made fine-tuning ~4x slower on a shared CPU (docs/PQF.md).
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    out = subprocess.run([sys.executable, "-c", "import os, packer; "
+                          "print(os.environ['OMP_WAIT_POLICY'])"], env=env, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    assert out == (preset or "PASSIVE")
 
 
 def test_frozen_parameters_stay_frozen() -> None:

@@ -85,6 +85,7 @@ class TrainResult:
     seconds: float
     world_size: int
     history: list[dict[str, float]] = field(default_factory=list)
+    threads: int = 1  # torch intra-op threads per process (per-epoch speed is in history)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -252,6 +253,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Trai
 
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
+        epoch_started = time.perf_counter()
         net.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
         bar = tqdm(train_loader, total=steps, desc=f"train {epoch + 1}/{cfg.epochs}",
@@ -281,16 +283,20 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Trai
                 bar.set_postfix(loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
         if world > 1:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        train_s = time.perf_counter() - epoch_started
         top1 = _validate(model, val_loader, device, hooks, show)
         record = {"epoch": epoch + 1, "train_loss": float(sums[0] / sums[2].clamp_min(1)),
-                  "images": int(sums[2]), "top1": top1 if top1 is not None else math.nan}
+                  "images": int(sums[2]), "top1": top1 if top1 is not None else math.nan,
+                  "train_s": round(train_s, 2),
+                  "images_per_s": round(float(sums[2]) / max(train_s, 1e-9), 1)}
         history.append(record)
         if top1 is None or best_top1 is None or top1 > best_top1:
             best_top1, best_epoch = top1, epoch + 1
             best_state = copy.deepcopy(model.state_dict())
         if show or (cfg.progress and me == 0):
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}"
-                  + (f", top-1 {top1:.2f}%" if top1 is not None else ""), file=sys.stderr)
+                  + (f", top-1 {top1:.2f}%" if top1 is not None else "")
+                  + f" ({record['images_per_s']:.0f} images/s)", file=sys.stderr, flush=True)
         if cfg.checkpoint is not None and me == 0:
             _save(Path(cfg.checkpoint), {
                 "epoch": epoch + 1, "epochs": cfg.epochs, "steps_per_epoch": steps,
@@ -306,4 +312,4 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Trai
     return TrainResult(epochs_run=cfg.epochs - start_epoch, best_epoch=best_epoch,
                        best_top1=best_top1, start_top1=start_top1, resumed_from=start_epoch,
                        seconds=round(time.perf_counter() - started, 2), world_size=world,
-                       history=history)
+                       history=history, threads=torch.get_num_threads())

@@ -5,6 +5,7 @@
     python tools/bench/pqf.py ftcurve --configs 64:small:off 64:large:on --epochs 1 \
         --train-limit 2000 --distill -o pqf_ftcurve.json
     python tools/bench/pqf.py timing -o pqf_timing.json     # torchvision resnet18, random weights
+    python tools/bench/pqf.py speed --threads 2             # training images/s, plain vs PQ
 
 Every point is a real packed file (packer.compress.pack): `file_bytes` are bytes on disk and
 `ratio` is fp32 bytes / file bytes; top-1 is measured by loading that file with the runtime.
@@ -12,7 +13,11 @@ Every point is a real packed file (packer.compress.pack): `file_bytes` are bytes
 
 from __future__ import annotations
 
+import packer  # noqa: F401  first: it sets the OpenMP wait policy, read when torch loads
+
+# isort: split
 import argparse
+import copy
 import json
 import os
 import sys
@@ -22,15 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
-from packer.compress import PackRequest, pack
+from packer.compress import PackRequest, compressible_weights, pack
 from packer.config import build_config
 from packer.methods import CompressJob
 from packer.methods.pqf import PQFMethod
-from packer.training import DataSpec
+from packer.methods.pqf.kmeans import kmeans
+from packer.methods.pqf.layers import attach_pq, subvectors
+from packer.methods.pqf.method import distillation_loss
+from packer.training import DataSpec, build_datasets
+from packer.training.loop import EpochSampler
 from runtime import load
-from runtime.data import cifar10_dataset, make_loader
+from runtime.data import cifar10_dataset, collate_skipping, make_loader
 from runtime.evaluate import evaluate
+from runtime.zoo.cifar_resnet import cifar_resnet20
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("WEIGHTPACK_SHARED", REPO.parent / "shared"))
@@ -128,11 +139,59 @@ def ftcurve(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _pq_resnet20(k: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the shared ResNet-20, a copy with every planned layer product-quantized at k)."""
+    plain = cifar_resnet20()
+    plain.load_state_dict(torch.load(MODEL, map_location="cpu", weights_only=True))
+    pq = copy.deepcopy(plain)
+    method = PQFMethod()
+    cfg = build_config("pqf", method.options, {}, [f"k={k}", "finetune_epochs=0"])
+    plans, _ = method.plan(CompressJob(pq, pq.state_dict(), compressible_weights(pq), cfg))
+    for i, plan in enumerate(plans.values()):
+        module = pq.get_submodule(plan.name)
+        res = kmeans(subvectors(module.weight, plan.d), plan.k, 10, seed=i)
+        attach_pq(module, res.centroids, res.codes)
+    return plain, pq
+
+
+def speed(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Training images/s of plain vs PQ ResNet-20 (labels, distillation) on the real loader.
+
+    Run with OMP_WAIT_POLICY=ACTIVE to see the spinning slowdown packer now avoids.
+    """
+    plain, pq = _pq_resnet20(args.k)
+    teacher = copy.deepcopy(plain).eval()
+    train_set, _ = build_datasets(DataSpec("cifar10", DATA))
+    n = args.batches * args.batch_size
+    rows = []
+    for name, model, loss_fn in (
+            ("plain, labels", plain, None), ("pq, labels", pq, None),
+            ("pq, distillation", pq, distillation_loss(teacher, 1.0))):
+        loader = DataLoader(train_set, args.batch_size, num_workers=args.workers,
+                            sampler=EpochSampler(len(train_set), n, args.seed),
+                            collate_fn=collate_skipping)
+        model.train()
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+        compute = 0.0
+        for images, targets, _ in loader:
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss = (loss_fn(model, images, targets) if loss_fn else
+                    torch.nn.functional.cross_entropy(model(images), targets))
+            loss.backward()
+            optimizer.step()
+            compute += time.perf_counter() - started
+        row = {"step": name, "images": n, "threads": torch.get_num_threads(),
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+               "compute_images_per_s": round(n / compute, 1)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def timing(args: argparse.Namespace) -> list[dict[str, Any]]:
     """k-means and permutation wall time on torchvision resnet18 (random weights), CPU."""
     import torchvision
-
-    from packer.compress import compressible_weights
 
     rows = []
     for large in (False, True):
@@ -161,7 +220,8 @@ def timing(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("curve", "finetune", "ftcurve", "timing"))
+    p.add_argument("mode", choices=("curve", "finetune", "ftcurve", "timing", "speed"))
+    p.add_argument("--batches", type=int, default=8, help="speed: batches per step kind")
     p.add_argument("--configs", nargs="+", default=["64:small:off"])
     p.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     p.add_argument("--k", type=int, default=64)
@@ -183,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.base_set = list(args.set)
-    modes = {"curve": curve, "finetune": finetune, "ftcurve": ftcurve, "timing": timing}
+    modes = {"curve": curve, "finetune": finetune, "ftcurve": ftcurve, "timing": timing,
+             "speed": speed}
     rows = modes[args.mode](args)
     if args.output:
         args.output.write_text(json.dumps(rows, indent=1) + "\n")

@@ -84,6 +84,16 @@ def run_point(label: str, method: str, sets: list[str], limit: int | None, batch
     return row
 
 
+def settings(overrides: list[str]) -> str:
+    """key=value settings with later ones winning, as the packer applies them."""
+    merged: dict[str, str] = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        merged.pop(key, None)
+        merged[key] = value
+    return " ".join(f"{k}={v}" for k, v in merged.items())
+
+
 def table(doc: dict[str, Any]) -> str:
     head = ("| point | settings | unique (all / non-zero) | entropy bits (all / non-zero) | "
             "file bytes | ratio | bits / weight in file | top-1 | vs baseline | pack s |\n"
@@ -91,7 +101,7 @@ def table(doc: dict[str, Any]) -> str:
     rows = [head]
     for r in doc["points"]:
         rows.append(
-            f"| {r['label']} | `{' '.join(r['overrides'])}` | {r['unique_values']} / "
+            f"| {r['label']} | `{settings(r['overrides'])}` | {r['unique_values']} / "
             f"{r['unique_values_nonzero']} | {r['entropy_bits']:.3f} / "
             f"{r['entropy_bits_nonzero']:.3f} | {r['file_bytes']:,} | {r['ratio']:.2f} | "
             f"{r['bits_per_weight']:.3f} | {r['top1']:.2f} | {r['delta']:+.2f} | "
