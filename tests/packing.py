@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from torch import nn
+
+from packer.compress import compressible_weights
+from packer.config import build_config
 from packer.encode import DataSection, Encoder
+from packer.methods.base import CompressJob, Method
 from packer.writer import write_packed
 from runtime.format.records import ArchitectureRecord, InputSpec, ModelRecord
 from runtime.tensors import CompressedTensor
@@ -25,3 +31,12 @@ def pack_tensors(path: Path, tensors: dict[str, CompressedTensor], coder: str = 
     )
     write_packed(path, model, data)
     return model
+
+
+def method_job(method_cls: type[Method], model: nn.Module, *sets: str,
+               data: Any = None) -> tuple[Any, CompressJob]:
+    """A method and the job `packer compress` would give it for `model` with `--set`s."""
+    method = method_cls()
+    cfg = build_config(method.name, method.options, {}, list(sets))
+    return method, CompressJob(model, model.state_dict(), compressible_weights(model), cfg,
+                               progress=False, data=data)

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from packer.compress import PackRequest, compressible_weights, pack
+from packer.compress import PackRequest, pack
 from packer.config import build_config
 from packer.methods import METHODS, CompressJob
 from packer.methods.pqf import PQFMethod
@@ -22,15 +22,13 @@ from runtime import load
 from runtime.errors import ConfigError, DataError
 from runtime.tensors import VectorCodebookTensor
 from runtime.zoo.cifar_resnet import cifar_resnet20
+from tests.packing import method_job
 
 torch.set_num_threads(1)
 
 
 def job_for(model: nn.Module, *sets: str, data=None) -> tuple[PQFMethod, CompressJob]:
-    method = PQFMethod()
-    cfg = build_config("pqf", method.options, {}, list(sets))
-    return method, CompressJob(model, model.state_dict(), compressible_weights(model), cfg,
-                               progress=False, data=data)
+    return method_job(PQFMethod, model, *sets, data=data)
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:

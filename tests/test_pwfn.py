@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from packer.compress import compressible_weights
 from packer.config import build_config
 from packer.methods import METHODS, CompressJob
 from packer.methods.weightfix import PWFNMethod
@@ -26,6 +25,7 @@ from packer.methods.weightfix.centres import pwfn_candidates
 from packer.methods.weightfix.zscore import Tolerances, cluster_round
 from packer.training import DataSpec
 from runtime.errors import ConfigError, DataError
+from tests.packing import method_job
 from tests.test_wfn import power_terms
 
 torch.set_num_threads(1)
@@ -39,10 +39,7 @@ def small_cnn() -> nn.Module:
 
 
 def job_for(model: nn.Module, *sets: str, data=None) -> tuple[PWFNMethod, CompressJob]:
-    method = PWFNMethod()
-    cfg = build_config("pwfn", method.options, {}, list(sets))
-    return method, CompressJob(model, model.state_dict(), compressible_weights(model), cfg,
-                               progress=False, data=data)
+    return method_job(PWFNMethod, model, *sets, data=data)
 
 
 # --- sigma prior ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from runtime import load
 from runtime.errors import ConfigError, DataError, WeightpackError
 from runtime.tensors import ScalarCodebookTensor
 from runtime.zoo.cifar_resnet import cifar_resnet20
+from tests.packing import method_job
 
 torch.set_num_threads(1)
 Z = 2.0 ** -7
@@ -44,10 +45,7 @@ def power_terms(v: float) -> int:
 
 
 def job_for(model: nn.Module, *sets: str, data=None) -> tuple[WFNMethod, CompressJob]:
-    method = WFNMethod()
-    cfg = build_config("wfn", method.options, {}, list(sets))
-    return method, CompressJob(model, model.state_dict(), compressible_weights(model), cfg,
-                               progress=False, data=data)
+    return method_job(WFNMethod, model, *sets, data=data)
 
 
 # --- centres --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ reference kept pushing fixed sigmas and decaying fixed means until the next roun
 
 from __future__ import annotations
 
-import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,19 +28,13 @@ from packer.methods.weightfix.bayes import (
 )
 from packer.methods.weightfix.fixed import FixedParams
 from packer.methods.weightfix.schedule import (
-    Evaluator,
-    IterationCheckpoint,
-    IterationLog,
+    FixingRun,
     check_schedule,
     closed_interval,
-    data_spec,
-    datasets,
-    final_report,
     fixable_names,
-    iteration_record,
 )
 from packer.methods.weightfix.zscore import SIGMA_JOINS, cluster_round
-from packer.training import TrainConfig, TrainHooks, fit, world_size
+from packer.training import TrainConfig, TrainHooks, world_size
 from runtime.tensors import CompressedTensor
 
 ROUNDS = [0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0]
@@ -103,69 +97,40 @@ class PWFNMethod(Method):
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         opts = job.config.options
         rounds = list(opts["rounds"])
-        trains = opts["start_epochs"] > 0 or opts["rest_epochs"] > 0
-        data = data_spec(job, self.name, trains)
-        train_set, val_set = datasets(data)
         model = job.model
         names = fixable_names(job, include_bn=False)
         gaussians = self._attach(model, names, opts["prior"])
         means = {n: mean_parameter(model.get_submodule(n.rsplit(".", 1)[0]),
                                    n.rsplit(".", 1)[1]) for n in names}
-        fixed = FixedParams(model, names, means)
-        evaluate = Evaluator(val_set, data.batch_size if data else 128,
-                             data.workers if data else 0, opts["val_limit"] or None)
-        log = IterationLog(self.name)
-        checkpoint = IterationCheckpoint(opts["checkpoint"], job, fixed)
-        timings = {"training_s": 0.0, "fixing_s": 0.0, "evaluation_s": 0.0}
+        run = FixingRun(job, self.name, FixedParams(model, names, means),
+                        opts["start_epochs"] > 0 or opts["rest_epochs"] > 0)
         h_schedule = np.linspace(opts["start_sigma"], opts["end_sigma"], len(rounds))
-
-        done = 0
-        if opts["resume"]:
-            done, extra = checkpoint.load(model, log)
-            timings.update(extra.get("timings", {}))
-        for i in range(done, len(rounds)):
-            started = time.perf_counter()
+        for i in range(run.resume(), len(rounds)):
             epochs = opts["start_epochs"] if i == 0 else opts["rest_epochs"]
-            loss = None
-            if epochs > 0 and train_set is not None:
-                before = time.perf_counter()
-                limit = opts["train_limit"] or len(train_set)  # type: ignore[arg-type]
-                if i == 0:  # 5% of the images, but at least one batch per process
-                    floor = data.batch_size * world_size()  # type: ignore[union-attr]
-                    limit = min(limit, max(floor, int(START_FRACTION * len(train_set))))  # type: ignore[arg-type]
-                loss = self._train(job, model, fixed, gaussians, train_set, epochs, limit, i)
-                timings["training_s"] += time.perf_counter() - before
-            before = time.perf_counter()
-            sigma = torch.cat([gaussians[n].sigma.detach().float().cpu().reshape(-1)
-                               for n in names])
-            result = cluster_round(fixed.flat_values(), sigma, fixed.flat_fixed(), rounds[i],
-                                   opts["b"], float(h_schedule[i]), opts["inc"],
-                                   opts["zero_fix"], opts["sigma_join"])
-            fixed.set_fixed(result.values, result.fixed)
-            self._set_sigma(gaussians, names, result.sigma)
-            timings["fixing_s"] += time.perf_counter() - before
-            before = time.perf_counter()
-            top1 = evaluate(model, job.progress)
-            timings["evaluation_s"] += time.perf_counter() - before
-            log.add(iteration_record(
-                i + 1, len(rounds), fixed, top1, started, target=rounds[i],
-                h=round(float(h_schedule[i]), 4), final_h=round(result.final_h, 4),
-                final_terms=result.final_terms, newly_fixed=result.newly_fixed,
-                centres_chosen=result.centres_chosen, train_loss=loss))
-            checkpoint.save(model, i + 1, log, {"timings": timings})
-
+            train = partial(self._train, run, gaussians, epochs, i) if epochs else None
+            run.iteration(i, len(rounds), train, partial(
+                self._fix, run, gaussians, names, rounds[i], float(h_schedule[i])))
         model.cpu().eval()
-        sigmas = {n: gaussians[n].sigma.detach().float().cpu() for n in names}
+        sigma_median = float(torch.cat([g.sigma.detach().float().cpu().reshape(-1)
+                                        for g in gaussians.values()]).median())
         detach_all(model)
-        compressed = fixed.compressed()
-        final = model.state_dict()
-        for key in job.state_dict:  # trained BN and any layer left out of fixing
-            job.state_dict[key] = final[key].detach().clone()
-        self.report = final_report(fixed, compressed, log,
-                                   {k: round(v, 2) for k, v in timings.items()})
-        self.report["sigma_median"] = float(torch.cat([s.reshape(-1) for s in sigmas.values()])
-                                            .median())
-        return dict(compressed)
+        compressed, self.report = run.finish()
+        self.report["sigma_median"] = sigma_median
+        return compressed
+
+    def _fix(self, run: FixingRun, gaussians: dict[str, Gaussian], names: list[str],
+             fraction: float, h: float) -> dict[str, Any]:
+        opts = run.job.config.options
+        fixed = run.fixed
+        sigma = torch.cat([gaussians[n].sigma.detach().float().cpu().reshape(-1)
+                           for n in names])
+        result = cluster_round(fixed.flat_values(), sigma, fixed.flat_fixed(), fraction,
+                               opts["b"], h, opts["inc"], opts["zero_fix"], opts["sigma_join"])
+        fixed.set_fixed(result.values, result.fixed)
+        self._set_sigma(gaussians, names, result.sigma)
+        return {"target": fraction, "h": round(h, 4), "final_h": round(result.final_h, 4),
+                "final_terms": result.final_terms, "newly_fixed": result.newly_fixed,
+                "centres_chosen": result.centres_chosen}
 
     @staticmethod
     def _attach(model: nn.Module, names: list[str], prior: bool) -> dict[str, Gaussian]:
@@ -185,34 +150,29 @@ class PWFNMethod(Method):
             sigma.copy_(flat[offset:offset + n].reshape(sigma.shape).to(sigma.device))
             offset += n
 
-    def _train(self, job: CompressJob, model: nn.Module, fixed: FixedParams,
-               gaussians: dict[str, Gaussian], train_set: Any, epochs: int, limit: int,
+    def _train(self, run: FixingRun, gaussians: dict[str, Gaussian], epochs: int,
                index: int) -> float | None:
+        job = run.job
         opts = job.config.options
-        data = job.data
-        for p in model.parameters():
-            p.requires_grad_(True)
+        limit = opts["train_limit"] or len(run.train_set)  # type: ignore[arg-type]
+        if index == 0:  # 5% of the images, but at least one batch per process
+            limit = min(limit, max(run.batch_size * world_size(),
+                                   int(START_FRACTION * len(run.train_set))))  # type: ignore[arg-type]
         reg = opts["reg"] if opts["reg_function"] == "linear" else 0.0
         frozen = opts["sigma_join"] != "allow_retraining"
-        masks = {e.name: e for e in fixed.entries}
-        handles = []
-        for name, gaussian in gaussians.items():
-            entry = masks[name]
-            handles.append(gaussian.sigma.register_hook(sigma_gradient_hook(
-                gaussian, reg if name.endswith(".weight") else 0.0,
-                (lambda e=entry: e.fixed) if frozen else (lambda: None))))
+        entries = {e.name: e for e in run.fixed.entries}
+        for gaussian in gaussians.values():
+            gaussian.sigma.requires_grad_(True)  # hooks need it; run.train sets the rest
+        handles = [gaussian.sigma.register_hook(sigma_gradient_hook(
+            gaussian, reg if name.endswith(".weight") else 0.0,
+            (lambda e=entries[name]: e.fixed) if frozen else (lambda: None)))
+            for name, gaussian in gaussians.items()]
         cfg = TrainConfig(epochs=epochs, lr=opts["lr"], lr_min=opts["lr"], weight_decay=1e-4,
-                          optimizer="sgd", batch_size=data.batch_size, workers=data.workers,
+                          optimizer="sgd", batch_size=run.batch_size, workers=run.workers,
                           train_limit=limit, seed=job.seed * 1009 + index,
                           progress=job.progress, grad_clip=opts["grad_clip"] or None)
-        fixed.freeze_fixed()
         try:
-            result = fit(model, train_set, None, cfg,
-                         TrainHooks(after_step=lambda _m: fixed.project()))
+            return run.train(cfg, TrainHooks())
         finally:
-            fixed.release()
             for handle in handles:
                 handle.remove()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return result.history[-1]["train_loss"] if result.history else None

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,20 @@ from torch.utils.data import Dataset
 
 from packer.methods.base import CompressJob
 from packer.methods.weightfix.fixed import FixedParams
-from packer.training import DataSpec, build_datasets, default_device, rank
+from packer.training import (
+    DataSpec,
+    TrainConfig,
+    TrainHooks,
+    build_datasets,
+    default_device,
+    fit,
+    rank,
+)
 from runtime.data import collate_skipping, make_loader
 from runtime.errors import ConfigError, DataError
 from runtime.evaluate import evaluate
 from runtime.quant.weights import int8_weight
-from runtime.tensors import ScalarCodebookTensor
+from runtime.tensors import CompressedTensor, ScalarCodebookTensor
 
 
 def check_schedule(values: list[float], name: str) -> str | None:
@@ -223,3 +232,88 @@ def final_report(fixed: FixedParams, compressed: dict[str, ScalarCodebookTensor]
             "int8_exact_layers": int8_exact,
             "int8_exact_count": f"{sum(int8_exact.values())}/{len(int8_exact)}",
             f"{log.method}_iterations": log.records, f"{log.method}_timings": timings}
+
+
+class FixingRun:
+    """The loop both methods share: per iteration, train (when asked), fix, re-evaluate, log
+    and checkpoint; resume from the last finished iteration; hand the packer the result.
+    Methods supply only their training configuration and their fixing step."""
+
+    def __init__(self, job: CompressJob, method: str, fixed: FixedParams,
+                 needs_data: bool) -> None:
+        self.job, self.fixed = job, fixed
+        self.data = data_spec(job, method, needs_data)
+        self.train_set, val_set = datasets(self.data)
+        self.batch_size = self.data.batch_size if self.data else 128
+        self.workers = self.data.workers if self.data else 0
+        opts = job.config.options
+        self.evaluate = Evaluator(val_set, self.batch_size, self.workers,
+                                  opts["val_limit"] or None)
+        self.log = IterationLog(method)
+        self.checkpoint = IterationCheckpoint(opts["checkpoint"], job, fixed)
+        self.timings = {"training_s": 0.0, "fixing_s": 0.0, "evaluation_s": 0.0}
+
+    def resume(self) -> int:
+        """Iterations already done: 0, or those in the checkpoint with `resume=true`."""
+        if not self.job.config.options["resume"]:
+            return 0
+        done, extra = self.checkpoint.load(self.job.model, self.log)
+        self.timings.update(extra.get("timings", {}))
+        return done
+
+    def iteration(self, index: int, total: int, train: Callable[[], float | None] | None,
+                  fix: Callable[[], dict[str, Any]]) -> None:
+        """Run iteration `index` (0-based): `train` (None: no training), then `fix`, which
+        returns the method's own fields for the log."""
+        started = time.perf_counter()
+        loss = None
+        if train is not None and self.train_set is not None:
+            before = time.perf_counter()
+            loss = train()
+            self.timings["training_s"] += time.perf_counter() - before
+        before = time.perf_counter()
+        fields = fix()
+        self.timings["fixing_s"] += time.perf_counter() - before
+        before = time.perf_counter()
+        top1 = self.evaluate(self.job.model, self.job.progress)
+        self.timings["evaluation_s"] += time.perf_counter() - before
+        self.log.add(iteration_record(index + 1, total, self.fixed, top1, started, **fields,
+                                      train_loss=loss))
+        self.checkpoint.save(self.job.model, index + 1, self.log, {"timings": self.timings})
+
+    def train(self, cfg: TrainConfig, hooks: TrainHooks) -> float | None:
+        """One training phase of every parameter but the fixed entries (gradients masked,
+        values re-projected after each step); returns the last epoch's training loss."""
+        model = self.job.model
+        for p in model.parameters():
+            p.requires_grad_(True)
+        project = hooks.after_step
+
+        def after_step(m: nn.Module) -> None:
+            if project is not None:
+                project(m)
+            self.fixed.project()
+
+        self.fixed.freeze_fixed()
+        try:
+            result = fit(model, self.train_set, None, cfg,  # type: ignore[arg-type]
+                         TrainHooks(loss=hooks.loss, after_step=after_step,
+                                    before_eval=hooks.before_eval))
+        finally:
+            self.fixed.release()
+            for p in model.parameters():
+                p.requires_grad_(False)
+        return result.history[-1]["train_loss"] if result.history else None
+
+    def finish(self) -> tuple[dict[str, CompressedTensor], dict[str, Any]]:
+        """The compressed tensors, with the packer's state dict updated to the trained values
+        of everything else (BatchNorm, layers left out), and the report."""
+        model = self.job.model
+        model.cpu().eval()
+        compressed = self.fixed.compressed()
+        final = model.state_dict()
+        for key in self.job.state_dict:
+            self.job.state_dict[key] = final[key].detach().clone()
+        report = final_report(self.fixed, compressed, self.log,
+                              {k: round(v, 2) for k, v in self.timings.items()})
+        return dict(compressed), report

@@ -10,7 +10,7 @@ the result is a real file: one codebook (the values used) + entropy-coded indice
 
 from __future__ import annotations
 
-import time
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,20 +22,14 @@ from packer.methods.weightfix.fixed import FixedParams
 from packer.methods.weightfix.greedy import fix_step
 from packer.methods.weightfix.regulariser import cluster_distance, regularised_loss
 from packer.methods.weightfix.schedule import (
-    Evaluator,
-    IterationCheckpoint,
-    IterationLog,
+    FixingRun,
     check_schedule,
     closed_interval,
-    data_spec,
-    datasets,
-    final_report,
     fixable_names,
-    iteration_record,
     open_interval,
     recalibrate_bn,
 )
-from packer.training import TrainConfig, TrainHooks, fit
+from packer.training import TrainConfig, TrainHooks
 from runtime.tensors import CompressedTensor
 
 PERCENTAGES = [0.3, 0.6, 0.8, 0.9, 0.95, 0.975, 0.99, 0.9975, 0.999, 1.0]
@@ -105,65 +99,34 @@ class WFNMethod(Method):
         opts = job.config.options
         schedule = list(opts["percentages"])
         trains = opts["fixing_epochs"] > 0 and len(schedule) > 1 or opts["first_epoch"] > 0
-        data = data_spec(job, self.name, trains)
-        train_set, val_set = datasets(data)
-        model = job.model
-        fixed = FixedParams(model, fixable_names(job, opts["bn_inc"]))
-        evaluate = Evaluator(val_set, data.batch_size if data else 128,
-                             data.workers if data else 0, opts["val_limit"] or None)
-        log = IterationLog(self.name)
-        checkpoint = IterationCheckpoint(opts["checkpoint"], job, fixed)
-        timings = {"training_s": 0.0, "fixing_s": 0.0, "evaluation_s": 0.0}
-
-        done = 0
-        if opts["resume"]:
-            done, extra = checkpoint.load(model, log)
-            timings.update(extra.get("timings", {}))
+        fixed = FixedParams(job.model, fixable_names(job, opts["bn_inc"]))
+        run = FixingRun(job, self.name, fixed, trains)
         n = len(schedule)
-        for t in range(done, n):
-            started = time.perf_counter()
+        for t in range(run.resume(), n):
             epochs = opts["first_epoch"] if t == 0 else opts["fixing_epochs"]
-            loss = None
-            if epochs > 0 and train_set is not None:
-                before = time.perf_counter()
-                loss = self._train(job, model, fixed, train_set, epochs, t)
-                timings["training_s"] += time.perf_counter() - before
-            before = time.perf_counter()
-            distance = opts["distance_allowed"] * max(1, n - t)
-            if opts["refix"]:
-                fixed.set_fixed(fixed.flat_values(), torch.zeros(fixed.numel, dtype=torch.bool))
-            result = fix_step(fixed.flat_values(), fixed.flat_fixed(), schedule[t], distance,
-                              opts["calculation_type"] == "relative", opts["zero_distance"])
-            fixed.set_fixed(result.values, result.fixed)
-            recalibrate_bn(model, train_set, opts["bn_recalibration"],
-                           data.batch_size if data else 128, data.workers if data else 0,
-                           job.seed + t)
-            timings["fixing_s"] += time.perf_counter() - before
-            before = time.perf_counter()
-            top1 = evaluate(model, job.progress)
-            timings["evaluation_s"] += time.perf_counter() - before
-            log.add(iteration_record(
-                t + 1, n, fixed, top1, started, target=schedule[t],
-                distance=round(distance, 6), newly_fixed=result.newly_fixed,
-                max_order=result.max_order, mean_distance=round(result.distance_mean, 6),
-                train_loss=loss))
-            checkpoint.save(model, t + 1, log, {"timings": timings})
+            train = partial(self._train, run, epochs, t) if epochs else None
+            run.iteration(t, n, train, partial(self._fix, run, schedule, t))
+        compressed, self.report = run.finish()
+        return compressed
 
-        model.cpu().eval()
-        compressed = fixed.compressed()
-        final = model.state_dict()
-        for key in job.state_dict:  # trained BN and any layer left out of fixing
-            job.state_dict[key] = final[key].detach().clone()
-        self.report = final_report(fixed, compressed, log,
-                                   {k: round(v, 2) for k, v in timings.items()})
-        return dict(compressed)
+    def _fix(self, run: FixingRun, schedule: list[float], t: int) -> dict[str, Any]:
+        opts = run.job.config.options
+        fixed = run.fixed
+        distance = opts["distance_allowed"] * max(1, len(schedule) - t)
+        if opts["refix"]:
+            fixed.set_fixed(fixed.flat_values(), torch.zeros(fixed.numel, dtype=torch.bool))
+        result = fix_step(fixed.flat_values(), fixed.flat_fixed(), schedule[t], distance,
+                          opts["calculation_type"] == "relative", opts["zero_distance"])
+        fixed.set_fixed(result.values, result.fixed)
+        recalibrate_bn(run.job.model, run.train_set, opts["bn_recalibration"], run.batch_size,
+                       run.workers, run.job.seed + t)
+        return {"target": schedule[t], "distance": round(distance, 6),
+                "newly_fixed": result.newly_fixed, "max_order": result.max_order,
+                "mean_distance": round(result.distance_mean, 6)}
 
-    def _train(self, job: CompressJob, model: nn.Module, fixed: FixedParams, train_set: Any,
-               epochs: int, iteration: int) -> float | None:
+    def _train(self, run: FixingRun, epochs: int, iteration: int) -> float | None:
+        job, fixed = run.job, run.fixed
         opts = job.config.options
-        data = job.data
-        for p in model.parameters():
-            p.requires_grad_(True)
         centres = fixed.centres()
         relative = opts["calculation_type"] == "relative"
         gamma = opts["regularisation_ratio"] if centres.numel() else 0.0
@@ -179,16 +142,8 @@ class WFNMethod(Method):
         cfg = TrainConfig(epochs=epochs, lr=lr,
                           lr_min=lr / 100 if opts["scheduler"] == "cosine" else lr,
                           weight_decay=5e-4 if opts["optimizer"] == "sgd" else 0.0,
-                          optimizer=opts["optimizer"], batch_size=data.batch_size,
-                          workers=data.workers, train_limit=opts["train_limit"] or None,
+                          optimizer=opts["optimizer"], batch_size=run.batch_size,
+                          workers=run.workers, train_limit=opts["train_limit"] or None,
                           seed=job.seed * 1009 + iteration, progress=job.progress,
                           grad_clip=opts["grad_clip"] or None)
-        fixed.freeze_fixed()
-        try:
-            result = fit(model, train_set, None, cfg,
-                         TrainHooks(loss=loss, after_step=lambda _m: fixed.project()))
-        finally:
-            fixed.release()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return result.history[-1]["train_loss"] if result.history else None
+        return run.train(cfg, TrainHooks(loss=loss))
