@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -122,6 +123,8 @@ def _compress(args: argparse.Namespace) -> int:
         progress=progress_enabled(args), calib_data=args.calib_data,
         calib_images=args.calib_images, calib_method=args.calib_method, workers=args.workers,
         data=data))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun rank 0 reports; the file is its alone
     if args.json:
         print_json(report)
     else:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,16 +132,28 @@ def pack(req: PackRequest) -> dict[str, Any]:
         tensors=tuple(e.record for e in encoded), fp32_bytes=_fp32_bytes(state_dict),
         activation_scales=act_scales, calibration_json=calibration,
     )
-    write_packed(req.output, record, data)
-    with open_packed(req.output) as packed:
-        _verify_round_trip(packed, tensors)
-        report = build_report(packed)
+    with _own_output(req.output) as target:
+        write_packed(target, record, data)
+        with open_packed(target) as packed:
+            _verify_round_trip(packed, tensors)
+            report = build_report(packed)
     report["pack_seconds"] = round(time.perf_counter() - started, 3)
     extra = getattr(method, "extra_report", None)
     if callable(extra):
         report.update(extra(job))
     report["streams"] = {e.record.name: [vars(s) for s in e.streams] for e in encoded}
     return report
+
+
+@contextlib.contextmanager
+def _own_output(output: Path) -> Iterator[Path]:
+    """Under torchrun every rank packs the same file; only rank 0 writes the user's path, the
+    others write and check theirs in a scratch folder, so no two processes race on it."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        yield output
+        return
+    with tempfile.TemporaryDirectory(prefix="weightpack-rank") as scratch:
+        yield Path(scratch) / output.name
 
 
 def _calibrate(req: PackRequest, arch: ResolvedArchitecture,

@@ -101,6 +101,19 @@ def test_every_method_packs_deterministically(r20: Path, tmp_path: Path) -> None
         assert isinstance(model, torch.nn.Module)
 
 
+def test_only_rank_zero_writes_under_torchrun(r20: Path, tmp_path: Path, monkeypatch,
+                                            capsys) -> None:
+    out = tmp_path / "m.fb"
+    monkeypatch.setenv("RANK", "1")
+    report = pack(PackRequest(r20, out, "int8", progress=False))
+    assert report["file_bytes"] > 0 and not out.exists()  # packed and checked, not written
+    assert packer_cli.main(["compress", str(r20), "--method", "int8", "-o", str(out),
+                            "--json"]) == 0
+    assert not out.exists() and capsys.readouterr().out == ""  # rank 0 reports
+    monkeypatch.setenv("RANK", "0")
+    assert pack(PackRequest(r20, out, "int8", progress=False))["file_bytes"] == out.stat().st_size
+
+
 def test_interrupted_compress_leaves_no_file(r20: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "partial.fb"
 

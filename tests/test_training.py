@@ -127,6 +127,30 @@ def test_cifar_datasets_are_augmented_for_training(tmp_path: Path) -> None:
     assert torch.equal(v1, val[0][0])  # validation is deterministic
 
 
+def test_holdout_validates_on_unseen_train_images(tmp_path: Path) -> None:
+    root = make_cifar_folder(tmp_path)
+    train, val = build_datasets(DataSpec("cifar10", root), holdout=6, seed=3)
+    assert (len(train), len(val)) == (14, 6)
+    held = {val.dataset.samples[i][0] for i in val.indices}
+    kept = {train.dataset.samples[i][0] for i in train.indices}
+    assert not held & kept and all("/train/" in str(f) for f in held)
+    assert torch.equal(val[0][0], val[0][0])  # plain transform on the held-out images
+    torch.manual_seed(0)
+    assert any(not torch.equal(train[0][0], train[0][0]) for _ in range(5))  # augmented
+    again, _ = build_datasets(DataSpec("cifar10", root), holdout=6, seed=3)
+    assert again.indices == train.indices  # seeded
+    with pytest.raises(DataError, match="hold out 20 of 20"):
+        build_datasets(DataSpec("cifar10", root), holdout=20)
+
+
+def test_epoch_lines_are_logged_without_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    fit(toy_model(), toy_data(), toy_data(32, seed=1), cfg(epochs=2))
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("epoch ")]
+    assert len(lines) == 2 and "top-1" in lines[0] and "images/s" in lines[0]
+    fit(toy_model(), toy_data(), toy_data(32, seed=1), cfg(epochs=1, log_epochs=False))
+    assert "epoch " not in capsys.readouterr().err
+
+
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))

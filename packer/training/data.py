@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
 from runtime.data import build_transform, cifar10_dataset, image_folder_dataset, imagenet_dataset
@@ -80,8 +81,12 @@ def _split_dir(root: Path, names: tuple[str, ...], what: str) -> Path:
     raise DataError(f"no {' or '.join(n + '/' for n in names)} folder in {root} ({what})")
 
 
-def build_datasets(data: DataSpec) -> tuple[Dataset, Dataset]:
-    """(augmented train split, plain validation split) for `data`."""
+def build_datasets(data: DataSpec, holdout: int = 0, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(augmented train split, plain validation split) for `data`.
+
+    `holdout` > 0 takes that many training images (a seeded draw) out of training and
+    validates on them instead of the test/val split, so picking the best epoch does not look
+    at the images the final accuracy is reported on."""
     if not data.root.is_dir():
         raise DataError(f"training data folder not found: {data.root}")
     spec = data.input_spec()
@@ -97,6 +102,22 @@ def build_datasets(data: DataSpec) -> tuple[Dataset, Dataset]:
                                    spec)
         if list(train.classes) != list(val.classes):
             raise DataError(f"{data.root}: train/ and validation folders have different classes")
+    if holdout > 0:
+        return _hold_out(train, holdout, seed, train_transform(spec, data.kind),
+                         build_transform(spec))
     train.transform = train_transform(spec, data.kind)  # type: ignore[attr-defined]
     val.transform = build_transform(spec)  # type: ignore[attr-defined]
     return train, val
+
+
+def _hold_out(train: Dataset, count: int, seed: int, augment: Any, plain: Any
+              ) -> tuple[Dataset, Dataset]:
+    total = len(train)  # type: ignore[arg-type]
+    if count >= total:
+        raise DataError(f"cannot hold out {count} of {total} training images for validation")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
+    held, kept = sorted(order[:count]), sorted(order[count:])
+    plain_view = copy.copy(train)  # same file list, its own transform
+    train.transform = augment  # type: ignore[attr-defined]
+    plain_view.transform = plain  # type: ignore[attr-defined]
+    return Subset(train, kept), Subset(plain_view, held)

@@ -56,6 +56,7 @@ class TrainConfig:
     scale_lr_by_world: bool = True
     optimizer: str = "adam"  # "adam", or "sgd" (momentum 0.9)
     grad_clip: float | None = None  # max gradient norm (WFN clips at 0.5); None: no clipping
+    log_epochs: bool = True  # one line per epoch on stderr (rank 0), with or without a terminal
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -293,7 +294,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Trai
         if top1 is None or best_top1 is None or top1 > best_top1:
             best_top1, best_epoch = top1, epoch + 1
             best_state = copy.deepcopy(model.state_dict())
-        if show or (cfg.progress and me == 0):
+        if me == 0 and cfg.log_epochs:
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}"
                   + (f", top-1 {top1:.2f}%" if top1 is not None else "")
                   + f" ({record['images_per_s']:.0f} images/s)", file=sys.stderr, flush=True)

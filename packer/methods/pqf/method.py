@@ -97,6 +97,9 @@ class PQFMethod(Method):
                               check=_between(0, 10**9, "train_limit"), per_layer=False),
         "val_limit": Option(0, "validation images (0: all)", int,
                             check=_between(0, 10**9, "val_limit"), per_layer=False),
+        "holdout": Option(0, "training images held out (seeded) for the per-epoch validation "
+                          "that picks the best epoch; 0: validate on the test/val split",
+                          int, check=_between(0, 10**9, "holdout"), per_layer=False),
         "distill": Option(False, "fine-tune against the uncompressed model's outputs "
                           "(knowledge distillation) instead of the labels", bool,
                           per_layer=False),
@@ -221,7 +224,7 @@ class PQFMethod(Method):
         model = job.model
         for p in model.parameters():
             p.requires_grad_(True)  # codebooks, biases, BN, uncompressed layers; codes are buffers
-        train_set, val_set = build_datasets(data)
+        train_set, val_set = build_datasets(data, opts["holdout"], job.seed)
         cfg = TrainConfig(epochs=epochs, lr=opts["lr"], lr_min=opts["lr_min"],
                           batch_size=data.batch_size, workers=data.workers,
                           train_limit=opts["train_limit"] or None,
@@ -232,7 +235,9 @@ class PQFMethod(Method):
         result = fit(model, train_set, val_set, cfg, hooks)
         for p in model.parameters():
             p.requires_grad_(False)
-        return result.as_dict()
+        validated_on = (f"{opts['holdout']} held-out train images" if opts["holdout"]
+                        else "the test/val split")
+        return {**result.as_dict(), "validated_on": validated_on}
 
 
 def distillation_loss(teacher: nn.Module, temperature: float):
