@@ -114,6 +114,20 @@ def test_only_rank_zero_writes_under_torchrun(r20: Path, tmp_path: Path, monkeyp
     assert pack(PackRequest(r20, out, "int8", progress=False))["file_bytes"] == out.stat().st_size
 
 
+def test_small_alignment_shrinks_the_file_and_decodes_the_same(r20: Path, tmp_path: Path,
+                                                              capsys) -> None:
+    sizes = {}
+    for align in (64, 8):
+        out = tmp_path / f"a{align}.fb"
+        assert packer_cli.main(["compress", str(r20), "--method", "kmeans", "--set", "k=16",
+                                "--alignment", str(align), "-o", str(out), "--json"]) == 0
+        sizes[align] = json.loads(capsys.readouterr().out)["file_bytes"]
+        assert sizes[align] == out.stat().st_size
+    assert sizes[8] < sizes[64] - 1000  # ~30 bytes of padding saved per tensor
+    a, b = (runtime.load(tmp_path / f"a{n}.fb").state_dict() for n in (64, 8))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_interrupted_compress_leaves_no_file(r20: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "partial.fb"
 
