@@ -229,7 +229,8 @@ def test_finetune_through_the_shared_loop(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = randomise_bn(cifar_resnet20())
     method, job = job_for(model, "k=16", "kmeans_iters=2", "use_permutations=false",
-                          "finetune_epochs=1", f"checkpoint={tmp_path / 'ft.pt'}", data=data)
+                          "finetune_epochs=1", f"checkpoint={tmp_path / 'ft.pt'}", "holdout=5",
+                          data=data)
     before = {k: v.clone() for k, v in job.state_dict.items()}
     out = method.compress(job)
     ft = method.extra_report()["pqf_finetune"]
@@ -238,7 +239,9 @@ def test_finetune_through_the_shared_loop(tmp_path: Path) -> None:
     conv = model.get_submodule("layer1.0.conv1")
     assert torch.equal(conv.weight, out["layer1.0.conv1.weight"].dequantize())
     assert torch.equal(job.state_dict["layer1.0.conv1.weight"], conv.weight)
-    assert ft["history"][0]["images"] == 20 and ft["best_epoch"] in (0, 1)
+    # 5 of the 20 train images validate instead of training
+    assert ft["history"][0]["images"] == 15 and ft["best_epoch"] in (0, 1)
+    assert ft["validated_on"] == "5 held-out train images"
     assert set(job.state_dict) == set(before)
 
 

@@ -103,7 +103,8 @@ class PQFMethod(Method):
         "distill": Option(False, "fine-tune against the uncompressed model's outputs "
                           "(knowledge distillation) instead of the labels", bool,
                           per_layer=False),
-        "distill_temperature": Option(1.0, "softmax temperature of the distillation loss",
+        "distill_temperature": Option(4.0, "softmax temperature of the distillation loss "
+                                      "(4 beat 1 by 0.26 pts on ResNet-20, docs/PQF.md)",
                                       float, check=_between(0.05, 100.0, "distill_temperature"),
                                       per_layer=False),
         "checkpoint": Option(None, "fine-tuning checkpoint file: written every epoch, resumed "
