@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from packer.compress import PackRequest, pack
 from packer.encode import CODER_CHOICES
 from packer.methods import METHODS
-from packer.training import DataSpec
+from packer.training import DataSpec, launch_rank
 from runtime import cli as runtime_cli, zoo
 from runtime.cli_common import add_common_flags, print_json, progress_enabled, run
 from runtime.format.preamble import DEFAULT_ALIGNMENT, MAX_ALIGNMENT
@@ -135,7 +134,7 @@ def _compress(args: argparse.Namespace) -> int:
         progress=progress_enabled(args), calib_data=args.calib_data,
         calib_images=args.calib_images, calib_method=args.calib_method, workers=args.workers,
         data=data, alignment=args.alignment))
-    if int(os.environ.get("RANK", "0")) != 0:
+    if launch_rank() != 0:
         return 0  # under torchrun rank 0 reports; the file is its alone
     if args.json:
         print_json(report)

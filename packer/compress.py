@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from packer.config import build_config, load_config_file
 from packer.encode import DataSection, Encoder
 from packer.methods import METHODS, CompressJob
 from packer.methods.none import raw_tensor
+from packer.training import launch_rank
 from packer.writer import write_packed
 from runtime import quant, zoo
 from runtime.data import calibration_dataset, make_loader
@@ -149,7 +149,7 @@ def pack(req: PackRequest) -> dict[str, Any]:
 def _own_output(output: Path) -> Iterator[Path]:
     """Under torchrun every rank packs the same file; only rank 0 writes the user's path, the
     others write and check theirs in a scratch folder, so no two processes race on it."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch_rank() == 0:
         yield output
         return
     with tempfile.TemporaryDirectory(prefix="weightpack-rank") as scratch:

@@ -9,6 +9,7 @@ from packer.training.loop import (
     default_device,
     fit,
     init_distributed,
+    launch_rank,
     rank,
     world_size,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "default_device",
     "fit",
     "init_distributed",
+    "launch_rank",
     "rank",
     "train_transform",
     "world_size",

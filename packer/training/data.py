@@ -102,22 +102,17 @@ def build_datasets(data: DataSpec, holdout: int = 0, seed: int = 0) -> tuple[Dat
                                    spec)
         if list(train.classes) != list(val.classes):
             raise DataError(f"{data.root}: train/ and validation folders have different classes")
-    if holdout > 0:
-        return _hold_out(train, holdout, seed, train_transform(spec, data.kind),
-                         build_transform(spec))
     train.transform = train_transform(spec, data.kind)  # type: ignore[attr-defined]
     val.transform = build_transform(spec)  # type: ignore[attr-defined]
-    return train, val
+    return _hold_out(train, holdout, seed, val.transform) if holdout > 0 else (train, val)
 
 
-def _hold_out(train: Dataset, count: int, seed: int, augment: Any, plain: Any
-              ) -> tuple[Dataset, Dataset]:
+def _hold_out(train: Dataset, count: int, seed: int, plain: Any) -> tuple[Dataset, Dataset]:
     total = len(train)  # type: ignore[arg-type]
     if count >= total:
-        raise DataError(f"cannot hold out {count} of {total} training images for validation")
+        raise DataError(f"cannot hold out {count} of {total} training images for validation; "
+                        f"hold out fewer (e.g. 5%: {total // 20})")
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
-    held, kept = sorted(order[:count]), sorted(order[count:])
-    plain_view = copy.copy(train)  # same file list, its own transform
-    train.transform = augment  # type: ignore[attr-defined]
+    plain_view = copy.copy(train)  # same file list, the validation transform
     plain_view.transform = plain  # type: ignore[attr-defined]
-    return Subset(train, kept), Subset(plain_view, held)
+    return Subset(train, sorted(order[count:])), Subset(plain_view, sorted(order[:count]))

@@ -103,6 +103,12 @@ def rank() -> int:
     return dist.get_rank() if distributed() else 0
 
 
+def launch_rank() -> int:
+    """This process's torchrun rank, from its environment: known before (or without) joining
+    a process group, so the packer can decide who writes the output of any method."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def world_size() -> int:
     return dist.get_world_size() if distributed() else 1
 
