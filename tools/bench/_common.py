@@ -162,3 +162,45 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
 def verdict(ok: bool) -> str:
     """PASS or FAIL."""
     return "PASS" if ok else "FAIL"
+
+
+RESULTS_DIR = REPO_ROOT / "docs" / "results"
+"""One Markdown file per benchmark, each rewritten whole by the script that measures it."""
+
+
+def dirty_files() -> list[str]:
+    """Tracked or untracked files that differ from HEAD, outside docs/results/ (the outputs)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ["(git status failed)"]
+    return [line[3:] for line in out.splitlines()
+            if line[3:] and not line[3:].startswith("docs/results/")]
+
+
+def refuse_dirty_tree(allow_dirty: bool) -> None:
+    """Figures in docs/ must come from committed code: stop before measuring otherwise."""
+    dirty = dirty_files()
+    if dirty and not allow_dirty:
+        raise SystemExit("refusing to measure a dirty tree (commit first, or pass --allow-dirty "
+                         "for a run that is marked as such): " + ", ".join(dirty[:8]))
+
+
+def write_results(name: str, title: str, command: str, body: str) -> Path:
+    """Write docs/results/<name>.md whole: title, how it was made, then the measured body.
+
+    The header names the command and the commit; a run on a dirty tree says so in its first
+    lines, so no figure can pass for committed code when it was not.
+    """
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    dirty = dirty_files()
+    warning = ([f"> **NOT REPRODUCIBLE: measured with changes not in the commit below "
+                f"({', '.join(dirty[:8])}).**", ""] if dirty else [])
+    text = "\n".join([f"# {title}", "", *warning, f"Regenerate: `{command}`", "",
+                      *machine_lines(), "", body.rstrip(), ""])
+    path = RESULTS_DIR / f"{name}.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
