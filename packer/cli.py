@@ -9,6 +9,7 @@ from pathlib import Path
 from packer.compress import PackRequest, pack
 from packer.encode import CODER_CHOICES
 from packer.methods import METHODS
+from packer.methods.chain import RANK_NAMES
 from packer.training import DataSpec, launch_rank
 from runtime import cli as runtime_cli, zoo
 from runtime.cli_common import add_common_flags, print_json, progress_enabled, run
@@ -50,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", type=Path, help="input checkpoint (.pth/.pt/.th/.safetensors)")
     c.add_argument("-o", "--output", type=Path,
                    help="output .fb file (default: MODEL_STEM.METHOD.fb here)")
-    c.add_argument("--method", default="kmeans", choices=sorted(METHODS),
-                   help="compression method (default: kmeans); see `packer methods`")
+    c.add_argument("--method", default="kmeans", metavar="METHOD",
+                   help="compression method (default: kmeans): " + ", ".join(sorted(METHODS))
+                   + "; or a chain such as prune+kmeans+int8; see `packer methods`")
     c.add_argument("--config", type=Path, help="JSON or YAML file of method options")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, repeatable; GLOB.KEY=VALUE for matching layers only "
@@ -165,6 +167,9 @@ def _methods(args: argparse.Namespace) -> int:
             print(f"    {key:<16} default {opt['default']!s:<8} {opt['help']}")
     print("every method: GLOB.method=none keeps matching layers uncompressed; fp16=true "
           "stores raw tensors at float16")
+    print("chains: --method a+b runs a, then b on what a left (order: "
+          + " -> ".join(RANK_NAMES.values()) + "); KEY=VALUE reaches every stage with that "
+          "option, STAGE:KEY=VALUE one stage")
     return 0
 
 

@@ -18,9 +18,9 @@ from torch import nn
 from packer import __version__
 from packer.architecture import GRAPH, ResolvedArchitecture, resolve
 from packer.checkpoint import load_checkpoint
-from packer.config import build_config, load_config_file
+from packer.config import collect_settings, load_config_file
 from packer.encode import DataSection, Encoder
-from packer.methods import METHODS, CompressJob
+from packer.methods import CompressJob, resolve_method
 from packer.methods.none import raw_tensor
 from packer.training import launch_rank
 from packer.writer import write_packed
@@ -97,12 +97,10 @@ def _fp32_bytes(state_dict: dict[str, torch.Tensor]) -> int:
 
 def pack(req: PackRequest) -> dict[str, Any]:
     """Run the whole pipeline; returns the size report of the written file."""
-    if req.method not in METHODS:
-        raise ConfigError(f"unknown method {req.method!r}; choose from {', '.join(METHODS)}")
     started = time.perf_counter()
-    method = METHODS[req.method]()
+    method = resolve_method(req.method)
     file_doc = load_config_file(req.config_file) if req.config_file else {}
-    config = build_config(req.method, method.options, file_doc, req.overrides)
+    config = method.build_config(collect_settings(file_doc, req.overrides))
     checkpoint = load_checkpoint(req.source, trust_pickle=req.trust_pickle)
     arch = resolve(checkpoint.state_dict, req.arch, checkpoint.module)
     state_dict = arch.model.state_dict()

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from packer.compress import compressible_weights
-from packer.config import build_config
+from packer.config import collect_settings
 from packer.encode import DataSection, Encoder
 from packer.methods.base import CompressJob, Method
 from packer.writer import write_packed
@@ -37,6 +37,6 @@ def method_job(method_cls: type[Method], model: nn.Module, *sets: str,
                data: Any = None) -> tuple[Any, CompressJob]:
     """A method and the job `packer compress` would give it for `model` with `--set`s."""
     method = method_cls()
-    cfg = build_config(method.name, method.options, {}, list(sets))
+    cfg = method.build_config(collect_settings({}, list(sets)))
     return method, CompressJob(model, model.state_dict(), compressible_weights(model), cfg,
                                progress=False, data=data)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from tqdm import tqdm
 
-from packer.config import MethodConfig, Option
+from packer.config import MethodConfig, Option, Setting, config_from_settings
 from runtime.tensors import CompressedTensor
 
 
@@ -23,12 +23,21 @@ class CompressJob:
     seed: int = 0
     progress: bool = True
     data: Any = None  # data options for methods that calibrate or train
+    # In a chain (packer/methods/chain.py): what the earlier stages produced, by tensor name.
+    previous: dict[str, CompressedTensor] = field(default_factory=dict)
 
 
 class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
     options: ClassVar[dict[str, Option]] = {}
+    # Position in a chain (packer/methods/chain.py RANK_NAMES): 0 structure, 1 sparsity,
+    # 2 weight representation, 3 grid snapping; None: the method is never a chain stage.
+    chain_rank: ClassVar[int | None] = None
+
+    def build_config(self, settings: list[Setting]) -> MethodConfig:
+        """This method's options from the user's settings (a chain splits them by stage)."""
+        return config_from_settings(self.name, self.options, settings)
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         raise NotImplementedError

@@ -100,6 +100,7 @@ def quantize_symmetric(weight: torch.Tensor, bits: int, per_channel: bool = True
 
 class UniformMethod(PerTensorMethod):
     name = "uniform"
+    chain_rank = 2
     summary = "symmetric uniform grid per output channel (or layer), entropy-coded"
     options = {
         "bits": Option(5, "bit width of the grid (2-8)", int, check=_bits_ok),
@@ -121,6 +122,7 @@ class UniformMethod(PerTensorMethod):
 
 class Int8Method(UniformMethod):
     name = "int8"
+    chain_rank = 3  # after a representation: snaps it to the int8 grid
     summary = "symmetric int8 per output channel, zero point 0 (TensorRT's grid)"
     options = {
         "granularity": UniformMethod.options["granularity"],

@@ -80,15 +80,15 @@ def _point(overrides: list[str], val_limit: int | None, data: DataSpec | None,
 def _pack_with(method: PQFMethod, overrides: list[str], out: Path, data: DataSpec | None,
                seed: int) -> dict[str, Any]:
     """Run pack() while keeping a handle on the method object it uses (for its report)."""
-    import packer.compress as compress
+    import packer.methods as methods
 
-    original = compress.METHODS["pqf"]
-    compress.METHODS["pqf"] = lambda: method  # type: ignore[assignment]
+    original = methods.METHODS["pqf"]
+    methods.METHODS["pqf"] = lambda: method  # type: ignore[assignment]
     try:
         return pack(PackRequest(MODEL, out, method="pqf", overrides=overrides, progress=False,
                                 data=data, seed=seed))
     finally:
-        compress.METHODS["pqf"] = original
+        methods.METHODS["pqf"] = original
 
 
 def curve(args: argparse.Namespace) -> list[dict[str, Any]]:

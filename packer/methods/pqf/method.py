@@ -61,6 +61,7 @@ def _subvector_ok(v: int) -> str | None:
 
 class PQFMethod(Method):
     name = "pqf"
+    chain_rank = 2
     summary = "permute, product-quantize (vector codebooks), fine-tune codebooks (PQF)"
     options = {
         "k": Option(256, "codewords per layer; K = min(k, 2^floor(log2(n_subvectors/4)))", int,
