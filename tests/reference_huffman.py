@@ -52,15 +52,16 @@ def limited_lengths(counts: list[int]) -> list[int]:
     bits = [0] * (max(lengths) + 1)
     for s in present:
         bits[lengths[s]] += 1
-    for i in range(len(bits) - 1, MAX_LENGTH, -1):
-        while bits[i] > 0:
-            j = i - 2
-            while bits[j] == 0:
-                j -= 1
-            bits[i] -= 2
-            bits[i - 1] += 1
-            bits[j + 1] += 2
-            bits[j] -= 1
+    while len(bits) - 1 > MAX_LENGTH:  # lift pairs off the longest length until none is left
+        longest = len(bits) - 1
+        if bits[longest] == 0:
+            bits.pop()
+            continue
+        shorter = max(n for n in range(1, longest - 1) if bits[n])  # split a leaf here
+        bits[longest] -= 2
+        bits[longest - 1] += 1
+        bits[shorter + 1] += 2
+        bits[shorter] -= 1
     dealt = [n for n in range(1, MAX_LENGTH + 1) for _ in range(bits[n])]
     out = [0] * len(counts)
     for s, n in zip(sorted(present, key=lambda s: (-counts[s], s)), dealt, strict=True):

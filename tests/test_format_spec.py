@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from runtime.errors import (
 )
 from runtime.format.preamble import parse_preamble
 from runtime.format.reader import open_packed
-from runtime.format.records import BlobRef, ModelRecord, TensorRecord
+from runtime.format.records import ArchitectureRecord, BlobRef, ModelRecord, TensorRecord
 from runtime.tensors import RawTensor, ScalarCodebookTensor, UniformTensor
 from tests.packing import CIFAR_SPEC
 
@@ -108,14 +109,13 @@ def encode(tensors: dict, coder: str = "auto") -> tuple[list[TensorRecord], Data
 def write(path: Path, records: list[TensorRecord], data: DataSection, **model) -> Path:
     record = ModelRecord(
         producer="weightpack test", method="test", method_config_json="{}",
-        source_sha256="0" * 64, architecture=replace_arch(), input=CIFAR_SPEC,
+        source_sha256="0" * 64, architecture=builder_arch(), input=CIFAR_SPEC,
         num_classes=10, tensors=tuple(records), fp32_bytes=1024, **model)
     write_packed(path, record, data)
     return path
 
 
-def replace_arch():
-    from runtime.format.records import ArchitectureRecord
+def builder_arch() -> ArchitectureRecord:
     return ArchitectureRecord("builder", "cifar_resnet20", "{}")
 
 
@@ -297,11 +297,23 @@ def test_a_bool_byte_other_than_0_or_1_is_corrupt(tmp_path: Path) -> None:
     records, data = encode({"b": RawTensor(torch.tensor([True, False]), torch.bool)}, "raw")
     data.parts[-1] = b"\x02\x00"
     ref = records[0].values.blob
-    import zlib
     records[0] = replace(records[0], values=replace(records[0].values, blob=replace(
         ref, crc32=zlib.crc32(b"\x02\x00"))))
     with pytest.raises(CorruptBlob, match="bool"):
         decode_all(write(tmp_path / "m.fb", records, data))
+
+
+@pytest.mark.parametrize("kind", ["builder", "onnx_graph"])
+def test_an_architecture_sets_no_field_of_the_other_kind(tmp_path: Path, kind: str) -> None:
+    records, data = encode({"x": RawTensor(torch.zeros(1), torch.float32)})
+    arch = ArchitectureRecord(kind, "cifar_resnet20", "{}", graph=data.add(b"not a graph"))
+    path = tmp_path / "m.fb"
+    write_packed(path, ModelRecord(
+        producer="t", method="t", method_config_json="{}", source_sha256="",
+        architecture=arch, input=CIFAR_SPEC, num_classes=1, tensors=tuple(records),
+        fp32_bytes=4), data)
+    with pytest.raises(FormatError, match="fields of the other kind"):
+        open_packed(path)
 
 
 # --- names and labels -------------------------------------------------------------------------
@@ -331,7 +343,7 @@ def test_input_spec_over_64_channels_is_a_limit(tmp_path: Path) -> None:
     spec = replace(CIFAR_SPEC, shape=(65, 4, 4), mean=(0.5,) * 65, std=(0.5,) * 65)
     path = tmp_path / "m.fb"
     record = ModelRecord(producer="t", method="t", method_config_json="{}", source_sha256="",
-                         architecture=replace_arch(), input=spec, num_classes=1,
+                         architecture=builder_arch(), input=spec, num_classes=1,
                          tensors=tuple(records), fp32_bytes=4)
     write_packed(path, record, data)
     with pytest.raises(LimitExceeded, match="mean/std"):
@@ -395,3 +407,16 @@ def test_float64_to_float16_rounds_twice_via_float32(tmp_path: Path) -> None:
                                                         dtype=torch.float64), torch.bfloat16)})
     decoded = decode_all(write(tmp_path / "m.fb", records, data))
     assert decoded["r"].item() == 1.0 and decoded["b"].item() == 1.0
+
+
+def test_resnet20_labels_follow_the_documented_grammar() -> None:
+    from runtime import zoo
+    from runtime.quant.plan import build_plan
+
+    blocks = [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]
+    expected = ["conv1", "conv1:out"]
+    for block in blocks:
+        expected += [f"{block}.conv1", f"{block}.conv1:out", f"{block}.conv2",
+                     f"{block}.conv2:out", f"{block}/add"]
+    expected.append("linear")
+    assert build_plan(zoo.build("cifar_resnet20").eval()).scale_labels() == expected

@@ -185,11 +185,16 @@ def _architecture(fb) -> ArchitectureRecord:
         raise FormatError("the index has no architecture")
     kind = _enum(fb.Kind(), ARCH_KINDS, "architecture kind")
     graph = fb.Graph()
-    return ArchitectureRecord(
+    record = ArchitectureRecord(
         kind=kind, builder=_text(fb.BuilderName(), "builder name"),
         kwargs_json=_json(fb.KwargsJson(), "builder kwargs"),
         graph=_blob(graph) if graph is not None else None,
     )
+    # Fields of the other kind must be empty (docs/FORMAT.md, "Architecture").
+    if (record.graph is not None) if kind == "builder" else (
+            record.builder or json.loads(record.kwargs_json) != {}):
+        raise FormatError(f"architecture of kind {kind} sets fields of the other kind")
+    return record
 
 
 def _model(fb: Model) -> ModelRecord:
