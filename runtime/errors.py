@@ -38,6 +38,11 @@ class LimitExceeded(FormatError):
     """A declared count, dimension or size is beyond what weightpack accepts."""
 
 
+class LayoutError(FormatError):
+    """The preamble's offsets, sizes or alignment, or the placement of the blobs, break the
+    layout rules (docs/FORMAT.md): trailing bytes, overlaps, gaps, non-zero padding."""
+
+
 class ArchitectureError(WeightpackError):
     """The weights do not match the architecture, or no architecture can be inferred."""
 

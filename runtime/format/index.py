@@ -37,6 +37,7 @@ MAX_NAME_BYTES = 1024
 MAX_JSON_BYTES = 16 << 20
 MAX_ALPHABET = 1 << 16
 MAX_CLASSES = 1 << 20
+MAX_INPUT_CHANNELS = 64
 CODER_VERSIONS = {"raw": 1, "zstd": 1, "huffman": 1, "ans": 1}
 
 
@@ -168,8 +169,10 @@ def _input_spec(fb) -> InputSpec:
     if fb is None:
         raise FormatError("the index has no input spec")
     shape = _shape(fb.ShapeLength(), fb.Shape, "input spec")
-    mean = tuple(float(fb.Mean(i)) for i in range(min(fb.MeanLength(), 64)))
-    std = tuple(float(fb.Std(i)) for i in range(min(fb.StdLength(), 64)))
+    if max(fb.MeanLength(), fb.StdLength()) > MAX_INPUT_CHANNELS:
+        raise LimitExceeded(f"input spec has over {MAX_INPUT_CHANNELS} mean/std entries")
+    mean = tuple(float(fb.Mean(i)) for i in range(fb.MeanLength()))
+    std = tuple(float(fb.Std(i)) for i in range(fb.StdLength()))
     if len(shape) != 3 or not len(mean) == len(std) == shape[0]:
         raise FormatError("input spec needs a C,H,W shape and one mean and std per channel")
     if not all(math.isfinite(m) for m in mean) or not all(0 < s < math.inf for s in std):
@@ -182,11 +185,16 @@ def _architecture(fb) -> ArchitectureRecord:
         raise FormatError("the index has no architecture")
     kind = _enum(fb.Kind(), ARCH_KINDS, "architecture kind")
     graph = fb.Graph()
-    return ArchitectureRecord(
+    record = ArchitectureRecord(
         kind=kind, builder=_text(fb.BuilderName(), "builder name"),
         kwargs_json=_json(fb.KwargsJson(), "builder kwargs"),
         graph=_blob(graph) if graph is not None else None,
     )
+    # Fields of the other kind must be empty (docs/FORMAT.md, "Architecture").
+    if (record.graph is not None) if kind == "builder" else (
+            record.builder or json.loads(record.kwargs_json) != {}):
+        raise FormatError(f"architecture of kind {kind} sets fields of the other kind")
+    return record
 
 
 def _model(fb: Model) -> ModelRecord:
@@ -225,4 +233,7 @@ def _activation_scales(fb: Model) -> tuple[tuple[str, float], ...]:
         if not (scale > 0 and scale < float("inf")):
             raise FormatError(f"activation scale {i} is {scale}, not a positive finite number")
         out.append((_text(entry.Module(), "activation scale module"), scale))
+    labels = [label for label, _ in out]
+    if "" in labels or len(set(labels)) != len(labels):
+        raise FormatError("activation scale labels must be non-empty and unique")
     return tuple(out)

@@ -10,12 +10,22 @@ from pathlib import Path
 
 import zstandard
 
-from runtime.errors import ChecksumMismatch, FormatError, LimitExceeded, WeightpackError
+from runtime.errors import (
+    ChecksumMismatch,
+    FormatError,
+    LayoutError,
+    LimitExceeded,
+    WeightpackError,
+)
 from runtime.format.index import parse_index
-from runtime.format.preamble import FLAG_INDEX_ZSTD, PREAMBLE_SIZE, Preamble, parse_preamble
+from runtime.format.preamble import (
+    FLAG_INDEX_ZSTD,
+    MAX_INDEX_BYTES,
+    PREAMBLE_SIZE,
+    Preamble,
+    parse_preamble,
+)
 from runtime.format.records import BlobRef, ModelRecord
-
-MAX_INDEX_BYTES = 256 << 20
 
 
 class PackedFile:
@@ -85,15 +95,13 @@ class PackedFile:
 
     # -- validation ---------------------------------------------------------------------
     def _read_index(self) -> ModelRecord:
-        p = self.preamble
-        if p.index_size > MAX_INDEX_BYTES:
-            raise LimitExceeded(f"index is {p.index_size} bytes, over the cap {MAX_INDEX_BYTES}")
+        p = self.preamble  # parse_preamble has capped index_size
         index = self._mm[p.index_offset : p.index_offset + p.index_size]
         if zlib.crc32(index) != p.index_crc32:
             raise ChecksumMismatch("index fails its CRC-32 check (corrupt file)")
         padding = self._mm[p.index_offset + p.index_size : p.data_offset]
         if padding.count(0) != len(padding):
-            raise FormatError("non-zero bytes in the padding after the index")
+            raise LayoutError("non-zero bytes in the padding after the index")
         if p.flags & FLAG_INDEX_ZSTD:
             index = _inflate_index(index)
         self.index_raw_size = len(index)
@@ -102,32 +110,35 @@ class PackedFile:
     def _check_layout(self) -> None:
         p = self.preamble
         cursor = 0
-        for what, ref in sorted(self.model.blobs(), key=lambda item: item[1].offset):
+        # (offset, length): a zero-length blob sorts before a blob starting at its offset, so
+        # the outcome never depends on the order of the index (docs/FORMAT.md, "Blobs").
+        for what, ref in sorted(self.model.blobs(),
+                                key=lambda item: (item[1].offset, item[1].length)):
             if ref.offset % p.alignment:
-                raise FormatError(f"{what} is not aligned to {p.alignment} bytes")
+                raise LayoutError(f"{what} is not aligned to {p.alignment} bytes")
             if ref.offset < cursor:
-                raise FormatError(f"{what} overlaps the previous blob or is out of order")
+                raise LayoutError(f"{what} overlaps the previous blob or is out of order")
             if ref.offset - cursor >= p.alignment:
-                raise FormatError(f"unreferenced bytes before {what}")
+                raise LayoutError(f"unreferenced bytes before {what}")
             if ref.offset + ref.length > p.data_size:
-                raise FormatError(f"{what} extends past the end of the data section")
+                raise LayoutError(f"{what} extends past the end of the data section")
             self._check_zero(cursor, ref.offset, what)
             cursor = ref.offset + ref.length
         if p.data_size - cursor >= p.alignment:
-            raise FormatError("unreferenced bytes at the end of the data section")
+            raise LayoutError("unreferenced bytes at the end of the data section")
         self._check_zero(cursor, p.data_size, "the end of the file")
 
     def _check_zero(self, start: int, stop: int, what: str) -> None:
         base = self.preamble.data_offset
         gap = self._mm[base + start : base + stop]
         if gap.count(0) != len(gap):
-            raise FormatError(f"non-zero padding before {what}")
+            raise LayoutError(f"non-zero padding before {what}")
 
     def _data_view(self, ref: BlobRef) -> memoryview:
         if self._mm is None:
             raise WeightpackError(f"{self.path}: file is closed")
         if ref.offset + ref.length > self.preamble.data_size:
-            raise FormatError("blob reference outside the data section")
+            raise LayoutError("blob reference outside the data section")
         start = self.preamble.data_offset + ref.offset
         return memoryview(self._mm)[start : start + ref.length]
 
