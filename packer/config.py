@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from runtime.coders import CODERS
 from runtime.errors import ConfigError
 
 
@@ -33,8 +34,8 @@ class Option:
 COMMON_OPTIONS: dict[str, Option] = {
     "method": Option(None, "per-layer: 'none' leaves matching layers uncompressed", str),
     "fp16": Option(False, "store tensors kept raw at float16", bool),
-    "coder": Option(None, "per-layer entropy coder (auto, raw, zstd, huffman, ans)", str,
-                    choices=("auto", "raw", "zstd", "huffman", "ans")),
+    "coder": Option(None, "per-layer entropy coder (auto, " + ", ".join(CODERS) + ")", str,
+                    choices=("auto", *CODERS)),
 }
 
 

@@ -26,11 +26,13 @@ from runtime.coders._common import (
 )
 from runtime.coders._huffman import decode_huffman, encode_huffman
 from runtime.coders._packed import decode_raw, decode_zstd, encode_raw, encode_zstd
+from runtime.coders._runs import applies as _runs_applies, decode_runs, encode_runs
 from runtime.errors import CorruptBlob
 
 __all__ = [
     "CODERS",
     "CodedStream",
+    "applies",
     "decode",
     "encode",
     "encode_best",
@@ -47,20 +49,29 @@ _ENCODERS: dict[str, _Encoder] = {
     "zstd": encode_zstd,
     "huffman": encode_huffman,
     "ans": encode_ans,
+    "runs": encode_runs,
 }
 _DECODERS: dict[str, _Decoder] = {
     "raw": decode_raw,
     "zstd": decode_zstd,
     "huffman": decode_huffman,
     "ans": decode_ans,
+    "runs": decode_runs,
 }
+
+
+def applies(coder: str, count: int, alphabet_size: int) -> bool:
+    """Whether ``coder`` can code ``count`` symbols over ``alphabet_size`` letters (every coder
+    can, except ``runs`` above 32768 letters; see docs/CODERS.md)."""
+    return coder != "runs" or _runs_applies(count, alphabet_size)
 
 
 def encode(symbols: np.ndarray, alphabet_size: int, coder: str) -> CodedStream:
     """Code ``symbols`` (any shape, flattened in C order) with the named coder.
 
     Raises ``UnsupportedVersion`` for an unknown coder, ``LimitExceeded`` for an alphabet outside
-    1..65536 and ``ValueError`` for symbols outside the alphabet (a caller bug).
+    1..65536 and ``ValueError`` for symbols outside the alphabet or a stream the coder does not
+    apply to (see ``applies``; a caller bug).
     """
     check_version(coder, 1)
     flat = prepare_symbols(symbols, alphabet_size)
@@ -90,8 +101,8 @@ def decode(stream: CodedStream, count: int, alphabet_size: int) -> np.ndarray:
 def encode_best(
     symbols: np.ndarray, alphabet_size: int, coders: Iterable[str] = CODERS
 ) -> tuple[CodedStream, dict[str, int]]:
-    """Try each coder and keep the smallest by ``nbytes``; ties go to the earlier name in
-    ``CODERS`` so the choice never depends on the order of ``coders``.
+    """Try each coder that applies and keep the smallest by ``nbytes``; ties go to the earlier
+    name in ``CODERS`` so the choice never depends on the order of ``coders``.
 
     Returns the winning stream and ``{coder: nbytes}`` for every coder tried.
     """
@@ -103,6 +114,10 @@ def encode_best(
     names.sort(key=CODERS.index)
     flat = prepare_symbols(symbols, alphabet_size)
     k = int(alphabet_size)
+    names = [name for name in names if applies(name, flat.size, k)]
+    if not names:
+        raise ValueError(f"none of the coders {', '.join(coders)} applies to {flat.size} "
+                         f"symbols over {k} letters")
     streams = [_ENCODERS[name](flat, k) for name in names]
     best = min(streams, key=lambda s: s.nbytes)  # min keeps the first of equal sizes
     return best, {s.coder: s.nbytes for s in streams}

@@ -14,7 +14,7 @@ import numpy as np
 
 from runtime.errors import CorruptBlob, LimitExceeded, UnsupportedVersion
 
-CODERS: tuple[str, ...] = ("raw", "zstd", "huffman", "ans")
+CODERS: tuple[str, ...] = ("raw", "zstd", "huffman", "ans", "runs")
 """Coder names exactly as stored in files; the order breaks size ties in ``encode_best``."""
 
 FORMAT_VERSION = 1

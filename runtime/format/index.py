@@ -38,7 +38,7 @@ MAX_JSON_BYTES = 16 << 20
 MAX_ALPHABET = 1 << 16
 MAX_CLASSES = 1 << 20
 MAX_INPUT_CHANNELS = 64
-CODER_VERSIONS = {"raw": 1, "zstd": 1, "huffman": 1, "ans": 1}
+CODER_VERSIONS = {"raw": 1, "zstd": 1, "huffman": 1, "ans": 1, "runs": 1}
 
 
 def parse_index(buf: bytes | memoryview) -> ModelRecord:

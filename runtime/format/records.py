@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SCHEMES = ("raw", "uniform", "scalar_codebook", "vector_codebook")
-CODER_NAMES = ("raw", "zstd", "huffman", "ans")
+CODER_NAMES = ("raw", "zstd", "huffman", "ans", "runs")
 ARCH_KINDS = ("builder", "onnx_graph")
 SCHEME_VERSION = 1
 
