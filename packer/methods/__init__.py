@@ -7,13 +7,14 @@ from packer.methods.chain import SEPARATOR, ChainMethod, split_chain
 from packer.methods.kmeans import KMeansMethod
 from packer.methods.none import NoneMethod
 from packer.methods.pqf import PQFMethod
+from packer.methods.prune import PruneMethod
 from packer.methods.uniform import Int8Method, UniformMethod
 from packer.methods.weightfix import PWFNMethod, WFNMethod
 from runtime.errors import ConfigError
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (NoneMethod, UniformMethod, Int8Method, KMeansMethod, PQFMethod,
-                                   WFNMethod, PWFNMethod)
+                                   WFNMethod, PWFNMethod, PruneMethod)
 }
 
 
