@@ -330,3 +330,69 @@ def test_standalone_prune_stores_raw_weights_with_exact_zeros(tmp_path: Path,
         record = next(r for r in packed.model.tensors if r.name == "layer3.0.conv2.weight")
         assert isinstance(decode_tensor(packed, record), RawTensor)
         assert record.values.coder in ("runs", "zstd", "ans")
+
+
+# --- resumable and distributed fine-tuning -------------------------------------------------
+
+
+def test_prune_finetuning_resumes_from_its_stage_checkpoint(tmp_path: Path) -> None:
+    from tests.test_training import make_cifar_folder
+
+    data = DataSpec("cifar10", make_cifar_folder(tmp_path / "c10"), batch_size=10, workers=0)
+    sets = ("criterion=snip", "density=0.3", "finetune_epochs=1", "holdout=5",
+            f"checkpoint={tmp_path / 'ft.pt'}")
+    method, job = method_job(PruneMethod, cifar_resnet20(), *sets, data=data)
+    first = method.compress(job)
+    assert (tmp_path / "ft.prune.pt").is_file()  # the stage's own file
+    assert method.extra_report()["prune"]["finetune"]["epochs_run"] == 1
+    method, job = method_job(PruneMethod, cifar_resnet20(), *sets, data=data)
+    again = method.compress(job)
+    ft = method.extra_report()["prune"]["finetune"]
+    assert ft["resumed_from"] == 1 and ft["epochs_run"] == 0
+    for name, tensor in first.items():
+        assert torch.equal(tensor.dequantize(), again[name].dequantize()), name
+
+
+def _prune_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = cifar_resnet20()
+        if rank == 1:  # scores differ on this rank: rank 0's mask must still win (the mask is
+            # a buffer, and DistributedDataParallel broadcasts rank 0's buffers)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(torch.rand_like(p))
+        data = DataSpec("cifar10", Path(root), batch_size=5, workers=0)
+        method, job = method_job(PruneMethod, model, "density=0.3", "finetune_epochs=1",
+                                 "holdout=4", data=data)
+        out_tensors = method.compress(job)
+        torch.save({n: t.dequantize() for n, t in out_tensors.items()}, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_prunes_the_same_weights(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from tests.test_training import make_cifar_folder
+
+    root = make_cifar_folder(tmp_path / "c10")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_prune_worker, args=(2, port, str(root), str(tmp_path)), nprocs=2,
+                       join=True, start_method="fork")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name  # one mask, one averaged training
+    zeros = sum(int((w == 0).sum()) for w in r0.values())
+    assert zeros == sum(w.numel() for w in r0.values()) - keep_count(
+        0.3, sum(w.numel() for w in r0.values()))
