@@ -223,3 +223,13 @@ def test_reference_and_runtime_agree_on_tampered_runs_streams() -> None:
         assert (reference is None) == (runtime is None), i
         if reference is not None:
             assert np.array_equal(reference, runtime), i
+
+
+def test_reference_runs_decodes_and_rewrites_a_pruned_resnet20(shared_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """Every weight stream of a pruned, k-means-shared ResNet-20, all coded with `runs`."""
+    source = shared_dir / "models" / "cifar10" / "resnet20-cifar10jpg.pth"
+    path = tmp_path / "pruned.fb"
+    pack(PackRequest(source, path, "prune+kmeans", coder="runs", progress=False,
+                     overrides=["density=0.1", "k=8"]))
+    assert check_runs_file(path) > 60  # 21 weights plus every raw tensor's bytes
