@@ -8,9 +8,11 @@
 
 Every point is a real packed file (packer.compress.pack): `file_bytes` are bytes on disk,
 `ratio` is fp32 bytes / file bytes, and top-1 is measured once on the 10,000 test images by
-loading that file with the runtime. Every choice (fine-tuning optimizer and learning rates,
-the epoch kept) is made on 5,000 images held out of train/ (`holdout=5000`), never on test.
-Finished points are kept in `--workdir`/state.json, so an interrupted run resumes.
+loading that file with the runtime. Every choice is made on 5,000 images held out of train/
+(`holdout=5000`), never on test: `select` fine-tunes magnitude-pruned models (density 0.2, one
+epoch) with each candidate recipe, and `grid` and `bar` then use the winners (`choices`), as
+they use the epoch fit() keeps by the same held-out images. Finished points are kept in
+`--workdir`/state.json, so an interrupted run resumes.
 
 The k-means points start from the pruned file of their grid row (its decoded weights saved as
 a checkpoint) instead of pruning again: `prune+kmeans` hands k-means exactly those weights, so
@@ -51,13 +53,20 @@ from runtime.data import cifar10_dataset, make_loader
 from runtime.decode import read_stream
 from runtime.evaluate import evaluate
 from runtime.format.reader import open_packed
+from runtime.report import tensor_row
 
 CRITERIA = ("magnitude", "snip", "ecs")
 DENSITIES = (0.5, 0.2, 0.1)
 KS = (8, 16, 32)
-# Chosen by `select` on the held-out split (docs/results/prune.md, "Choices"):
-PRUNE_SET = ("optimizer=sgd", "lr=0.01", "weight_decay=0.0005")
-KMEANS_SET = ("optimizer=adam", "lr=0.0001", "weight_decay=0")
+PRUNE_RECIPES = {  # fine-tuning after pruning: `select` keeps the best on held-out images
+    "sgd-0.01": ("optimizer=sgd", "lr=0.01", "weight_decay=0.0005"),
+    "sgd-0.05": ("optimizer=sgd", "lr=0.05", "weight_decay=0.0005"),
+    "adam-0.001": ("optimizer=adam", "lr=0.001", "weight_decay=0"),
+}
+KMEANS_RECIPES = {  # centroid fine-tuning by gradient sharing
+    "adam-0.0001": ("optimizer=adam", "lr=0.0001", "weight_decay=0"),
+    "adam-0.001": ("optimizer=adam", "lr=0.001", "weight_decay=0"),
+}
 
 
 # --- state ----------------------------------------------------------------------------------
@@ -121,8 +130,7 @@ def pack_point(source: Path, out: Path, method: str, sets: list[str],
     fine = [report.get("prune", {}).get("finetune"), report.get("kmeans_finetune")]
     holdout = [f["best_top1"] for f in fine if f]
     row = {"method": method, "settings": sets, "file_bytes": report["file_bytes"],
-           "ratio": round(report["ratio"], 2),
-           "bits_per_weight": round(report["bits_per_weight"], 3),
+           "ratio": round(report["ratio"], 2), "bits_per_weight": weight_bits(out),
            "holdout_top1": round(holdout[-1], 2) if holdout else None,
            "finetune": [f and {k: f[k] for k in ("epochs_run", "best_epoch", "start_top1",
                                                   "best_top1", "seconds", "history")}
@@ -135,6 +143,14 @@ def pack_point(source: Path, out: Path, method: str, sets: list[str],
         row["top1"] = test_top1(out, args)
         row["eval_s"] = round(time.perf_counter() - started, 1)
     return row
+
+
+def weight_bits(path: Path) -> float:
+    """Stored bits per Conv/Linear weight (streams and codebooks), raw or compressed alike."""
+    with open_packed(path) as packed:
+        rows = [tensor_row(t) for t in packed.model.tensors
+                if t.name.endswith("weight") and len(t.shape) in (2, 4)]
+    return round(8 * sum(r["coded_bytes"] for r in rows) / sum(r["numel"] for r in rows), 3)
 
 
 def pruned_checkpoint(fb: Path) -> Path:
@@ -152,13 +168,13 @@ def baseline(state: State, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def prune_point(state: State, args: argparse.Namespace, criterion: str, density: float,
-                epochs: int, extra: tuple[str, ...] = (), tag: str = "",
+                epochs: int, recipe: tuple[str, ...], tag: str = "",
                 evaluate_test: bool = True) -> dict[str, Any]:
     key = f"{args.model}/prune/{criterion}/{density}/{epochs}{tag}"
     out = args.workdir / (key.replace("/", "-") + ".fb")
     sets = [f"criterion={criterion}", f"density={density}", f"finetune_epochs={epochs}",
             f"holdout={args.holdout}", f"ecs_warmup_epochs={args.ecs_warmup}",
-            f"train_limit={args.prune_train_limit}", *PRUNE_SET, *extra]
+            f"train_limit={args.prune_train_limit}", *recipe]
     row = once(state, key, lambda: pack_point(checkpoint_path(args.model), out, "prune", sets,
                                               args, evaluate_test))
     row["file"] = str(out)
@@ -166,14 +182,14 @@ def prune_point(state: State, args: argparse.Namespace, criterion: str, density:
 
 
 def kmeans_point(state: State, args: argparse.Namespace, pruned: dict[str, Any], k: int,
-                 epochs: int, method: str = "kmeans", extra: tuple[str, ...] = (),
-                 tag: str = "", evaluate_test: bool = True) -> dict[str, Any]:
+                 epochs: int, recipe: tuple[str, ...], tag: str = "",
+                 evaluate_test: bool = True) -> dict[str, Any]:
     source = pruned_checkpoint(Path(pruned["file"]))
-    key = f"{Path(pruned['file']).stem}/{method}/{k}/{epochs}{tag}"
+    key = f"{Path(pruned['file']).stem}/kmeans/{k}/{epochs}{tag}"
     out = args.workdir / (key.replace("/", "-") + ".fb")
     sets = [f"k={k}", f"finetune_epochs={epochs}", f"holdout={args.holdout}",
-            f"train_limit={args.kmeans_train_limit if epochs else 0}", *KMEANS_SET, *extra]
-    row = once(state, key, lambda: pack_point(source, out, method, sets, args, evaluate_test))
+            f"train_limit={args.kmeans_train_limit if epochs else 0}", *recipe]
+    row = once(state, key, lambda: pack_point(source, out, "kmeans", sets, args, evaluate_test))
     row["file"] = str(out)
     return row
 
@@ -181,42 +197,61 @@ def kmeans_point(state: State, args: argparse.Namespace, pruned: dict[str, Any],
 # --- modes ------------------------------------------------------------------------------------
 
 
-def select(state: State, args: argparse.Namespace) -> None:
-    """Recipe choices, each judged on the held-out split after one short fine-tune."""
-    for name, extra in (("sgd-0.01", ("optimizer=sgd", "lr=0.01", "weight_decay=0.0005")),
-                        ("sgd-0.05", ("optimizer=sgd", "lr=0.05", "weight_decay=0.0005")),
-                        ("adam-0.001", ("optimizer=adam", "lr=0.001", "weight_decay=0"))):
-        prune_point(state, args, "magnitude", 0.2, 1, extra, f"/select-{name}",
-                    evaluate_test=False)
-    pruned = prune_point(state, args, "magnitude", 0.2, 1, PRUNE_SET, "/select-sgd-0.01",
-                         evaluate_test=False)
-    for lr in ("0.0001", "0.001"):
-        kmeans_point(state, args, pruned, 16, 1, extra=(f"lr={lr}",), tag=f"/select-adam-{lr}",
-                     evaluate_test=False)
+SELECT_DENSITY, SELECT_EPOCHS = 0.2, 1
 
 
-def grid(state: State, args: argparse.Namespace) -> None:
+def select(state: State, args: argparse.Namespace) -> dict[str, Any]:
+    """Candidate recipes, each judged by its best held-out top-1 after one short fine-tune;
+    returns the winners (ties: the earlier candidate)."""
+    def held_out(row: dict[str, Any]) -> float:
+        return row["holdout_top1"]
+
+    def prune(recipe: tuple[str, ...], tag: str) -> dict[str, Any]:
+        return prune_point(state, args, "magnitude", SELECT_DENSITY, SELECT_EPOCHS, recipe,
+                           f"/select-{tag}", evaluate_test=False)
+
+    rows = {name: prune(recipe, name) for name, recipe in PRUNE_RECIPES.items()}
+    best = max(rows, key=lambda n: held_out(rows[n]))
+    recipe = PRUNE_RECIPES[best]
+    distill = prune((*recipe, "distill=true"), f"{best}-distill")
+    layerwise = prune((*recipe, "scope=layerwise"), f"{best}-layerwise")
+    pruned = rows[best]
+    kmeans = {name: kmeans_point(state, args, pruned, 16, 1, recipe_k, f"/select-{name}",
+                                 evaluate_test=False)
+              for name, recipe_k in KMEANS_RECIPES.items()}
+    kmeans_best = max(kmeans, key=lambda n: held_out(kmeans[n]))
+    return {"prune": best, "distill": held_out(distill) > held_out(pruned),
+            "scope": "layerwise" if held_out(layerwise) > held_out(pruned) else "global",
+            "kmeans": kmeans_best}
+
+
+def grid(state: State, args: argparse.Namespace, chosen: dict[str, Any]) -> None:
     baseline(state, args)
+    recipe, recipe_k = PRUNE_RECIPES[chosen["prune"]], KMEANS_RECIPES[chosen["kmeans"]]
     for density in args.densities:
         for criterion in args.criteria:
-            pruned = prune_point(state, args, criterion, density, args.epochs)
+            pruned = prune_point(state, args, criterion, density, args.epochs, recipe)
             for k in args.ks:
-                kmeans_point(state, args, pruned, k, 0)
-                kmeans_point(state, args, pruned, k, args.kmeans_epochs)
+                kmeans_point(state, args, pruned, k, 0, recipe_k)
+                kmeans_point(state, args, pruned, k, args.kmeans_epochs, recipe_k)
 
 
-def bar(state: State, args: argparse.Namespace) -> None:
+def bar_settings(args: argparse.Namespace, chosen: dict[str, Any]) -> list[str]:
+    return [f"criterion={args.bar_criterion}", f"density={args.bar_density}",
+            f"k={args.bar_k}", f"holdout={args.holdout}", f"ecs_warmup_epochs={args.ecs_warmup}",
+            f"scope={chosen['scope']}", f"distill={str(chosen['distill']).lower()}",
+            f"prune:finetune_epochs={args.bar_prune_epochs}",
+            f"kmeans:finetune_epochs={args.bar_kmeans_epochs}",
+            *(f"prune:{s}" for s in PRUNE_RECIPES[chosen["prune"]]),
+            *(f"kmeans:{s}" for s in KMEANS_RECIPES[chosen["kmeans"]]), *args.bar_set]
+
+
+def bar(state: State, args: argparse.Namespace, chosen: dict[str, Any]) -> None:
     baseline(state, args)
     key = f"{args.model}/bar/{args.bar_criterion}/{args.bar_density}/{args.bar_k}"
     out = args.workdir / (key.replace("/", "-") + ".fb")
-    sets = [f"criterion={args.bar_criterion}", f"density={args.bar_density}",
-            f"k={args.bar_k}", f"holdout={args.holdout}", f"ecs_warmup_epochs={args.ecs_warmup}",
-            f"prune:finetune_epochs={args.bar_prune_epochs}",
-            f"kmeans:finetune_epochs={args.bar_kmeans_epochs}",
-            *(f"prune:{s}" for s in PRUNE_SET), *(f"kmeans:{s}" for s in KMEANS_SET),
-            *args.bar_set]
     once(state, key, lambda: pack_point(checkpoint_path(args.model), out, "prune+kmeans+int8",
-                                        sets, args))
+                                        bar_settings(args, chosen), args))
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -277,17 +312,27 @@ def state_bytes(model: str) -> int:
     return sum(4 * t.numel() for t in sd.values() if t.is_floating_point())
 
 
-def select_table(state: State, model: str) -> str:
+def select_table(state: State, model: str, chosen: dict[str, Any]) -> str:
+    winners = {chosen["prune"], chosen["kmeans"]}
+    if chosen["distill"]:
+        winners.add(f"{chosen['prune']}-distill")
+    if chosen["scope"] == "layerwise":
+        winners.add(f"{chosen['prune']}-layerwise")
     rows = []
     for key, r in sorted(state.data.items()):
-        if "/select-" in key:
-            rows.append([key.split("/select-")[0].replace(f"{model}/", ""),
-                         key.split("/select-")[1], _pct(r.get("holdout_top1")),
-                         (r["finetune"][0] or r["finetune"][1] or {}).get("seconds", "-")])
+        if "/select-" in key and key.startswith(model):
+            point, choice = key.split("/select-")
+            fit_report = r["finetune"][0] or r["finetune"][1] or {}
+            what = ("k-means K=16 on the chosen pruned model, 1 epoch x "
+                    f"{_setting(r, 'train_limit')} images" if "/kmeans/" in point
+                    else "prune: magnitude, density 0.2, 1 epoch")
+            rows.append([what, choice,
+                         _pct(r.get("holdout_top1")), fit_report.get("seconds", "-"),
+                         "**chosen**" if choice in winners else ""])
     if not rows:
         return ""
-    return md_table(["point", "choice", "held-out top-1 (5,000 train images)", "train s"],
-                    rows) + "\n"
+    return md_table(["point", "candidate",
+                     "held-out top-1 (best epoch)", "train s", ""], rows) + "\n"
 
 
 def bar_table(state: State, model: str) -> str:
@@ -384,20 +429,24 @@ def _entropy(counts: np.ndarray) -> float:
     return float(-(c * np.log2(c / c.sum())).sum()) if c.size else 0.0
 
 
-def report(state: State, args: argparse.Namespace, command: str) -> None:
+def report(state: State, args: argparse.Namespace, chosen: dict[str, Any],
+           command: str) -> None:
     model = args.model
     body = [
         f"Model `{MODELS[model][0]}` on `data/cifar10` (train/ for fine-tuning, 5,000 of its "
         f"images held out to choose every setting and epoch; test/ evaluated once per point). "
-        f"Prune fine-tuning: {' '.join(PRUNE_SET)}, cosine to 0, batch {args.batch_size}, "
-        f"mask held at every step; ECS warm-up {args.ecs_warmup} epoch(s); k-means centroid "
-        f"fine-tuning: {' '.join(KMEANS_SET)}. Files written with `--alignment "
+        f"Chosen on the held-out images (below): prune fine-tuning "
+        f"`{' '.join(PRUNE_RECIPES[chosen['prune']])}`, centroid fine-tuning "
+        f"`{' '.join(KMEANS_RECIPES[chosen['kmeans']])}`, for the bar also scope "
+        f"`{chosen['scope']}` and distillation `{chosen['distill']}`; cosine schedule to 0, "
+        f"batch {args.batch_size}, mask held at every step; ECS warm-up {args.ecs_warmup} "
+        f"epoch(s) of SGD. Files written with `--alignment "
         f"{args.alignment}`. Ratio = fp32 bytes of the checkpoint / file bytes on disk; "
         f"bits/weight over the Conv/Linear weights (their codebooks included).", "",
         "## The bar: a chained point with ratio >= 16 within 1.5 points of baseline", "",
         bar_table(state, model), "",
         "## Choices (held-out split only)", "",
-        select_table(state, model) or "Not measured yet.\n", "",
+        select_table(state, model, chosen) or "Not measured yet.\n", "",
         "## Grid", "", prune_tables(state, model)]
     write_results("prune", f"Pruning and trained weight sharing: {model}", command,
                   "\n".join(body))
@@ -431,17 +480,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA)
     p.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     p.add_argument("--ks", nargs="+", type=int, default=list(KS))
-    p.add_argument("--epochs", type=int, default=2, help="grid: prune fine-tuning epochs")
+    p.add_argument("--epochs", type=int, default=1, help="grid: prune fine-tuning epochs")
     p.add_argument("--kmeans-epochs", type=int, default=1, help="grid: centroid epochs")
-    p.add_argument("--kmeans-train-limit", type=int, default=15000,
+    p.add_argument("--kmeans-train-limit", type=int, default=10000,
                    help="training images per centroid fine-tuning epoch")
     p.add_argument("--ecs-warmup", type=int, default=1)
     p.add_argument("--bar-criterion", default="magnitude", choices=CRITERIA)
-    p.add_argument("--bar-density", type=float, default=0.2)
+    p.add_argument("--bar-density", type=float, default=0.25)
     p.add_argument("--bar-k", type=int, default=16)
     p.add_argument("--bar-prune-epochs", type=int, default=8)
     p.add_argument("--bar-kmeans-epochs", type=int, default=2)
-    p.add_argument("--bar-set", action="append", default=[], help="extra KEY=VALUE for the bar")
+    p.add_argument("--bar-set", action="append", default=None,
+                   help="extra KEY=VALUE for the bar (default: fp16=true, raw tensors at fp16)")
     p.add_argument("--holdout", type=int, default=5000,
                    help="train images held out to choose settings and epochs")
     p.add_argument("--prune-train-limit", type=int, default=0,
@@ -455,20 +505,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-dirty", action="store_true")
     args = p.parse_args(argv)
+    args.bar_set = ["fp16=true"] if args.bar_set is None else args.bar_set
     refuse_dirty_tree(args.allow_dirty)
     setup_torch(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     state = State(args.workdir)
     command = "python tools/bench/prune.py " + " ".join(argv if argv is not None
                                                          else sys.argv[1:])
-    if args.mode in ("select", "all"):
-        select(state, args)
+    chosen = select(state, args)  # measured once; later modes read it back from the state
+    print(json.dumps({"chosen": chosen}), flush=True)
     if args.mode in ("grid", "all"):
-        grid(state, args)
+        grid(state, args, chosen)
     if args.mode in ("bar", "all"):
-        bar(state, args)
+        bar(state, args, chosen)
     if args.mode in ("report", "all"):
-        report(state, args, command.replace(f" {args.mode}", " all", 1))
+        report(state, args, chosen, command.replace(f" {args.mode}", " all", 1))
     return 0
 
 
