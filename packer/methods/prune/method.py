@@ -155,25 +155,28 @@ class PruneMethod(Method):
 
     def masks(self, job: CompressJob, pool: dict[str, float],
               own: dict[str, float]) -> dict[str, Tensor]:
-        """The keep-mask of every pruned weight, by the configured criterion."""
+        """The keep-mask of every pruned weight, by the configured criterion: one ranking over
+        the pool, one per layer with its own density."""
         opts = job.config.options
         names = [*pool, *own]
-        if opts["criterion"] == "ecs":
+        criterion = opts["criterion"]
+        if criterion == "ecs":
             weights, grads = self._ecs_scores(job, names)
-            rule = opts["ecs_threshold"]
-            out = ecs_keep({n: weights[n] for n in pool}, {n: grads[n] for n in pool},
-                           next(iter(pool.values())), rule) if pool else {}
-            for n, d in own.items():
-                out.update(ecs_keep({n: weights[n]}, {n: grads[n]}, d, rule))
-            return out
-        if opts["criterion"] == "snip":
+        elif criterion == "snip":
             scores = self._snip_scores(job, names)
         else:
             params = dict(job.model.named_parameters())
             scores = {n: params[n].detach().abs() for n in names}
-        out = keep_top({n: scores[n] for n in pool}, next(iter(pool.values()))) if pool else {}
-        for n, d in own.items():
-            out.update(keep_top({n: scores[n]}, d))
+
+        def keep(subset: list[str], density: float) -> dict[str, Tensor]:
+            if criterion == "ecs":
+                return ecs_keep({n: weights[n] for n in subset}, {n: grads[n] for n in subset},
+                                density, opts["ecs_threshold"])
+            return keep_top({n: scores[n] for n in subset}, density)
+
+        out = keep(list(pool), next(iter(pool.values()))) if pool else {}
+        for name, density in own.items():
+            out.update(keep([name], density))
         return out
 
     def _scoring_copy(self, job: CompressJob, names: list[str]) -> nn.Module:
