@@ -24,7 +24,12 @@ from torch.overrides import TorchFunctionMode
 from packer.report.kernels import mosaic
 from packer.report.models import ModelView
 from packer.report.style import new_figure, sequential
-from runtime.data import build_transform, image_folder_dataset
+from runtime.data import (
+    build_transform,
+    image_folder_dataset,
+    imagenet_classes,
+    imagenet_dataset,
+)
 from runtime.errors import DataError
 
 RELU_FUNCTIONS = frozenset({F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu,
@@ -34,24 +39,35 @@ CELLS_PER_PAGE = 12
 
 def test_images(data: Path) -> tuple[Path, list[str]]:
     """The first test image of a data folder (`test/` for CIFAR, `val/` for ImageNet, or the
-    folder itself) and the folder's class names, in label order."""
+    folder itself) and the class names its labels stand for."""
     folder = next((data / s for s in ("test", "val") if (data / s).is_dir()), data)
-    dataset = image_folder_dataset(folder)
-    return Path(dataset.samples[0][0]), list(dataset.classes)
+    try:  # ImageNet wnid folders: label with the 1k index and the human-readable name
+        dataset = imagenet_dataset(folder)
+        return Path(dataset.samples[0][0]), [name for _, name in imagenet_classes()]
+    except DataError:
+        dataset = image_folder_dataset(folder)
+        return Path(dataset.samples[0][0]), list(dataset.classes)
 
 
-def load_image(path: Path, spec: Mapping[str, Any]) -> tuple[torch.Tensor, np.ndarray]:
-    """(the model's input [1, C, H, W], the same image as RGB pixels in [0, 1] for display)."""
+def open_image(path: Path) -> Image.Image:
+    """The decoded image, or one line saying why it cannot be read."""
     try:
         with Image.open(path) as img:
             img.load()
-            x = build_transform(spec)(img)
+            return img.copy()
     except FileNotFoundError:
         raise DataError(f"{path}: no such image") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not an image") from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from None
+
+
+def model_input(img: Image.Image, spec: Mapping[str, Any]) -> tuple[torch.Tensor, np.ndarray]:
+    """(the model's input [1, C, H, W], the same image as RGB pixels in [0, 1] for display)."""
+    x = build_transform(spec)(img)
     mean = torch.tensor(spec["mean"]).reshape(-1, 1, 1)
     std = torch.tensor(spec["std"]).reshape(-1, 1, 1)
     pixels = (x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()

@@ -58,6 +58,9 @@ class Report:
                  image: str | Path | None = None, data: str | Path | None = None,
                  arch: str | None = None, options: ReportOptions | None = None) -> None:
         self.options = options or ReportOptions()
+        self.notes: list[str] = []
+        # The image is read first: a bad one fails before minutes of model loading.
+        picked = self._pick_image(image, data) if self.options.activations else None
         subject = load_view(model, arch)
         self.before: ModelView | None = None
         self.after = subject
@@ -65,30 +68,34 @@ class Report:
             other = load_view(compare, arch)
             check_comparable(subject, other)
             self.before, self.after = order_pair(subject, other)
-        self.notes: list[str] = []
-        self._input = self._read_input(image, data)
+        self._input = self._model_input(picked) if self.options.activations else None
 
     @property
     def views(self) -> list[ModelView]:
         return [v for v in (self.before, self.after) if v is not None]
 
-    def _read_input(self, image: str | Path | None, data: str | Path | None):
-        runnable = [v for v in self.views if v.module is not None]
-        if not self.options.activations:
-            return None
-        if not runnable:
-            self.notes.append("No activation maps: the model is stored as an ONNX graph, "
-                              "whose ReLUs torch cannot see.")
-            return None
+    @staticmethod
+    def _pick_image(image: str | Path | None, data: str | Path | None):
         classes: list[str] = []
         if data is not None:
             first, classes = activations.test_images(Path(data))
             image = image if image is not None else first
         if image is None:
+            return None
+        return Path(image), activations.open_image(Path(image)), classes
+
+    def _model_input(self, picked):
+        runnable = [v for v in self.views if v.module is not None]
+        if not runnable:
+            self.notes.append("No activation maps: the model is stored as an ONNX graph, "
+                              "whose ReLUs torch cannot see.")
+            return None
+        if picked is None:
             raise DataError(NEED_IMAGE)
-        x, pixels = activations.load_image(Path(image), self.after.input_spec
-                                           or runnable[-1].input_spec)
-        return Path(image), x, pixels, runnable, classes
+        path, img, classes = picked
+        x, pixels = activations.model_input(img, self.after.input_spec or
+                                            runnable[-1].input_spec)
+        return path, x, pixels, runnable, classes
 
     def entries(self) -> Iterator[Entry]:
         o = self.options
