@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from packer.report.kernels import mosaic
 from packer.report.models import ModelView
-from packer.report.style import new_figure, sequential
+from packer.report.style import Margins, grid_figure, new_figure, sequential
 from runtime.data import (
     build_transform,
     image_folder_dataset,
@@ -35,6 +35,8 @@ from runtime.errors import DataError
 RELU_FUNCTIONS = frozenset({F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu,
                             torch.Tensor.relu_})
 CELLS_PER_PAGE = 12
+ACT_COLUMNS = 4
+ACT_MARGINS = Margins(left=0.3, right=0.3, top=0.9, bottom=0.35, wgap=0.45, hgap=0.75)
 
 
 def test_images(data: Path) -> tuple[Path, list[str]]:
@@ -150,19 +152,19 @@ def activation_pages(views: list[ModelView], relus: list[list[tuple[str, torch.T
         layers = range(page * per_page, min(count, (page + 1) * per_page))
         fig = _activation_page(views, relus, layers, max_channels)
         first, last = layers[0] + 1, layers[-1] + 1
-        fig.suptitle(f"Activations after ReLUs {first}-{last} of {count}: "
+        which = f"ReLUs {first}-{last}" if last > first else f"ReLU {first}"
+        fig.suptitle(f"Activations after {which} of {count}: "
                      + " vs ".join(v.label for v in views))
         yield (f"activations_{page + 1:02d}",
-               f"Activation maps after ReLUs {first}-{last} of {count}: the most active "
-               f"channels (largest mean), one tile each; black is 0.", fig)
+               f"Activation maps after {which} of {count}: the most active channels "
+               f"(largest mean), one tile each; black is 0.", fig)
 
 
 def _activation_page(views: list[ModelView], relus: list[list[tuple[str, torch.Tensor]]],
                      layers: range, max_channels: int) -> Figure:
-    columns = 4
-    rows = math.ceil(len(layers) * len(views) / columns)
-    fig = new_figure(12, 3.1 * rows + 0.6)
-    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    rows = math.ceil(len(layers) * len(views) / ACT_COLUMNS)
+    fig, axes = grid_figure(rows, ACT_COLUMNS, 2.5, 2.5, ACT_MARGINS)
+    axes = axes.ravel()
     cell = 0
     for layer in layers:
         name, ref = relus[-1][layer]

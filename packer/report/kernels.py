@@ -11,7 +11,10 @@ import torch
 from matplotlib.figure import Figure
 
 from packer.report.models import ModelView
-from packer.report.style import diverging, new_figure
+from packer.report.style import Margins, diverging, grid_figure
+
+PANEL = 3.9  # inches: the width of one model's mosaic
+KERNEL_MARGINS = Margins(left=0.75, right=1.25, top=0.9, bottom=0.65, wgap=0.85, hgap=0.0)
 
 
 def spatial_convs(view: ModelView) -> list[str]:
@@ -49,8 +52,9 @@ def _kernel_figure(name: str, weight: torch.Tensor, views: list[ModelView],
     columns = math.ceil(math.sqrt(shown))
     rows = math.ceil(shown / columns)
     vmax = max(float(np.abs(m).max()) for m in means) or 1.0
-    fig = new_figure(1.4 + 4.6 * len(views), 1.3 + 4.3 * rows / columns)
-    axes = fig.subplots(1, len(views), squeeze=False)[0]
+    aspect = (rows * (kh + 1) - 1) / (columns * (kw + 1) - 1)
+    fig, axes = grid_figure(1, len(views), PANEL, PANEL * aspect, KERNEL_MARGINS)
+    axes = axes[0]
     image = None
     for ax, view, m in zip(axes, views, means, strict=True):
         image = ax.imshow(mosaic(m, columns), cmap=diverging(), vmin=-vmax, vmax=vmax,
@@ -62,9 +66,12 @@ def _kernel_figure(name: str, weight: torch.Tensor, views: list[ModelView],
                       [str(r * columns) for r in range(rows)])
         ax.set_xlabel("output channel: row start + offset")
         ax.set_ylabel("output channel")
-    fig.colorbar(image, ax=list(axes), shrink=0.85, label="mean weight over input channels")
+    width, _ = fig.get_size_inches()
+    box = axes[-1].get_position()
+    bar = fig.add_axes((box.x1 + 0.2 / width, box.y0, 0.15 / width, box.height))
+    fig.colorbar(image, cax=bar, label="mean weight over input channels")
     what = (f"first {shown} of {out_ch} output channels" if shown < out_ch
             else f"all {out_ch} output channels")
     fig.suptitle(f"Kernels of {name} ({out_ch}x{in_ch}x{kh}x{kw})\naveraged over {in_ch} "
-                 f"input channels; {what}")
+                 f"input channels; {what}", fontsize=10)
     return fig

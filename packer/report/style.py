@@ -7,8 +7,10 @@ global figure registry to leak memory in a long report, and no display backend i
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import matplotlib
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
@@ -34,6 +36,36 @@ def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+@dataclass(frozen=True)
+class Margins:
+    """Space around and between the panels of a grid, in inches."""
+
+    left: float
+    right: float
+    top: float
+    bottom: float
+    wgap: float
+    hgap: float
+
+
+def grid_figure(rows: int, columns: int, panel_width: float, panel_height: float,
+                m: Margins) -> tuple[Figure, np.ndarray]:
+    """A figure sized to hold rows x columns panels of the given size, with fixed margins.
+
+    Pages of many small panels use this rather than constrained layout, which measures every
+    tick label of every panel again on each save: a third of the drawing time of a page.
+    """
+    width = m.left + columns * panel_width + (columns - 1) * m.wgap + m.right
+    height = m.top + rows * panel_height + (rows - 1) * m.hgap + m.bottom
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, squeeze=False, gridspec_kw={
+        "left": m.left / width, "right": 1 - m.right / width, "top": 1 - m.top / height,
+        "bottom": m.bottom / height, "wspace": m.wgap / panel_width,
+        "hspace": m.hgap / panel_height})
+    return fig, axes
 
 
 def diverging() -> Colormap:

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from packer.report.models import ModelView
-from packer.report.style import AFTER, BEFORE, MARK, new_figure
+from packer.report.style import AFTER, BEFORE, MARK, Margins, grid_figure, new_figure
 
 HIST_COLUMNS = 3
 HIST_ROWS = 4  # layers per page: HIST_COLUMNS * HIST_ROWS
@@ -47,11 +47,13 @@ def histogram_pages(after: ModelView, before: ModelView | None, samples: int, bi
                "number of weights on it; red ticks mark the levels.", fig)
 
 
+HIST_MARGINS = Margins(left=0.85, right=0.5, top=0.85, bottom=0.95, wgap=0.85, hgap=0.8)
+
+
 def _histogram_page(names: list[str], after: ModelView, before: ModelView | None, samples: int,
                     bins: int, seed: int) -> Figure:
     rows = math.ceil(len(names) / HIST_COLUMNS)
-    fig = new_figure(12, 2.3 * rows + 1.1)
-    axes = fig.subplots(rows, HIST_COLUMNS, squeeze=False)
+    fig, axes = grid_figure(rows, HIST_COLUMNS, 3.0, 1.55, HIST_MARGINS)
     handles = {}
     for ax, name in zip(axes.flat, names, strict=False):
         handles.update(_histogram(ax, name, after, before, samples, bins, seed))
@@ -60,8 +62,9 @@ def _histogram_page(names: list[str], after: ModelView, before: ModelView | None
     for column in range(min(HIST_COLUMNS, len(names))):
         last = column + HIST_COLUMNS * ((len(names) - 1 - column) // HIST_COLUMNS)
         axes.flat[last].set_xlabel("weight value")
-    fig.supylabel(f"weights, in a sample of at most {samples:,} per layer")
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=3)
+    fig.supylabel(f"weights, in a sample of at most {samples:,} per layer", x=0.012)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncols=3,
+               bbox_to_anchor=(0.5, 0.005))
     return fig
 
 
