@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from packer.report.models import ModelView
 from packer.report.style import AFTER, BEFORE, MARK, Margins, grid_figure, new_figure
@@ -136,6 +136,11 @@ def unique_value_scatter(after: ModelView, before: ModelView | None,
         ax.scatter(values[shown], counts[shown], s=5, color=colour, alpha=0.6, linewidths=0,
                    label=label, rasterized=True)
     ax.set_yscale("log")
+    # plain integers, not 6x10^0: with few decades the minor ticks carry the labels too
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}")
+    ax.yaxis.set_major_formatter(plain)
+    if ax.get_ylim()[1] < 100:
+        ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("weight value")
     ax.set_ylabel("occurrences of the value (log scale)")
     ax.set_title("Distinct weight values and their frequency, all Conv and Linear weights"
