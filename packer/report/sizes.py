@@ -82,7 +82,7 @@ def size_figures(path: Path, max_bars: int) -> Iterator[tuple[str, str, Figure]]
     if weights:
         yield (f"sizes_bits_{stem}", f"Bits per weight of each Conv/Linear weight of "
                f"{path.name} as stored, against the order-0 entropy bound of its streams.",
-               _bits_figure(path, report, weights[:max_bars]))
+               _bits_figure(path, report, weights[:max_bars], len(weights)))
     yield (f"sizes_sections_{stem}", f"Every byte of {path.name} on disk, by section.",
            _sections_figure(path, report))
 
@@ -112,7 +112,8 @@ def _layers_figure(path: Path, report: dict[str, Any], layers: list[LayerBytes])
     return fig
 
 
-def _bits_figure(path: Path, report: dict[str, Any], rows: list[dict[str, Any]]) -> Figure:
+def _bits_figure(path: Path, report: dict[str, Any], rows: list[dict[str, Any]],
+                 total: int) -> Figure:
     fig = new_figure(11, 1.9 + 0.19 * len(rows))
     ax = fig.subplots()
     y = np.arange(len(rows))
@@ -132,7 +133,10 @@ def _bits_figure(path: Path, report: dict[str, Any], rows: list[dict[str, Any]])
     ax.set_xlabel("bits per weight (coded bytes x 8 / weights, codebooks and tables included)")
     ax.set_ylabel("weight tensor")
     fig.legend(loc="outside lower center", ncols=3)
-    ax.set_title(f"Bits per weight of {path.name} against the entropy bound", loc="left")
+    shown = f"the first {len(rows)} of {total} weight tensors" if len(rows) < total else (
+        f"all {total} weight tensors")
+    ax.set_title(f"Bits per weight of {path.name} against the entropy bound ({shown})",
+                 loc="left")
     return fig
 
 
