@@ -124,10 +124,10 @@ def capture_relus(module: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, t
 
 def input_figure(image: Path, pixels: np.ndarray, predictions: list[tuple[str, str]]
                  ) -> tuple[str, str, Figure]:
-    fig = new_figure(4.2, 4.6)
+    fig = new_figure(4.4, 5.0)
     ax = fig.subplots()
     ax.imshow(pixels, interpolation="nearest")
-    ax.set_xlabel("x (pixels, as the model sees it)")
+    ax.set_xlabel("x (pixels of the model's input)")
     ax.set_ylabel("y (pixels)")
     ax.set_title("\n".join(f"{label}: {pred}" for label, pred in predictions), fontsize=8)
     fig.suptitle(f"Input image {image.parent.name}/{image.name}")
