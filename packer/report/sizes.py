@@ -11,10 +11,13 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from packer.report.style import PARTS, new_figure
 from runtime.format.reader import open_packed
 from runtime.report import build_report, tensor_row
+
+THOUSANDS = FuncFormatter(lambda v, _: f"{v:,.0f}")
 
 
 @dataclass
@@ -102,13 +105,14 @@ def _layers_figure(path: Path, report: dict[str, Any], layers: list[LayerBytes])
     ax.set_yticks(y, [x.name for x in layers], fontsize=7)
     ax.set_ylim(len(layers) - 0.5, -0.5)
     ax.set_xlim(0, left.max() * 1.28 if left.size and left.max() else 1)
-    ax.set_xlabel("coded bytes on disk (b/w: bits per weight of the layer)")
+    ax.set_xlabel("coded bytes of the layer, as `packer inspect` counts them (code tables "
+                  "uncompressed); b/w: bits per weight")
+    ax.xaxis.set_major_formatter(THOUSANDS)
     ax.set_ylabel("layer (network order)")
     ax.legend(loc="lower right")
-    coded = sum(x.total for x in layers)
-    ax.set_title(f"Where the bytes went: {path.name}, {coded:,} coded bytes in the layers of a "
-                 f"{report['file_bytes']:,}-byte file ({report['ratio']:.2f}x smaller than "
-                 f"fp32, method {report['method']})", loc="left")
+    ax.set_title(f"Where the bytes went: {path.name}, {report['file_bytes']:,} bytes on disk, "
+                 f"{report['ratio']:.2f}x smaller than fp32 (method {report['method']})",
+                 loc="left")
     return fig
 
 
@@ -154,6 +158,7 @@ def _sections_figure(path: Path, report: dict[str, Any]) -> Figure:
         left += nbytes
     ax.set_yticks([])
     ax.set_xlim(0, report["file_bytes"])
+    ax.xaxis.set_major_formatter(THOUSANDS)
     ax.set_xlabel("bytes on disk")
     fig.legend(loc="outside lower center", ncols=4)
     ax.set_title(f"{path.name}: {report['file_bytes']:,} bytes on disk by section "
