@@ -13,8 +13,9 @@ Draw a model and its packed file: per-layer weight histograms (before and after,
 values marked), distinct weight values against their frequency, kernel heatmaps of every
 spatial convolution, activation maps after each ReLU for one image, and where the bytes of a
 packed file went (per layer: indices / codebooks / raw, bits per weight, entropy bound).
-Writes PNGs and index.html into the --out folder, whole or not at all. A packed file alone gives every
-plot of the compressed model; --compare adds the original (or another packing)."""
+Writes PNGs and index.html into the --out folder, whole or not at all. A packed file
+alone gives every plot of the compressed model; --compare adds the original (or another
+packing)."""
 
 EPILOG = """examples:
   packer report r20.fb --compare resnet20.pth --data ../shared/data/cifar10 --out r20-report
