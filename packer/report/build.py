@@ -98,6 +98,17 @@ class Report:
         return path, x, pixels, runnable, classes
 
     def entries(self) -> Iterator[Entry]:
+        """Every figure, each under a unique name (two packed files may share a file name)."""
+        seen: set[str] = set()
+        for entry in self._entries():
+            base, n = entry.name, 1
+            while entry.name in seen:
+                n += 1
+                entry.name = f"{base}_{n}"
+            seen.add(entry.name)
+            yield entry
+
+    def _entries(self) -> Iterator[Entry]:
         o = self.options
         with styled():
             yield from self._sizes()
