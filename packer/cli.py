@@ -10,6 +10,7 @@ from packer.compress import PackRequest, pack
 from packer.encode import CODER_CHOICES
 from packer.methods import METHODS
 from packer.methods.chain import RANK_NAMES
+from packer.report.cli import add_parser as add_report_parser
 from packer.training import DataSpec, launch_rank
 from runtime import cli as runtime_cli, zoo
 from runtime.cli_common import add_common_flags, print_json, progress_enabled, run
@@ -111,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("archs", help="list the architectures a packed file can name")
     add_common_flags(a)
     a.set_defaults(func=_archs)
+    add_report_parser(sub)
     return parser
 
 
