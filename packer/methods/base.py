@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from tqdm import tqdm
 
 from packer.config import MethodConfig, Option
+from runtime.format.records import ActivationQuantRecord
 from runtime.tensors import CompressedTensor
 
 
@@ -23,6 +24,8 @@ class CompressJob:
     seed: int = 0
     progress: bool = True
     data: Any = None  # data options for methods that calibrate or train
+    # Filled by methods whose model quantizes activations at inference (dorefa bits_a).
+    activation_quant: list[ActivationQuantRecord] = field(default_factory=list)
 
 
 class Method:
@@ -32,6 +35,11 @@ class Method:
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         raise NotImplementedError
+
+    def required_features(self, config: MethodConfig) -> frozenset[str]:
+        """Runtime features (runtime.format.features) the packed file will require with
+        this config; the packer checks before any work that the model can carry them."""
+        return frozenset()
 
 
 class PerTensorMethod(Method):

@@ -11,6 +11,7 @@ from pathlib import Path
 import zstandard
 
 from runtime.errors import ChecksumMismatch, FormatError, LimitExceeded, WeightpackError
+from runtime.format.features import check_features
 from runtime.format.index import parse_index
 from runtime.format.preamble import FLAG_INDEX_ZSTD, PREAMBLE_SIZE, Preamble, parse_preamble
 from runtime.format.records import BlobRef, ModelRecord
@@ -97,7 +98,9 @@ class PackedFile:
         if p.flags & FLAG_INDEX_ZSTD:
             index = _inflate_index(index)
         self.index_raw_size = len(index)
-        return parse_index(index)
+        model = parse_index(index)
+        check_features(model, p)
+        return model
 
     def _check_layout(self) -> None:
         p = self.preamble
