@@ -230,7 +230,7 @@ def test_training_a_couple_of_batches_then_resuming(tmp_path: Path) -> None:
 
     data = DataSpec("cifar10", make_cifar_folder(tmp_path / "c10"), batch_size=5, workers=0)
     ckpt = tmp_path / "ttq.pt"
-    sets = ["epochs=2", "train_limit=10", "holdout=5", "recalibrate_bn=10", "lr=0.01",
+    sets = ["epochs=2", "train_limit=10", "holdout=5", "bn_recalibration=10", "lr=0.01",
             f"checkpoint={ckpt}"]
     torch.manual_seed(0)
     model = cifar_resnet20()
@@ -272,7 +272,7 @@ def test_lr_schedule_is_cosine_per_batch_and_reaches_lr_min(tmp_path: Path) -> N
         return real_step(self, *args, **kwargs)
 
     method, job = method_job(BWNMethod, cifar_resnet20(), "epochs=2", "train_limit=10",
-                             "lr=0.004", "lr_min=0.001", "recalibrate_bn=0", "distill=false",
+                             "lr=0.004", "lr_min=0.001", "bn_recalibration=0", "distill=false",
                              data=data)
     torch.optim.Adam.step = spy  # type: ignore[method-assign]
     try:
@@ -337,7 +337,7 @@ def test_mismatched_checkpoints_are_clear(tmp_path: Path, shared_dir: Path) -> N
     small = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(),
                           nn.LazyLinear(10))
     small(torch.zeros(1, 3, 32, 32))
-    sets = ["epochs=1", "train_limit=5", "recalibrate_bn=0", f"checkpoint={ckpt}"]
+    sets = ["epochs=1", "train_limit=5", "bn_recalibration=0", f"checkpoint={ckpt}"]
     method, job = method_job(BWNMethod, small, *sets, data=data)
     method.compress(job)
     method, job = method_job(BWNMethod, cifar_resnet20(), *sets, data=data)
@@ -397,7 +397,7 @@ def _ddp_worker(rank: int, port: int, out: str, data_root: str) -> None:
                               nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
                               nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                               nn.Linear(8, 10))
-        method, job = method_job(TTQMethod, model, "epochs=1", "recalibrate_bn=10",
+        method, job = method_job(TTQMethod, model, "epochs=1", "bn_recalibration=10",
                                  "lr=0.01", "distill=false", data=data)
         packed = {k: t.dequantize() for k, t in method.compress(job).items()}
         history = method.extra_report()["ttq_training"]["history"]

@@ -13,6 +13,7 @@ which applies it at inference (runtime.activation_quant). See docs/LOWBIT.md.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -36,7 +37,7 @@ from packer.methods.lowbit.quantizers import (
     TernaryQuantizer,
     WeightQuantizer,
 )
-from packer.methods.pqf.method import distillation_loss
+from packer.methods.pqf.method import PQFMethod, distillation_loss
 from packer.methods.weightfix.schedule import recalibrate_bn
 from packer.training import DataSpec, TrainConfig, TrainHooks, build_datasets, fit
 from runtime.errors import ConfigError, DataError
@@ -62,8 +63,7 @@ COMMON_OPTIONS: dict[str, Option] = {
                      check=_between(0, 1000, "epochs"), per_layer=False),
     "lr": Option(5e-4, "peak learning rate; cosine decay to lr_min, stepped per batch", float,
                  check=_between(1e-9, 10.0, "lr"), per_layer=False),
-    "lr_min": Option(0.0, "final learning rate of the cosine schedule", float,
-                     check=_between(0.0, 10.0, "lr_min"), per_layer=False),
+    "lr_min": replace(PQFMethod.options["lr_min"], default=0.0),
     "optimizer": Option("adam", "adam, or sgd (momentum 0.9)", str, choices=("adam", "sgd"),
                         per_layer=False),
     "weight_decay": Option(0.0, "weight decay on every trained parameter", float,
@@ -74,16 +74,10 @@ COMMON_OPTIONS: dict[str, Option] = {
     "distill_temperature": Option(4.0, "softmax temperature of the distillation loss", float,
                                   check=_between(0.05, 100.0, "distill_temperature"),
                                   per_layer=False),
-    "recalibrate_bn": Option(2048, "training images to re-estimate BatchNorm statistics on "
+    "bn_recalibration": Option(2048, "training images to re-estimate BatchNorm statistics on "
                              "after quantizing, before training (0: off)", int,
-                             check=_between(0, 10**9, "recalibrate_bn"), per_layer=False),
-    "train_limit": Option(0, "training images per epoch, drawn at random (0: all)", int,
-                          check=_between(0, 10**9, "train_limit"), per_layer=False),
-    "val_limit": Option(0, "validation images (0: all)", int,
-                        check=_between(0, 10**9, "val_limit"), per_layer=False),
-    "holdout": Option(0, "training images held out (seeded) for the per-epoch validation "
-                      "that picks the best epoch; 0: validate on the test/val split", int,
-                      check=_between(0, 10**9, "holdout"), per_layer=False),
+                             check=_between(0, 10**9, "bn_recalibration"), per_layer=False),
+    **{k: PQFMethod.options[k] for k in ("train_limit", "val_limit", "holdout")},
     "checkpoint": Option(None, "training checkpoint file: written every epoch, resumed from "
                          "if present", str, per_layer=False),
     "edges": Option("int8", "precision of the first and last Conv/Linear layer: int8, fp32 "
@@ -158,10 +152,10 @@ class LowBitMethod(Method):
 
         train_set, val_set = (build_datasets(data, opts["holdout"], job.seed)
                               if data is not None else (None, None))
-        if train_set is not None and opts["recalibrate_bn"] > 0:
-            recalibrate_bn(model, train_set, opts["recalibrate_bn"], data.batch_size,
+        if train_set is not None and opts["bn_recalibration"] > 0:
+            recalibrate_bn(model, train_set, opts["bn_recalibration"], data.batch_size,
                            data.workers, job.seed)
-            self.report[f"{self.name}_bn_recalibrated_on"] = opts["recalibrate_bn"]
+            self.report[f"{self.name}_bn_recalibrated_on"] = opts["bn_recalibration"]
         if epochs > 0:
             self.report[f"{self.name}_training"] = self._train(job, epochs, data, train_set,
                                                                val_set, teacher)
