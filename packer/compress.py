@@ -28,6 +28,7 @@ from runtime import quant, zoo
 from runtime.data import calibration_dataset, make_loader
 from runtime.decode import decode_state_dict
 from runtime.errors import ConfigError, WeightpackError
+from runtime.format.features import ACTIVATION_QUANT
 from runtime.format.preamble import DEFAULT_ALIGNMENT
 from runtime.format.reader import open_packed
 from runtime.format.records import ArchitectureRecord, InputSpec, ModelRecord
@@ -108,12 +109,15 @@ def pack(req: PackRequest) -> dict[str, Any]:
                if config.for_tensor(n).get("method") != "none"]
     if not targets and req.method != "none":
         raise WeightpackError("the model has no Conv or Linear weight left to compress")
+    _check_features(req, arch, method.required_features(config))
 
     torch.manual_seed(req.seed)
     job = CompressJob(arch.model, state_dict, targets, config, req.seed, req.progress, req.data)
     compressed: dict[str, CompressedTensor] = method.compress(job)
     tensors = {name: compressed.get(name) or raw_tensor(value, config.for_tensor(name)["fp16"])
                for name, value in state_dict.items()}
+    act_quant = tuple(sorted(job.activation_quant, key=lambda q: q.module))
+    features = {ACTIVATION_QUANT} if act_quant else set()  # what the file holds needs
 
     spec = _input_spec(req, arch.name)
     act_scales, calibration = _calibrate(req, arch, tensors, spec)
@@ -129,6 +133,7 @@ def pack(req: PackRequest) -> dict[str, Any]:
         input=spec, num_classes=_num_classes(arch.model, spec),
         tensors=tuple(e.record for e in encoded), fp32_bytes=_fp32_bytes(state_dict),
         activation_scales=act_scales, calibration_json=calibration,
+        required_features=tuple(sorted(features)), activation_quant=act_quant,
     )
     with _own_output(req.output) as target:
         write_packed(target, record, data)
@@ -141,6 +146,22 @@ def pack(req: PackRequest) -> dict[str, Any]:
         report.update(extra(job))
     report["streams"] = {e.record.name: [vars(s) for s in e.streams] for e in encoded}
     return report
+
+
+def _check_features(req: PackRequest, arch: ResolvedArchitecture,
+                    features: frozenset[str]) -> None:
+    """Refuse, before any work, a file whose required runtime features nothing could apply."""
+    if ACTIVATION_QUANT not in features:
+        return
+    if arch.kind != "builder":
+        raise ConfigError(f"{req.method}: activation quantization (bits_a) is applied by the "
+                          "runtime to zoo architectures by module name; this model would be "
+                          "stored as an ONNX graph, where it cannot be applied. Pack its "
+                          "state_dict with a zoo --arch, or leave bits_a unset")
+    if req.calib_data is not None:
+        raise ConfigError(f"{req.method}: --calib-data prepares int8 inference (the QDQ "
+                          "graph), which cannot apply the model's own activation "
+                          "quantization (bits_a); drop one of the two")
 
 
 @contextlib.contextmanager

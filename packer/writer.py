@@ -10,23 +10,36 @@ import zstandard
 from packer.encode import DataSection
 from packer.index_builder import build_index
 from runtime.atomic import atomic_write
-from runtime.format.preamble import FLAG_INDEX_ZSTD, PREAMBLE_SIZE, Preamble
+from runtime.format.features import format_minor
+from runtime.format.preamble import (
+    FLAG_INDEX_ZSTD,
+    FLAG_REQUIRED_FEATURES,
+    PREAMBLE_SIZE,
+    Preamble,
+)
 from runtime.format.records import ModelRecord
 
 
 def layout(model: ModelRecord, data: DataSection) -> list[bytes]:
-    """The file's bytes as chunks; deterministic for the same records and data."""
+    """The file's bytes as chunks; deterministic for the same records and data.
+
+    The preamble carries the lowest format minor that describes the file: 1.0 unless it
+    requires features (runtime.format.features), so older readers open every file they can.
+    """
     index = build_index(model)
     frame = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(index)
-    flags = FLAG_INDEX_ZSTD if len(frame) < len(index) else 0
-    index = frame if flags else index
+    compressed = len(frame) < len(index)
+    index = frame if compressed else index
+    flags = ((FLAG_INDEX_ZSTD if compressed else 0)
+             | (FLAG_REQUIRED_FEATURES if model.required_features else 0))
     alignment = data.alignment
     index_end = PREAMBLE_SIZE + len(index)
     data_offset = index_end + (-index_end % alignment)
     preamble = Preamble(
         index_offset=PREAMBLE_SIZE, index_size=len(index), data_offset=data_offset,
         data_size=data.size, file_size=data_offset + data.size, alignment=alignment,
-        index_crc32=zlib.crc32(index), flags=flags,
+        index_crc32=zlib.crc32(index), minor=format_minor(model.required_features),
+        flags=flags,
     )
     return [preamble.pack(), index, bytes(data_offset - index_end), *data.parts]
 

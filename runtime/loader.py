@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from runtime import zoo
+from runtime.activation_quant import apply_activation_quant
 from runtime.decode import decode_state_dict
 from runtime.errors import ArchitectureError, ConfigError, UnsupportedVersion
 from runtime.format.reader import open_packed
@@ -34,7 +35,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
 
     Safe on untrusted files: no Python object is deserialised or imported by name; every size is
     checked before allocation. Each call opens the file on its own, so concurrent loads
-    from threads or processes do not share state.
+    from threads or processes do not share state. Activation quantizers stored in the file
+    (DoReFa's bits_a) are installed on the module, so it computes what was trained.
     """
     if backend == "onnx":
         from runtime.onnx.graph import fp32_graph  # the ONNX backend imports this module
@@ -49,6 +51,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
             return load_graph_module(path, torch.device(device))
         module = build_module(packed.model)
         state_dict = decode_state_dict(packed)
+        activation_quant = packed.model.activation_quant
     expected = module.state_dict()
     problems = [k for k in expected if k not in state_dict or
                 expected[k].shape != state_dict[k].shape]
@@ -58,4 +61,5 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
             f"{path}: tensors do not fit architecture {packed.model.architecture.builder} "
             f"({len(problems)} missing or misshapen, {len(unexpected)} unexpected)")
     module.load_state_dict(state_dict, strict=True, assign=True)
+    apply_activation_quant(module, activation_quant)
     return module.to(device).eval()

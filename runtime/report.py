@@ -97,6 +97,9 @@ def build_report(packed: PackedFile) -> dict[str, Any]:
         "input": m.input.as_dict(), "num_classes": m.num_classes,
         "source_sha256": m.source_sha256,
         "format": f"{packed.preamble.major}.{packed.preamble.minor}",
+        "required_features": list(m.required_features),
+        "activation_quant": [{"module": q.module, "bits": q.bits, "clip": q.clip}
+                             for q in m.activation_quant],
         "sections": sections, "tensors": rows,
     }
 
@@ -143,4 +146,10 @@ def format_report(report: dict[str, Any], tensors: bool = True) -> str:
         f"compressed weights; {report['bits_per_parameter']:.3f} bits per parameter overall",
         "sections    " + ", ".join(f"{k} {v:,}" for k, v in report["sections"].items()),
     ]
+    if report.get("required_features"):
+        acts = report.get("activation_quant") or []
+        bits = sorted({q["bits"] for q in acts})
+        lines.append("needs       " + ", ".join(report["required_features"])
+                     + (f" ({len(acts)} layer inputs at {'/'.join(map(str, bits))} bits)"
+                        if acts else ""))
     return "\n".join(lines)

@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from packer.config import MethodConfig, Option, Setting, config_from_settings
+from runtime.format.records import ActivationQuantRecord
 from runtime.tensors import CompressedTensor
 
 
@@ -25,6 +26,8 @@ class CompressJob:
     data: Any = None  # data options for methods that calibrate or train
     # In a chain (packer/methods/chain.py): what the earlier stages produced, by tensor name.
     previous: dict[str, CompressedTensor] = field(default_factory=dict)
+    # Filled by methods whose model quantizes activations at inference (dorefa bits_a).
+    activation_quant: list[ActivationQuantRecord] = field(default_factory=list)
 
 
 class Method:
@@ -41,6 +44,11 @@ class Method:
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         raise NotImplementedError
+
+    def required_features(self, config: MethodConfig) -> frozenset[str]:
+        """Runtime features (runtime.format.features) the packed file will require with
+        this config; the packer checks before any work that the model can carry them."""
+        return frozenset()
 
 
 class PerTensorMethod(Method):

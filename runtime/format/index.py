@@ -21,6 +21,7 @@ from runtime.format.records import (
     CODER_NAMES,
     SCHEME_VERSION,
     SCHEMES,
+    ActivationQuantRecord,
     ArchitectureRecord,
     ArrayRecord,
     BlobRef,
@@ -38,6 +39,8 @@ MAX_JSON_BYTES = 16 << 20
 MAX_ALPHABET = 1 << 16
 MAX_CLASSES = 1 << 20
 MAX_INPUT_CHANNELS = 64
+MAX_FEATURES = 64
+MAX_ACTIVATION_BITS = 8
 CODER_VERSIONS = {"raw": 1, "zstd": 1, "huffman": 1, "ans": 1}
 
 
@@ -219,7 +222,37 @@ def _model(fb: Model) -> ModelRecord:
         activation_scales=_activation_scales(fb),
         calibration_json=_json(fb.CalibrationJson(), "calibration") if fb.CalibrationJson()
         else "",
+        required_features=_required_features(fb),
+        activation_quant=_activation_quant(fb),
     )
+
+
+def _required_features(fb: Model) -> tuple[str, ...]:
+    n = fb.RequiredFeaturesLength()
+    if n > MAX_FEATURES:
+        raise LimitExceeded(f"{n} required features, over the cap of {MAX_FEATURES}")
+    return tuple(_text(fb.RequiredFeatures(i), "required feature") for i in range(n))
+
+
+def _activation_quant(fb: Model) -> tuple[ActivationQuantRecord, ...]:
+    n = fb.ActivationQuantLength()
+    if n > MAX_TENSORS:
+        raise LimitExceeded(f"{n} activation quantizers, over the cap of {MAX_TENSORS}")
+    out = []
+    for i in range(n):
+        entry = fb.ActivationQuant(i)
+        module = _text(entry.Module(), "activation quantizer module")
+        bits, clip = int(entry.Bits()), float(entry.Clip())
+        if not module or not 1 <= bits <= MAX_ACTIVATION_BITS:
+            raise FormatError(f"activation quantizer {i} ({module!r}) needs a module name and "
+                              f"1..{MAX_ACTIVATION_BITS} bits, not {bits}")
+        if not (clip > 0 and math.isfinite(clip)):
+            raise FormatError(f"activation quantizer {module!r}: clip {clip} is not a "
+                              "positive finite number")
+        out.append(ActivationQuantRecord(module, bits, clip))
+    if len({q.module for q in out}) != len(out):
+        raise FormatError("two activation quantizers name the same module")
+    return tuple(out)
 
 
 def _activation_scales(fb: Model) -> tuple[tuple[str, float], ...]:

@@ -17,6 +17,7 @@ from runtime.errors import (
     LimitExceeded,
     WeightpackError,
 )
+from runtime.format.features import check_features
 from runtime.format.index import parse_index
 from runtime.format.preamble import (
     FLAG_INDEX_ZSTD,
@@ -105,7 +106,9 @@ class PackedFile:
         if p.flags & FLAG_INDEX_ZSTD:
             index = _inflate_index(index)
         self.index_raw_size = len(index)
-        return parse_index(index)
+        model = parse_index(index)
+        check_features(model, p)
+        return model
 
     def _check_layout(self) -> None:
         p = self.preamble

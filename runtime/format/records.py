@@ -115,6 +115,16 @@ class ArchitectureRecord:
 
 
 @dataclass(frozen=True)
+class ActivationQuantRecord:
+    """The runtime quantizes `module`'s input to `bits` bits on [0, clip] (DoReFa
+    activations); the arithmetic is `runtime.activation_quant.quantize_activation`."""
+
+    module: str
+    bits: int
+    clip: float = 1.0
+
+
+@dataclass(frozen=True)
 class ModelRecord:
     producer: str
     method: str
@@ -129,6 +139,8 @@ class ModelRecord:
     metadata_json: str = "{}"
     activation_scales: tuple[tuple[str, float], ...] = ()  # (tensor label, int8 scale)
     calibration_json: str = ""
+    required_features: tuple[str, ...] = ()  # format 1.1: see runtime.format.features
+    activation_quant: tuple[ActivationQuantRecord, ...] = ()  # feature "activation_quant"
 
     def blobs(self) -> list[tuple[str, BlobRef]]:
         """Every blob the index references, labelled `tensor/role`, in index order."""
