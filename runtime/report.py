@@ -23,7 +23,7 @@ def _levels(t: TensorRecord) -> str:
 
 def tensor_row(t: TensorRecord) -> dict[str, Any]:
     streams = t.streams()
-    stream_bytes = sum(s.blob.length + s.params_nbytes for _, s in streams)
+    stream_bytes = sum(s.blob.length + s.params_nbytes() for _, s in streams)
     array_bytes = sum(a.blob.length for _, a in t.arrays())
     coded = stream_bytes + array_bytes
     # The order-0 entropy bound of the streams, in bytes, plus the arrays stored as they are.
@@ -47,7 +47,7 @@ def _index_strings(packed: PackedFile) -> tuple[int, int]:
 
 
 def params_of(model, role: str) -> int:
-    return sum(s.params_nbytes for t in model.tensors for r, s in t.streams() if r == role)
+    return sum(s.params_nbytes() for t in model.tensors for r, s in t.streams() if r == role)
 
 
 def build_report(packed: PackedFile) -> dict[str, Any]:
@@ -64,9 +64,9 @@ def build_report(packed: PackedFile) -> dict[str, Any]:
     params = 0
     for t in m.tensors:
         for role, s in t.streams():
-            params += s.params_nbytes
+            params += s.params_nbytes()
             sections["indices" if role == "indices" else "raw_tensors"] += (
-                s.blob.length + s.params_nbytes)
+                s.blob.length + s.params_nbytes())
         sections["codebooks"] += sum(a.blob.length for _, a in t.arrays())
     # Parameters and strings live in the index; when it is zstd-compressed, charge them
     # at the index's compression rate so every figure is in bytes actually stored.

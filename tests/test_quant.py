@@ -21,7 +21,6 @@ from runtime.format.records import ArchitectureRecord, ModelRecord
 from runtime.quant.calibrate import AbsHistogram
 from runtime.tensors import RawTensor, ScalarCodebookTensor, UniformTensor
 from runtime.zoo.specs import CIFAR_SPEC
-from tests.packing import CIFAR_SPEC as CIFAR_INPUT
 
 torch.set_num_threads(1)
 GEN = torch.Generator().manual_seed(0)
@@ -270,7 +269,7 @@ def test_int8_model_uses_file_scales_or_says_there_are_none(packs, scales, tmp_p
     record = ModelRecord(
         producer="weightpack test", method="test", method_config_json="{}",
         source_sha256="0" * 64, architecture=ArchitectureRecord("builder", "cifar_resnet20", "{}"),
-        input=CIFAR_INPUT, num_classes=10, tensors=records, fp32_bytes=1,
+        input=CIFAR_SPEC, num_classes=10, tensors=records, fp32_bytes=1,
         activation_scales=tuple(scales["int8"].items()),
         calibration_json=quant.calibration_json("percentile", 256, 99.99))
     with_scales, without = tmp_path / "with.fb", tmp_path / "without.fb"

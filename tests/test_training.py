@@ -16,8 +16,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from packer.training import DataSpec, EpochSampler, TrainConfig, build_datasets, fit
-from runtime.data import CIFAR10_CLASSES
+from packer.training import DataSpec, TrainConfig, build_datasets, fit
+from runtime.data import CIFAR10_CLASSES, ShardSampler
 from runtime.errors import ConfigError, DataError
 
 torch.set_num_threads(1)
@@ -87,12 +87,12 @@ def test_checkpoint_resumes_and_rejects_another_schedule(tmp_path: Path) -> None
 
 
 def test_epoch_sampler_is_seeded_limited_and_sharded() -> None:
-    a = EpochSampler(100, 40, seed=3, rank=0, world=2)
-    b = EpochSampler(100, 40, seed=3, rank=1, world=2)
+    a = ShardSampler(100, rank=0, world=2, seed=3, limit=40)
+    b = ShardSampler(100, rank=1, world=2, seed=3, limit=40)
     assert len(a) == len(b) == 20
-    assert set(a).isdisjoint(set(b)) and list(a) == list(EpochSampler(100, 40, 3, 0, 2))
+    assert set(a).isdisjoint(set(b)) and list(a) == list(ShardSampler(100, 0, 2, 3, 40))
     a.set_epoch(1)
-    assert list(a) != list(EpochSampler(100, 40, 3, 0, 2))
+    assert list(a) != list(ShardSampler(100, 0, 2, 3, 40))
 
 
 def test_bad_config_and_data_messages(tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ def read_streams(path: Path, role: str) -> list[Stream]:
                     continue
                 symbols = read_stream(packed, rec, f"{tensor.name}/{r}")
                 out.append(Stream(f"{tensor.name}/{r}", symbols, rec.alphabet_size,
-                                  rec.blob.length + rec.params_nbytes, rec.coder))
+                                  rec.blob.length + rec.params_nbytes(), rec.coder))
     return out
 
 
