@@ -86,6 +86,37 @@ def test_checkpoint_resumes_and_rejects_another_schedule(tmp_path: Path) -> None
         fit(toy_model(), toy_data(), None, cfg(epochs=5, checkpoint=ckpt))
 
 
+def test_resume_refuses_other_settings_and_names_them(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ft.pt"
+    method = {"method": "pqf", "options": {"distill": False, "k": 16}, "seed": 0}
+    fit(toy_model(), toy_data(), None, cfg(epochs=2, checkpoint=ckpt, method_settings=method))
+    with pytest.raises(ConfigError, match=r"cannot resume .*training\.lr: 0\.01 -> 0\.02"):
+        fit(toy_model(), toy_data(), None,
+            cfg(epochs=2, lr=0.02, checkpoint=ckpt, method_settings=method))
+    distilled = {**method, "options": {"distill": True, "k": 16}}
+    with pytest.raises(ConfigError, match=r"method\.options\.distill: false -> true"):
+        fit(toy_model(), toy_data(), None,
+            cfg(epochs=2, checkpoint=ckpt, method_settings=distilled))
+    wider = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    with pytest.raises(ConfigError, match="model: its tensor names or shapes differ"):
+        fit(wider, toy_data(), None, cfg(epochs=2, checkpoint=ckpt, method_settings=method))
+    # Where the run goes and how fast it loads are not settings: the same run resumes.
+    again = fit(toy_model(), toy_data(), None, cfg(epochs=2, checkpoint=ckpt, workers=0,
+                                                   progress=True, method_settings=method))
+    assert again.resumed_from == 2 and again.epochs_run == 0
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot resume from"):
+        fit(toy_model(), toy_data(), None, cfg(epochs=1, checkpoint=junk))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": toy_model().state_dict()}, foreign)
+    with pytest.raises(ConfigError, match="records no settings"):
+        fit(toy_model(), toy_data(), None, cfg(epochs=1, checkpoint=foreign))
+
+
 def test_epoch_sampler_is_seeded_limited_and_sharded() -> None:
     a = ShardSampler(100, rank=0, world=2, seed=3, limit=40)
     b = ShardSampler(100, rank=1, world=2, seed=3, limit=40)
