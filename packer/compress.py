@@ -32,7 +32,7 @@ from runtime.format.preamble import DEFAULT_ALIGNMENT
 from runtime.format.reader import open_packed
 from runtime.format.records import ArchitectureRecord, InputSpec, ModelRecord
 from runtime.onnx.graph import export_module, weight_free
-from runtime.report import build_report
+from runtime.report import size_report
 from runtime.tensors import CompressedTensor
 from runtime.zoo.specs import IMAGENET_MEAN, IMAGENET_STD
 
@@ -133,10 +133,10 @@ def pack(req: PackRequest) -> dict[str, Any]:
         activation_scales=act_scales, calibration_json=calibration,
     )
     with _own_output(req.output) as target:
-        write_packed(target, record, data)
+        written = write_packed(target, record, data)
         with open_packed(target) as packed:
             _verify_round_trip(packed, tensors)
-            report = build_report(packed)
+    report = size_report(record, written.preamble, written.index_raw_size, target)
     report["pack_seconds"] = round(time.perf_counter() - started, 3)
     report.update(method.extra_report(job))
     report["streams"] = {e.record.name: [vars(s) for s in e.streams] for e in encoded}

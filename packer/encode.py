@@ -58,7 +58,6 @@ class StreamReport:
 class EncodedTensor:
     record: TensorRecord
     streams: list[StreamReport]
-    array_bytes: int  # codebooks, scales, zero points
 
 
 class Encoder:
@@ -128,5 +127,4 @@ class Encoder:
                                       subvector_size=tensor.subvector_size, layout=0, **common)
             case _:
                 raise TypeError(f"{name}: cannot encode {type(tensor).__name__}")
-        array_bytes = sum(a.blob.length for _, a in record.arrays())
-        return EncodedTensor(record, reports, array_bytes)
+        return EncodedTensor(record, reports)

@@ -36,7 +36,7 @@ def golden_bytes() -> bytes:
         input=CIFAR_SPEC,
         num_classes=10, tensors=records, fp32_bytes=4 * 10_000, class_names=("yes", "no"),
     )
-    return b"".join(layout(model, data))
+    return b"".join(layout(model, data).chunks)
 
 
 def main() -> int:
