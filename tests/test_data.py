@@ -13,24 +13,19 @@ from PIL import Image
 from runtime import data
 from runtime.errors import DataError
 from runtime.zoo import input_spec
+from tests.assets import require
 
 CIFAR_SPEC = input_spec("cifar_resnet20")
 
 
 @pytest.fixture(scope="module")
 def imagenet_dir(shared_dir: Path) -> Path:
-    path = shared_dir / "data" / "imagenet-sample"
-    if not path.is_dir():
-        pytest.skip(f"no shared ImageNet sample in {path}")
-    return path
+    return require(shared_dir / "data" / "imagenet-sample", "shared ImageNet sample")
 
 
 @pytest.fixture(scope="module")
 def cifar_dir(shared_dir: Path) -> Path:
-    path = shared_dir / "data" / "cifar10"
-    if not (path / "test").is_dir():
-        pytest.skip(f"no shared CIFAR-10 image folder in {path}")
-    return path
+    return require(shared_dir / "data" / "cifar10" / "test", "shared CIFAR-10 test folder").parent
 
 
 def write_jpeg(path: Path, size: tuple[int, int] = (40, 30), mode: str = "RGB") -> bytes:

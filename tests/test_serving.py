@@ -20,7 +20,7 @@ from PIL import Image
 
 import runtime
 from runtime.data import CIFAR10_CLASSES, build_transform
-from tests.conftest import REPO_ROOT
+from tests.assets import REPO_ROOT
 
 SERVE = REPO_ROOT / "docs" / "examples" / "serve.py"
 HOST = "127.0.0.1"
