@@ -169,8 +169,8 @@ def _function_node(node: fx.Node, sp: _Spaces, space: dict[fx.Node, int], pooled
     elif target is operator.getitem and first_is_tensor and _keeps_channels(node.args[1]):
         space[node] = src  # x[:, :, ::2, ::2]: spatial slicing keeps every channel in place
     elif target is F.pad and first_is_tensor and _pads_channels(node) is not None:
-        why = (f"channel zero-padding {node.name} (an option-A pad shortcut: channel c -> "
-               f"c+{_pads_channels(node)})")
+        why = (f"channel zero-padding in {_where(node)} (an option-A pad shortcut: channel c "
+               f"-> c+{_pads_channels(node)})")
         block_all(node, why)
         space[node] = sp.new(why)
     elif target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d) and len(args) == 1:
@@ -184,6 +184,12 @@ def _function_node(node: fx.Node, sp: _Spaces, space: dict[fx.Node, int], pooled
     else:
         block_all(node, f"operation {name}")
         space[node] = sp.new(f"output of {name}")
+
+
+def _where(node: fx.Node) -> str:
+    """The module a traced operation ran in (its qualified name), else the node's name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack), node.name) if stack else node.name
 
 
 def _keeps_channels(index: Any) -> bool:
