@@ -11,9 +11,10 @@ from packer.encode import CODER_CHOICES
 from packer.methods import METHODS
 from packer.methods.chain import RANK_NAMES
 from packer.report.cli import add_parser as add_report_parser
-from packer.training import DataSpec, launch_rank
+from packer.training import DataSpec
 from runtime import cli as runtime_cli, zoo
 from runtime.cli_common import add_common_flags, print_json, progress_enabled, run
+from runtime.distributed import launch_rank
 from runtime.format.preamble import DEFAULT_ALIGNMENT, MAX_ALIGNMENT
 from runtime.report import format_report
 

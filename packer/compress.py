@@ -8,7 +8,7 @@ import json
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +22,20 @@ from packer.config import collect_settings, load_config_file
 from packer.encode import DataSection, Encoder
 from packer.methods import CompressJob, resolve_method
 from packer.methods.none import raw_tensor
-from packer.training import launch_rank
 from packer.writer import write_packed
 from runtime import quant, zoo
 from runtime.data import calibration_dataset, make_loader
 from runtime.decode import decode_state_dict
+from runtime.distributed import launch_rank
 from runtime.errors import ConfigError, WeightpackError
 from runtime.format.features import ACTIVATION_QUANT
 from runtime.format.preamble import DEFAULT_ALIGNMENT
 from runtime.format.reader import open_packed
 from runtime.format.records import ArchitectureRecord, InputSpec, ModelRecord
 from runtime.onnx.graph import export_module, weight_free
-from runtime.report import build_report
+from runtime.report import size_report
 from runtime.tensors import CompressedTensor
+from runtime.zoo.specs import IMAGENET_MEAN, IMAGENET_STD
 
 COMPRESSIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -74,22 +75,21 @@ def compressible_weights(model: nn.Module) -> list[str]:
 
 
 def _input_spec(req: PackRequest, arch: str) -> InputSpec:
+    """The architecture's default spec (ImageNet statistics for a graph), with the user's
+    --input-size, --mean and --std on top."""
     if arch == GRAPH:
         if req.input_size is None:
             raise ConfigError("a model stored as a graph needs --input-size C,H,W")
-        spec = {"shape": list(req.input_size), "mean": [0.485, 0.456, 0.406][: req.input_size[0]],
-                "std": [0.229, 0.224, 0.225][: req.input_size[0]], "resize": None, "crop": None}
+        channels = req.input_size[0]
+        spec = InputSpec(tuple(req.input_size), IMAGENET_MEAN[:channels], IMAGENET_STD[:channels])
     else:
-        spec = dict(zoo.input_spec(arch))
-    if req.mean is not None:
-        spec["mean"] = list(req.mean)
-    if req.std is not None:
-        spec["std"] = list(req.std)
-    if req.input_size is not None:
-        spec["shape"] = list(req.input_size)
-    if not len(spec["mean"]) == len(spec["std"]) == spec["shape"][0]:
+        spec = zoo.input_spec(arch)
+    spec = replace(spec, **{k: tuple(v) for k, v in (("shape", req.input_size),
+                                                        ("mean", req.mean), ("std", req.std))
+                            if v is not None})
+    if not len(spec.mean) == len(spec.std) == spec.shape[0]:
         raise ConfigError("--mean and --std need one value per input channel")
-    return InputSpec.from_dict(spec)
+    return spec
 
 
 def _fp32_bytes(state_dict: dict[str, torch.Tensor]) -> int:
@@ -136,14 +136,12 @@ def pack(req: PackRequest) -> dict[str, Any]:
         required_features=tuple(sorted(features)), activation_quant=act_quant,
     )
     with _own_output(req.output) as target:
-        write_packed(target, record, data)
+        written = write_packed(target, record, data)
         with open_packed(target) as packed:
             _verify_round_trip(packed, tensors)
-            report = build_report(packed)
+    report = size_report(record, written.preamble, written.index_raw_size, target)
     report["pack_seconds"] = round(time.perf_counter() - started, 3)
-    extra = getattr(method, "extra_report", None)
-    if callable(extra):
-        report.update(extra(job))
+    report.update(method.extra_report(job))
     report["streams"] = {e.record.name: [vars(s) for s in e.streams] for e in encoded}
     return report
 
@@ -186,7 +184,7 @@ def _calibrate(req: PackRequest, arch: ResolvedArchitecture,
     # A copy of the source module (zoo or graph alike) holding the weights being packed.
     module = copy.deepcopy(arch.model)
     module.load_state_dict({n: t.dequantize() for n, t in tensors.items()})
-    dataset = calibration_dataset(req.calib_data, spec.as_dict())
+    dataset = calibration_dataset(req.calib_data, spec)
     loader = make_loader(dataset, 64, req.workers, limit=min(req.calib_images, len(dataset)))
     scales = quant.calibrate(module, loader, method=req.calib_method)
     images = min(req.calib_images, len(dataset))

@@ -20,9 +20,11 @@ from runtime.data import (
     imagenet_dataset,
     make_loader,
 )
+from runtime.distributed import init_distributed, local_rank, rank, world_size
 from runtime.errors import DataError
 from runtime.evaluate import evaluate
 from runtime.format.reader import open_packed
+from runtime.format.records import InputSpec
 from runtime.loader import load
 from runtime.onnx import export_onnx, session
 from runtime.report import build_report, format_report, inspect_file
@@ -109,7 +111,7 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _dataset(args: argparse.Namespace, spec: dict[str, Any], num_classes: int):
+def _dataset(args: argparse.Namespace, spec: InputSpec, num_classes: int):
     if args.cifar10 is not None:
         if num_classes and num_classes != 10:
             raise DataError(f"this model has {num_classes} classes; CIFAR-10 has 10")
@@ -123,17 +125,13 @@ def _dataset(args: argparse.Namespace, spec: dict[str, Any], num_classes: int):
 
 
 def _start_distributed(device: torch.device) -> tuple[torch.device, bool]:
-    """Under torchrun (WORLD_SIZE > 1) join the process group; one GPU per process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """Under torchrun join the process group; one GPU per process."""
+    if not init_distributed(cuda=device.type == "cuda"):
         return device, False
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, True
+    return (torch.device("cuda", local_rank()) if device.type == "cuda" else device), True
 
 
-def _act_scales(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, float] | None:
+def _act_scales(args: argparse.Namespace, spec: InputSpec) -> dict[str, float] | None:
     """Scales measured now with --calib-data, else None (use the file's own)."""
     if args.calib_data is None:
         return None
@@ -143,7 +141,7 @@ def _act_scales(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, flo
 
 
 def _model_for_eval(args: argparse.Namespace, device: torch.device,
-                    spec: dict[str, Any]) -> tuple[Any, str]:
+                    spec: InputSpec) -> tuple[Any, str]:
     """The model to evaluate, and which provider runs it."""
     if args.int8:
         if device.type != "cpu" and args.backend == "torch":
@@ -194,19 +192,18 @@ def _eval(args: argparse.Namespace) -> int:
     device, distributed = _start_distributed(_device(args.device))
     try:
         with open_packed(args.file) as packed:
-            report = build_report(packed)
-        dataset = _dataset(args, report["input"], report["num_classes"])
-        model, provider = _model_for_eval(args, device, report["input"])
+            report, spec = build_report(packed), packed.model.input
+        dataset = _dataset(args, spec, report["num_classes"])
+        model, provider = _model_for_eval(args, device, spec)
         loader = make_loader(dataset, args.batch_size, args.workers, args.limit,
                              distributed=distributed, pin_memory=device.type == "cuda")
         result = evaluate(model, loader, device if args.backend == "torch" else "cpu",
                           progress=progress_enabled(args))
-        rank = torch.distributed.get_rank() if distributed else 0
-        world = torch.distributed.get_world_size() if distributed else 1
+        me, world = rank(), world_size()
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
-    if rank != 0:
+    if me != 0:
         return 0
     out = {**result.as_dict(), "backend": args.backend, "provider": provider,
            "precision": "int8" if args.int8 else "fp32", "processes": world,

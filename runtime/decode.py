@@ -32,12 +32,7 @@ def unshuffle_bytes(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def read_stream(packed: PackedFile, stream: StreamRecord, what: str) -> np.ndarray:
     payload = bytes(packed.blob(stream.blob, what))
-    coded = coders.CodedStream(
-        coder=stream.coder, version=stream.coder_version, payload=payload, bits=stream.bits,
-        code_lengths=stream.code_lengths, frequencies=stream.frequencies,
-        precision=stream.precision, chunk_offsets=stream.chunk_offsets,
-        chunk_size=stream.chunk_size,
-    )
+    coded = coders.CodedStream(**stream.coder_params(), payload=payload)
     symbols = coders.decode(coded, stream.count, stream.alphabet_size)
     if symbols.shape != (stream.count,):
         raise CorruptBlob(f"{what} decoded to {symbols.size} symbols, expected {stream.count}")

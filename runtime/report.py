@@ -6,8 +6,9 @@ import json
 import os
 from typing import Any
 
+from runtime.format.preamble import Preamble
 from runtime.format.reader import PackedFile
-from runtime.format.records import TensorRecord
+from runtime.format.records import ModelRecord, TensorRecord
 
 QUANTIZED = ("uniform", "scalar_codebook", "vector_codebook")
 
@@ -23,7 +24,7 @@ def _levels(t: TensorRecord) -> str:
 
 def tensor_row(t: TensorRecord) -> dict[str, Any]:
     streams = t.streams()
-    stream_bytes = sum(s.blob.length + s.params_nbytes for _, s in streams)
+    stream_bytes = sum(s.blob.length + s.params_nbytes() for _, s in streams)
     array_bytes = sum(a.blob.length for _, a in t.arrays())
     coded = stream_bytes + array_bytes
     # The order-0 entropy bound of the streams, in bytes, plus the arrays stored as they are.
@@ -38,8 +39,7 @@ def tensor_row(t: TensorRecord) -> dict[str, Any]:
     }
 
 
-def _index_strings(packed: PackedFile) -> tuple[int, int]:
-    m = packed.model
+def _index_strings(m: ModelRecord) -> tuple[int, int]:
     arch = len(m.architecture.builder.encode()) + len(m.architecture.kwargs_json.encode())
     meta = sum(len(s.encode()) for s in (m.producer, m.method, m.method_config_json,
                                           m.source_sha256, m.metadata_json, *m.class_names))
@@ -47,13 +47,19 @@ def _index_strings(packed: PackedFile) -> tuple[int, int]:
 
 
 def params_of(model, role: str) -> int:
-    return sum(s.params_nbytes for t in model.tensors for r, s in t.streams() if r == role)
+    return sum(s.params_nbytes() for t in model.tensors for r, s in t.streams() if r == role)
 
 
 def build_report(packed: PackedFile) -> dict[str, Any]:
     """Everything `inspect` and `compress` print, as one JSON-ready dict."""
-    m = packed.model
-    file_bytes = os.stat(packed.path).st_size
+    return size_report(packed.model, packed.preamble, packed.index_raw_size, packed.path)
+
+
+def size_report(m: ModelRecord, preamble: Preamble, index_raw_size: int,
+                path: str | os.PathLike) -> dict[str, Any]:
+    """The report from the index records and the file's layout: what a reader finds in the
+    file, and what the writer knows before writing it."""
+    file_bytes = preamble.file_size
     rows = [tensor_row(t) for t in m.tensors]
     quantized = [r for r, t in zip(rows, m.tensors, strict=True) if t.scheme in QUANTIZED]
     q_bytes = sum(r["coded_bytes"] for r in quantized)
@@ -64,29 +70,29 @@ def build_report(packed: PackedFile) -> dict[str, Any]:
     params = 0
     for t in m.tensors:
         for role, s in t.streams():
-            params += s.params_nbytes
+            params += s.params_nbytes()
             sections["indices" if role == "indices" else "raw_tensors"] += (
-                s.blob.length + s.params_nbytes)
+                s.blob.length + s.params_nbytes())
         sections["codebooks"] += sum(a.blob.length for _, a in t.arrays())
     # Parameters and strings live in the index; when it is zstd-compressed, charge them
     # at the index's compression rate so every figure is in bytes actually stored.
-    rate = packed.preamble.index_size / packed.index_raw_size
+    rate = preamble.index_size / index_raw_size
     params = round(params * rate)
     sections["indices"] = round(sections["indices"] - params_of(m, "indices") * (1 - rate))
     sections["raw_tensors"] = round(sections["raw_tensors"] - params_of(m, "values") * (1 - rate))
-    arch_strings, meta_strings = (round(n * rate) for n in _index_strings(packed))
+    arch_strings, meta_strings = (round(n * rate) for n in _index_strings(m))
     graph = m.architecture.graph.length if m.architecture.graph else 0
     sections["architecture"] = arch_strings + graph
     sections["metadata"] = meta_strings
     blob_total = sum(ref.length for _, ref in m.blobs())
-    sections["padding"] = (packed.section_bytes()["index_padding"]
-                           + packed.preamble.data_size - blob_total)
+    index_padding = preamble.data_offset - preamble.index_offset - preamble.index_size
+    sections["padding"] = index_padding + preamble.data_size - blob_total
     sections["preamble_index"] = 0
     sections["preamble_index"] = file_bytes - sum(sections.values())
 
     config = json.loads(m.method_config_json)
     return {
-        "file": str(packed.path), "file_bytes": file_bytes, "fp32_bytes": m.fp32_bytes,
+        "file": str(path), "file_bytes": file_bytes, "fp32_bytes": m.fp32_bytes,
         "ratio": m.fp32_bytes / file_bytes if file_bytes else 0.0,
         "bits_per_weight": 8 * q_bytes / q_weights if q_weights else 0.0,
         "bits_per_parameter": 8 * file_bytes / n_float if n_float else 0.0,
@@ -96,7 +102,7 @@ def build_report(packed: PackedFile) -> dict[str, Any]:
                          "kwargs": json.loads(m.architecture.kwargs_json)},
         "input": m.input.as_dict(), "num_classes": m.num_classes,
         "source_sha256": m.source_sha256,
-        "format": f"{packed.preamble.major}.{packed.preamble.minor}",
+        "format": f"{preamble.major}.{preamble.minor}",
         "required_features": list(m.required_features),
         "activation_quant": [{"module": q.module, "bits": q.bits, "clip": q.clip}
                              for q in m.activation_quant],

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.assets import require, shared_root, under_ci
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under CI=true a missing shared folder stops the run with one clear error, before any
+    test is collected, instead of skipping every test that needs it."""
+    if under_ci() and not shared_root().is_dir():
+        raise pytest.UsageError(
+            f"CI=true but the shared assets are not at {shared_root()}: set WEIGHTPACK_SHARED "
+            f"(or put them at ../shared beside the repository)")
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """``$WEIGHTPACK_SHARED`` or ``<repo root>/../shared``; skips the test when absent."""
-    path = Path(os.environ.get("WEIGHTPACK_SHARED", REPO_ROOT.parent / "shared"))
-    if not path.is_dir():
-        pytest.skip(f"shared assets not found at {path} (set WEIGHTPACK_SHARED)")
-    return path
+    """``$WEIGHTPACK_SHARED`` or ``<repo root>/../shared``; skips the test when absent (and
+    fails it under CI=true)."""
+    return require(shared_root(), "shared assets (set WEIGHTPACK_SHARED)")

@@ -100,7 +100,9 @@ def test_public_names() -> None:
     assert sorted(coders.__all__) == sorted(
         [
             "CODERS",
+            "FORMAT_VERSION",
             "CodedStream",
+            "CoderParams",
             "decode",
             "encode",
             "encode_best",

@@ -113,7 +113,7 @@ def test_session_agrees_with_torch(packed: dict[str, Path], method: str) -> None
 def test_top1_agrees_with_torch_on_real_images(packed: dict[str, Path], shared_dir: Path) -> None:
     path = packed["kmeans"]
     with open_packed(path) as f:
-        spec = f.model.input.as_dict()
+        spec = f.model.input
     batches = list(make_loader(cifar10_dataset(shared_dir / "data" / "cifar10", spec=spec),
                                batch_size=250, workers=0, limit=1000))
     sess, model = session(path), runtime.load(path)

@@ -180,6 +180,34 @@ def test_resnet20_groups_pad_shortcuts_skipped_and_function_kept() -> None:
     assert not any(g.get("applied") for g in small)
 
 
+def _expected_cifar_resnet_groups(blocks: int) -> list[tuple[list[str], list[str], list[str],
+                                                              bool]]:
+    """(writers, norms, readers, blocked) of every channel space of a CIFAR ResNet, as the
+    permutation search found them when it still knew the zoo's pad-shortcut class."""
+    groups: list[tuple[list[str], list[str], list[str], bool]] = [([], [], ["conv1"], True)]
+    for stage in (1, 2, 3):
+        names = [f"layer{stage}.{i}" for i in range(blocks)]
+        groups += [([f"{b}.conv1"], [f"{b}.bn1"], [f"{b}.conv2"], False) for b in names]
+        head = ["conv1"] if stage == 1 else []
+        norms = ["bn1"] if stage == 1 else []
+        readers = [f"{b}.conv1" for b in (names if stage == 1 else names[1:])]
+        readers.append(f"layer{stage + 1}.0.conv1" if stage < 3 else "linear")
+        groups.append((head + [f"{b}.conv2" for b in names], norms + [f"{b}.bn2" for b in names],
+                       readers, True))  # the residual stream, tied to the next by zero-padding
+    return groups + [(["linear"], [], [], True)]
+
+
+@pytest.mark.parametrize("depth", [20, 56])
+def test_cifar_resnet_groups_come_from_the_graph_unchanged(depth: int) -> None:
+    from runtime.zoo import cifar_resnet
+
+    model = getattr(cifar_resnet, f"cifar_resnet{depth}")()
+    found = [(g.writers, g.norms, g.readers, bool(g.blocked)) for g in find_groups(model)]
+    assert found == _expected_cifar_resnet_groups((depth - 2) // 6)
+    streams = [g for g in find_groups(model) if len(g.writers) > 1]
+    assert all("channel zero-padding" in "; ".join(g.blocked) for g in streams)
+
+
 def test_torchvision_resnet_streams_include_downsample_and_bn() -> None:
     groups = find_groups(torchvision.models.resnet18())
     stream = next(g for g in groups if "layer2.0.downsample.0" in g.writers)

@@ -20,7 +20,7 @@ from PIL import Image
 
 import runtime
 from runtime.data import CIFAR10_CLASSES, build_transform
-from tests.conftest import REPO_ROOT
+from tests.assets import REPO_ROOT
 
 SERVE = REPO_ROOT / "docs" / "examples" / "serve.py"
 HOST = "127.0.0.1"
@@ -110,7 +110,7 @@ def test_predictions_match_in_process(server: Server, packed: Path, shared_dir: 
                                                       item[0].read_bytes()), images))
 
     model = runtime.load(packed)
-    transform = build_transform(runtime.open_packed(packed).model.input.as_dict())
+    transform = build_transform(runtime.open_packed(packed).model.input)
     batch = torch.stack([transform(Image.open(f).convert("RGB")) for f, _ in images])
     with torch.inference_mode():
         probs = torch.softmax(model(batch), dim=1)

@@ -20,9 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from packer import index_builder  # noqa: E402
+from runtime.coders import CODERS  # noqa: E402
 from runtime.format.index import parse_index  # noqa: E402
 from runtime.format.preamble import FLAG_INDEX_ZSTD, PREAMBLE_SIZE  # noqa: E402
-from runtime.format.records import CODER_NAMES, ModelRecord  # noqa: E402
+from runtime.format.records import ModelRecord  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden" / "tiny-v1.fb"
 CORPUS = ROOT / "tests" / "corpus"
@@ -96,15 +97,15 @@ def cases(golden: bytes) -> dict[str, tuple[bytes, str, str]]:
     bomb = zstandard.ZstdCompressor(level=3).compress(bytes(300 << 20))
     put("index_bomb", _bomb(fields, bomb, data), "LimitExceeded", "over the cap")
 
-    index_builder.CODER_NAMES = (*CODER_NAMES, "future1", "future2", "future3", "future4")
+    index_builder.CODERS = (*CODERS, "future1", "future2", "future3", "future4")
     try:
         put("unknown_coder", with_model(golden, lambda m: swap_tensor(
             m, "kmeans", indices=replace(first_tensor(m, "kmeans").indices, coder="future4"))),
             "UnsupportedVersion", "coder code 7")
     finally:
-        index_builder.CODER_NAMES = CODER_NAMES
+        index_builder.CODERS = CODERS
     put("future_coder_version", with_model(golden, lambda m: swap_tensor(
-        m, "kmeans", indices=replace(first_tensor(m, "kmeans").indices, coder_version=9))),
+        m, "kmeans", indices=replace(first_tensor(m, "kmeans").indices, version=9))),
         "UnsupportedVersion", "version 9")
     put("future_scheme_version", with_model(golden, lambda m: swap_tensor(
         m, "kmeans", scheme_version=3)), "UnsupportedVersion", "version 3")

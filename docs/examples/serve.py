@@ -41,7 +41,7 @@ class Predictor:
         with runtime.open_packed(path) as packed:
             info = packed.model
         self.model = runtime.load(path)  # eval mode, CPU; read-only from here on
-        self.transform = build_transform(info.input.as_dict())
+        self.transform = build_transform(info.input)
         if info.class_names:
             self.labels: list[str] | None = list(info.class_names)
         elif info.num_classes == 1000:

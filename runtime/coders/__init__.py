@@ -15,7 +15,9 @@ import numpy as np
 from runtime.coders._ans import decode_ans, encode_ans
 from runtime.coders._common import (
     CODERS,
+    FORMAT_VERSION,
     CodedStream,
+    CoderParams,
     check_alphabet,
     check_count,
     check_version,
@@ -30,7 +32,9 @@ from runtime.errors import CorruptBlob
 
 __all__ = [
     "CODERS",
+    "FORMAT_VERSION",
     "CodedStream",
+    "CoderParams",
     "decode",
     "encode",
     "encode_best",

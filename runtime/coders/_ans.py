@@ -67,7 +67,7 @@ def _words_to_bytes(words: np.ndarray) -> bytes:
 def encode_ans(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
     """Quantize, remap to the present sub-alphabet, then code with constriction's AnsCoder."""
     if symbols.size == 0:
-        return CodedStream("ans", FORMAT_VERSION, b"")
+        return CodedStream("ans", FORMAT_VERSION, payload=b"")
     counts = np.bincount(symbols, minlength=alphabet_size)
     freq = quantize(counts, PRECISION)
     present = np.flatnonzero(freq)
@@ -78,7 +78,8 @@ def encode_ans(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
         coder = constriction.stream.stack.AnsCoder()
         coder.encode_reverse(sub, _model(freq[present], PRECISION))
         payload = _words_to_bytes(coder.get_compressed())
-    return CodedStream("ans", FORMAT_VERSION, payload, frequencies=freq, precision=PRECISION)
+    return CodedStream("ans", FORMAT_VERSION, payload=payload, frequencies=freq,
+                       precision=PRECISION)
 
 
 def decode_ans(stream: CodedStream, count: int, alphabet_size: int) -> np.ndarray:

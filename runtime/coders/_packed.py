@@ -112,7 +112,7 @@ def zstd_bits(alphabet_size: int) -> int:
 def encode_raw(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
     """Tight bit-packing: the baseline every other coder must beat."""
     bits = min_bits(alphabet_size)
-    return CodedStream("raw", FORMAT_VERSION, pack(symbols, bits), bits=bits)
+    return CodedStream("raw", FORMAT_VERSION, payload=pack(symbols, bits), bits=bits)
 
 
 def encode_zstd(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
@@ -121,7 +121,8 @@ def encode_zstd(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
     compressor = zstandard.ZstdCompressor(
         level=ZSTD_LEVEL, write_content_size=True, write_checksum=False, threads=0
     )
-    return CodedStream("zstd", FORMAT_VERSION, compressor.compress(pack(symbols, bits)), bits=bits)
+    return CodedStream("zstd", FORMAT_VERSION, bits=bits,
+                        payload=compressor.compress(pack(symbols, bits)))
 
 
 def _check_bits(stream: CodedStream, alphabet_size: int) -> int:

@@ -12,13 +12,13 @@ import struct
 
 import numpy as np
 
+from runtime.coders import CODERS, FORMAT_VERSION as CODER_VERSION
 from runtime.errors import FormatError, LimitExceeded, UnsupportedVersion, WeightpackError
 from runtime.format.dtypes import name_of_code
 from runtime.format.generated.weightpack.fb.Model import Model
 from runtime.format.preamble import INDEX_IDENTIFIER
 from runtime.format.records import (
     ARCH_KINDS,
-    CODER_NAMES,
     SCHEME_VERSION,
     SCHEMES,
     ActivationQuantRecord,
@@ -41,7 +41,6 @@ MAX_CLASSES = 1 << 20
 MAX_INPUT_CHANNELS = 64
 MAX_FEATURES = 64
 MAX_ACTIVATION_BITS = 8
-CODER_VERSIONS = {"raw": 1, "zstd": 1, "huffman": 1, "ans": 1}
 
 
 def parse_index(buf: bytes | memoryview) -> ModelRecord:
@@ -120,12 +119,12 @@ def _array(fb, what: str) -> ArrayRecord | None:
 def _stream(fb, what: str) -> StreamRecord | None:
     if fb is None:
         return None
-    coder = _enum(fb.Coder(), CODER_NAMES, f"{what} coder")
+    coder = _enum(fb.Coder(), CODERS, f"{what} coder")
     version = fb.CoderVersion()
-    if version != CODER_VERSIONS[coder]:
+    if version != CODER_VERSION:
         raise UnsupportedVersion(
             f"{what}: coder {coder} version {version} is unknown; this runtime reads version "
-            f"{CODER_VERSIONS[coder]}"
+            f"{CODER_VERSION}"
         )
     alphabet = fb.AlphabetSize()
     if not 1 <= alphabet <= MAX_ALPHABET:
@@ -134,7 +133,7 @@ def _stream(fb, what: str) -> StreamRecord | None:
     if count > MAX_NUMEL:
         raise LimitExceeded(f"{what}: {count} symbols, over the cap of {MAX_NUMEL}")
     return StreamRecord(
-        blob=_blob(fb.Blob()), coder=coder, coder_version=version, alphabet_size=alphabet,
+        blob=_blob(fb.Blob()), coder=coder, version=version, alphabet_size=alphabet,
         count=count, bits=fb.Bits(),
         code_lengths=_vector(fb, "CodeLengths", MAX_ALPHABET),
         frequencies=_vector(fb, "Frequencies", MAX_ALPHABET),

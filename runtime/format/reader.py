@@ -74,11 +74,6 @@ class PackedFile:
             self.blob(ref, what)
         return len(blobs)
 
-    def section_bytes(self) -> dict[str, int]:
-        p = self.preamble
-        return {"preamble": PREAMBLE_SIZE, "index": p.index_size,
-                "index_padding": p.data_offset - p.index_offset - p.index_size}
-
     # -- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
         if self._mm is not None:

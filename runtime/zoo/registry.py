@@ -7,7 +7,6 @@ built with ``weights=None`` so nothing is ever downloaded.
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -161,10 +160,10 @@ def build(name: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
 
 
 def input_spec(name: str) -> InputSpec:
-    """The default input spec for ``name`` (a fresh dict each call)."""
+    """The default input spec for ``name``."""
     _check_name(name)
     if name in CIFAR_NAMES:
-        return copy.deepcopy(CIFAR_SPEC)
+        return CIFAR_SPEC
     if name.startswith(TIMM_PREFIX):
         return _timm_spec(name.removeprefix(TIMM_PREFIX))
     resize, crop = _TORCHVISION_SIZES.get(name.removeprefix(TORCHVISION_PREFIX), (256, 224))
@@ -179,7 +178,6 @@ def _timm_spec(model: str) -> InputSpec:
     if cfg is None:
         return imagenet_spec()
     _, h, w = cfg.input_size
-    spec = imagenet_spec(resize=int(h / (cfg.crop_pct or 0.875)), crop=h)  # timm floors
-    spec["shape"] = [cfg.input_size[0], h, w]
-    spec["mean"], spec["std"] = list(cfg.mean), list(cfg.std)
-    return spec
+    resize = int(h / (cfg.crop_pct or 0.875))  # timm floors
+    return InputSpec(shape=(cfg.input_size[0], h, w), mean=tuple(cfg.mean), std=tuple(cfg.std),
+                     resize=resize, crop=h)
