@@ -96,3 +96,17 @@ def test_resolve_adapts_num_classes() -> None:
     arch = resolve(sd, "cifar_resnet20")
     assert arch.kwargs == {"num_classes": 100}
     assert arch.model.linear.out_features == 100
+
+
+@pytest.mark.parametrize("arch", [None, "cifar_resnet20"])
+def test_checkpoint_saved_before_num_batches_tracked(tmp_path: Path, model, arch) -> None:
+    """The layout of the original CIFAR ResNets: torch's strict load accepts it, so do we."""
+    sd = {f"module.{k}": v for k, v in model.state_dict().items()
+          if not k.endswith("num_batches_tracked")}
+    torch.save({"state_dict": sd, "best_prec1": 91.78}, tmp_path / "old.th")
+    resolved = resolve(load_checkpoint(tmp_path / "old.th").state_dict, arch)
+    assert resolved.name == "cifar_resnet20"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(resolved.model(x), model(x))
+    assert int(resolved.model.bn1.num_batches_tracked) == 0
