@@ -78,7 +78,7 @@ def resolve(state_dict: dict[str, torch.Tensor], arch: str | None,
                                     "--trust-pickle)")
         return ResolvedArchitecture(GRAPH, {}, module.eval())
     if arch is not None:
-        return build_loaded(arch, state_dict)
+        return build_loaded(zoo.resolve_name(arch, state_dict), state_dict)
     candidates = [name for name, _ in zoo.infer_with_kwargs(state_dict)]
     if len(candidates) == 1:
         return build_loaded(candidates[0], state_dict)

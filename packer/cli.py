@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -58,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
                    "(e.g. k=16, conv1.method=none, layer3.*.bits=4)")
     c.add_argument("--fp16", action="store_true",
                    help="store tensors kept raw at float16 (same as --set fp16=true)")
-    c.add_argument("--arch", help="architecture name (default: inferred from the checkpoint; "
-                   "see `packer archs`)")
+    c.add_argument("--arch", help="architecture (default: inferred from the checkpoint): a "
+                   "name from `packer archs` or its library's own short name, e.g. resnet18, "
+                   "resnet20; `graph` stores a TorchScript model's own graph")
     c.add_argument("--coder", default="auto", choices=CODER_CHOICES,
                    help="entropy coder for every stream (default: auto, the smallest per "
                    "stream)")
@@ -169,11 +171,17 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _archs(args: argparse.Namespace) -> int:
-    names = zoo.names()
+    short = zoo.short_names()
     if args.json:
-        print_json(names)
-    else:
-        print("\n".join(names))
+        print_json([{"name": full, "short": name} for full, name in short.items()])
+        return 0
+    width = max(map(len, short)) + 2
+    print(f"{'name (stored in the file)':<{width}} short name (--arch takes either)")
+    for full, name in short.items():
+        print(f"{full:<{width}} {name}")
+    if importlib.util.find_spec("timm") is not None:
+        print("  and timm's models: --arch timm.NAME, or NAME where torchvision has none "
+              "(e.g. deit_tiny_patch16_224)")
     return 0
 
 
