@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                    f"30 bytes of padding per tensor, which matters for small models)")
     c.add_argument("--mean", type=_floats, help="input normalisation mean, e.g. 0.5,0.5,0.5")
     c.add_argument("--std", type=_floats, help="input normalisation std")
-    c.add_argument("--input-size", type=_ints, help="input shape C,H,W, e.g. 3,32,32")
+    c.add_argument("--input-size", type=_ints, help="input shape C,H,W, e.g. 3,32,32 (default: "
+                   "the architecture's, or what torch.jit.trace recorded)")
     c.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a whole pickled model (runs code from the file: "
                    "only for files you trust)")

@@ -72,12 +72,14 @@ def compressible_weights(model: nn.Module) -> list[str]:
     return [f"{n}.weight" for n, m in model.named_modules() if _compressible(m)]
 
 
-def _input_spec(req: PackRequest, arch: str) -> InputSpec:
+def _input_spec(req: PackRequest, arch: str, traced_shape: tuple[int, ...] | None) -> InputSpec:
     if arch == GRAPH:
-        if req.input_size is None:
-            raise ConfigError("a model stored as a graph needs --input-size C,H,W")
-        spec = {"shape": list(req.input_size), "mean": [0.485, 0.456, 0.406][: req.input_size[0]],
-                "std": [0.229, 0.224, 0.225][: req.input_size[0]], "resize": None, "crop": None}
+        size = req.input_size or traced_shape
+        if size is None:
+            raise ConfigError("a model stored as a graph needs --input-size C,H,W (this "
+                              "checkpoint records no input shape; a torch.jit.trace file does)")
+        spec = {"shape": list(size), "mean": [0.485, 0.456, 0.406][: size[0]],
+                "std": [0.229, 0.224, 0.225][: size[0]], "resize": None, "crop": None}
     else:
         spec = dict(zoo.input_spec(arch))
     if req.mean is not None:
@@ -117,7 +119,7 @@ def pack(req: PackRequest) -> dict[str, Any]:
     tensors = {name: compressed.get(name) or raw_tensor(value, config.for_tensor(name)["fp16"])
                for name, value in state_dict.items()}
 
-    spec = _input_spec(req, arch.name)
+    spec = _input_spec(req, arch.name, checkpoint.input_shape)
     act_scales, calibration = _calibrate(req, arch, tensors, spec)
     data = DataSection(req.alignment)
     encoder = Encoder(data, req.coder)
