@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import json
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +20,16 @@ from torch import nn
 from packer import __version__
 from packer.architecture import GRAPH, ResolvedArchitecture, resolve
 from packer.checkpoint import load_checkpoint
-from packer.config import build_config, load_config_file
+from packer.class_names import class_names_for
+from packer.config import MethodConfig, build_config, load_config_file
 from packer.encode import DataSection, Encoder
-from packer.methods import METHODS, CompressJob
+from packer.methods import METHODS, CompressJob, Method
 from packer.methods.none import raw_tensor
 from packer.training import launch_rank
 from packer.writer import write_packed
 from runtime import quant, zoo
-from runtime.data import calibration_dataset, make_loader
+from runtime.atomic import check_output
+from runtime.data import calibration_dataset, calibration_root, make_loader
 from runtime.decode import decode_state_dict
 from runtime.errors import ConfigError, WeightpackError
 from runtime.format.preamble import DEFAULT_ALIGNMENT
@@ -59,6 +63,7 @@ class PackRequest:
     calib_images: int = 512
     calib_method: str = "percentile"
     workers: int = 2
+    class_names_file: Path | None = None  # one class name per line (else from the data folder)
 
 
 def _compressible(module: nn.Module) -> bool:
@@ -98,7 +103,10 @@ def _fp32_bytes(state_dict: dict[str, torch.Tensor]) -> int:
 
 
 def pack(req: PackRequest) -> dict[str, Any]:
-    """Run the whole pipeline; returns the size report of the written file."""
+    """Run the whole pipeline; returns the size report of the written file. Everything the
+    user can get wrong (output path, options, checkpoint, names) is checked before the
+    method's work starts, which may be hours of training."""
+    check_output(req.output)
     if req.method not in METHODS:
         raise ConfigError(f"unknown method {req.method!r}; choose from {', '.join(METHODS)}")
     started = time.perf_counter()
@@ -108,10 +116,19 @@ def pack(req: PackRequest) -> dict[str, Any]:
     checkpoint = load_checkpoint(req.source, trust_pickle=req.trust_pickle)
     arch = resolve(checkpoint.state_dict, req.arch, checkpoint.module)
     state_dict = arch.model.state_dict()
-    targets = [n for n in compressible_weights(arch.model)
-               if config.for_tensor(n).get("method") != "none"]
+    weights = compressible_weights(arch.model)
+    _check_globs(config, state_dict, [n.rsplit(".", 1)[0] for n in weights])
+    targets = [n for n in weights if config.for_tensor(n).get("method") != "none"]
     if not targets and req.method != "none":
         raise WeightpackError("the model has no Conv or Linear weight left to compress")
+    spec = _input_spec(req, arch.name, checkpoint.input_shape)
+    num_classes = _num_classes(arch.model, spec)
+    _warn_unused_data(req, method)
+    if req.calib_data is not None:
+        if req.calib_images < 1:
+            raise ConfigError("--calib-images must be at least 1")
+        calibration_root(req.calib_data)  # the folder exists, or one line now, not after hours
+    class_names = class_names_for(req.class_names_file, req.data, req.calib_data, num_classes)
 
     torch.manual_seed(req.seed)
     job = CompressJob(arch.model, state_dict, targets, config, req.seed, req.progress, req.data)
@@ -119,7 +136,6 @@ def pack(req: PackRequest) -> dict[str, Any]:
     tensors = {name: compressed.get(name) or raw_tensor(value, config.for_tensor(name)["fp16"])
                for name, value in state_dict.items()}
 
-    spec = _input_spec(req, arch.name, checkpoint.input_shape)
     act_scales, calibration = _calibrate(req, arch, tensors, spec)
     data = DataSection(req.alignment)
     encoder = Encoder(data, req.coder)
@@ -130,7 +146,7 @@ def pack(req: PackRequest) -> dict[str, Any]:
         producer=f"weightpack {__version__}", method=req.method,
         method_config_json=config.to_json(), source_sha256=checkpoint.sha256,
         architecture=architecture,
-        input=spec, num_classes=_num_classes(arch.model, spec),
+        input=spec, num_classes=num_classes, class_names=class_names,
         tensors=tuple(e.record for e in encoded), fp32_bytes=_fp32_bytes(state_dict),
         activation_scales=act_scales, calibration_json=calibration,
     )
@@ -145,6 +161,31 @@ def pack(req: PackRequest) -> dict[str, Any]:
         report.update(extra(job))
     report["streams"] = {e.record.name: [vars(s) for s in e.streams] for e in encoded}
     return report
+
+
+def _check_globs(config: MethodConfig, state_dict: dict[str, torch.Tensor],
+                 layers: list[str]) -> None:
+    """A per-layer setting whose glob matches nothing would silently do nothing: refuse it,
+    naming the Conv/Linear `layers` it could have meant (the closest, then first and last)."""
+    unmatched = config.unmatched_globs(state_dict)
+    if not unmatched:
+        return
+    glob = unmatched[0]
+    near = difflib.get_close_matches(glob, layers, n=3, cutoff=0.6)
+    shown = list(dict.fromkeys([*near, *layers[:2], *layers[-2:]]))[:6]
+    raise ConfigError(f"layer glob {glob!r} (from --set or --config) matches no layer of "
+                      f"this model; its Conv/Linear layers are {', '.join(shown)}"
+                      f"{', ...' if len(layers) > len(shown) else ''} ({len(layers)} in all)")
+
+
+def _warn_unused_data(req: PackRequest, method: Method) -> None:
+    if req.data is None or method.trains:
+        return
+    flag = {"cifar10": "--cifar10", "imagenet": "--imagenet"}.get(req.data.kind, "--data")
+    warnings.warn(f"method {req.method} does not train: {flag} {req.data.root} gives the class "
+                  f"names only (methods that train: "
+                  f"{', '.join(n for n, m in METHODS.items() if m.trains)})",
+                  UserWarning, stacklevel=3)
 
 
 @contextlib.contextmanager
@@ -164,8 +205,6 @@ def _calibrate(req: PackRequest, arch: ResolvedArchitecture,
     """Activation scales for 8-bit inference, measured on the weights being packed."""
     if req.calib_data is None:
         return (), ""
-    if req.calib_images < 1:
-        raise ConfigError("--calib-images must be at least 1")
     # A copy of the source module (zoo or graph alike) holding the weights being packed.
     module = copy.deepcopy(arch.model)
     module.load_state_dict({n: t.dequantize() for n, t in tensors.items()})

@@ -95,6 +95,7 @@ def build_report(packed: PackedFile) -> dict[str, Any]:
         "architecture": {"kind": m.architecture.kind, "builder": m.architecture.builder,
                          "kwargs": json.loads(m.architecture.kwargs_json)},
         "input": m.input.as_dict(), "num_classes": m.num_classes,
+        "class_names": list(m.class_names),
         "source_sha256": m.source_sha256,
         "format": f"{packed.preamble.major}.{packed.preamble.minor}",
         "sections": sections, "tensors": rows,

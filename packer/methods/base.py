@@ -29,6 +29,7 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
     options: ClassVar[dict[str, Option]] = {}
+    trains: ClassVar[bool] = False  # takes training data (--cifar10/--imagenet/--data)
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         raise NotImplementedError

@@ -47,6 +47,7 @@ def _epochs(v: int) -> str | None:
 
 class PWFNMethod(Method):
     name = "pwfn"
+    trains = True
     summary = "probabilistic weight fixing: learned sigmas decide which power of two (PWFN)"
     options = {
         "lr": Option(1e-3, "SGD learning rate (momentum 0.9, weight decay 1e-4)", float,

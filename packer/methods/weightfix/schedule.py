@@ -62,9 +62,10 @@ def data_spec(job: CompressJob, method: str, needs_data: bool) -> DataSpec | Non
         raise DataError(f"{method}: training data must be a packer.training.DataSpec, "
                         f"not {type(data).__name__}")
     if needs_data and data is None:
+        no_training = "start_epochs=0 rest_epochs=0" if method == "pwfn" else "fixing_epochs=0"
         raise DataError(f"{method}: training between fixing steps needs data: pass "
                         f"--cifar10 DIR, --imagenet DIR or --data DIR, or set "
-                        f"fixing_epochs=0 for the post-training variant")
+                        f"{no_training} for the post-training variant")
     return data
 
 

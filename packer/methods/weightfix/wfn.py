@@ -41,6 +41,7 @@ def _epochs(v: int) -> str | None:
 
 class WFNMethod(Method):
     name = "wfn"
+    trains = True
     summary = "weight fixing to powers of two, network-wide, with retraining (WFN)"
     options = {
         "distance_allowed": Option(0.0075, "delta: allowed mean distance to a centre at the "
