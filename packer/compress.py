@@ -31,7 +31,7 @@ from runtime import quant, zoo
 from runtime.atomic import check_output
 from runtime.data import calibration_dataset, calibration_root, make_loader
 from runtime.decode import decode_state_dict
-from runtime.errors import ConfigError, WeightpackError
+from runtime.errors import ConfigError, DataError, WeightpackError
 from runtime.format.preamble import DEFAULT_ALIGNMENT
 from runtime.format.reader import open_packed
 from runtime.format.records import ArchitectureRecord, InputSpec, ModelRecord
@@ -123,6 +123,8 @@ def pack(req: PackRequest) -> dict[str, Any]:
         raise WeightpackError("the model has no Conv or Linear weight left to compress")
     spec = _input_spec(req, arch.name, checkpoint.input_shape)
     num_classes = _num_classes(arch.model, spec)
+    if req.data is not None and not Path(req.data.root).is_dir():
+        raise DataError(f"training data folder not found: {req.data.root}")
     _warn_unused_data(req, method)
     if req.calib_data is not None:
         if req.calib_images < 1:

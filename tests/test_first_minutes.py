@@ -109,6 +109,21 @@ def test_compress_checks_the_output_before_any_work(where: str, message: str, r2
     assert message in err and str(target) in err
 
 
+@pytest.mark.parametrize("flags", [["--cifar10", "{tmp}/none"], ["--calib-data", "{tmp}/none"],
+                                   ["--class-names", "{tmp}/none.txt"]])
+def test_compress_checks_its_inputs_before_the_method_runs(flags: list[str], r20: Path,
+                                                           tmp_path: Path, capsys,
+                                                           monkeypatch) -> None:
+    def work(*args, **kwargs):
+        raise AssertionError("the method ran before its inputs were checked")
+
+    monkeypatch.setattr("packer.methods.pqf.PQFMethod.compress", work)
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert packer_cli.main(["compress", str(r20), "--method", "pqf", *flags,
+                            "--set", "finetune_epochs=0", "-o", str(tmp_path / "x.fb")]) == 2
+    assert "none" in one_error_line(capsys.readouterr().err, "packer")
+
+
 @pytest.mark.parametrize("flags", [[], ["--int8"]])
 def test_export_checks_the_output_before_any_work(flags: list[str], fb: Path, tmp_path: Path,
                                                   capsys, monkeypatch) -> None:
