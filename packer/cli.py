@@ -118,7 +118,8 @@ def _parser() -> argparse.ArgumentParser:
                    "--data, else of --calib-data)")
     data = c.add_mutually_exclusive_group()
     data.add_argument("--cifar10", type=Path, metavar="DIR",
-                      help="training data for methods that fine-tune (train/<class>/ images)")
+                      help="training data for methods that train (pqf, wfn, pwfn): "
+                      "train/<class>/ images; for any method, the class names")
     data.add_argument("--imagenet", type=Path, metavar="DIR", help="ImageNet root (train/, val/)")
     data.add_argument("--data", type=Path, metavar="DIR", help="any image folder with train/, val/")
     c.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
@@ -240,8 +241,8 @@ def _archs(args: argparse.Namespace) -> int:
     for full, name in short.items():
         print(f"{full:<{width}} {name}")
     if importlib.util.find_spec("timm") is not None:
-        print("  and timm's models: --arch timm.NAME, or NAME where torchvision has none "
-              "(e.g. deit_tiny_patch16_224)")
+        print("  and timm's models: --arch timm.NAME, or NAME where torchvision has no NAME "
+              "or the checkpoint fits only timm's (e.g. deit_tiny_patch16_224)")
     return 0
 
 
