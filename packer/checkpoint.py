@@ -92,8 +92,9 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> Checkpoint:
             raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
     members = _torchscript_members(path)
     if members is not None:
-        # torch.jit.trace stores its example inputs; restoring them types forward's inputs
-        # with their shapes. Asked for only when present: otherwise torch warns on stderr.
+        # torch.jit.trace stores its example inputs; restoring them (torch.jit.load's private
+        # `_restore_shapes` flag) types forward's inputs with their shapes. Asked for only
+        # when they are present: otherwise torch warns on stderr.
         traced = any(n.endswith("/traced_inputs.pkl") for n in members)
         try:
             module = torch.jit.load(str(path), map_location="cpu", _restore_shapes=traced)

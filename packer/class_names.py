@@ -43,19 +43,17 @@ def read_names_file(path: Path) -> tuple[str, ...]:
     return names
 
 
-def _imagenet_names(wnids: list[str] | None = None) -> tuple[str, ...]:
-    table = imagenet_classes()
-    if wnids is None:
-        return tuple(name for _, name in table)
-    by_wnid = dict(table)
-    return tuple(by_wnid[w] for w in wnids)
+def _imagenet_names() -> tuple[str, ...]:
+    return tuple(name for _, name in imagenet_classes())
 
 
 def _folder_names(root: Path) -> tuple[str, ...]:
+    """Class folder names in label order; wnid folders are ImageNet-1k, whose loader labels
+    them with the canonical 1000-class index whichever subset is present."""
     folders = class_folders(root)
     wnids = {w for w, _ in imagenet_classes()}
     if folders and all(f in wnids for f in folders):
-        return _imagenet_names(folders)  # ImageNet wnid folders: their readable names
+        return _imagenet_names()
     return tuple(folders)
 
 
@@ -78,8 +76,9 @@ def names_from_data(data: DataSpec | None,
 def class_names_for(names_file: Path | None, data: DataSpec | None, calib_data: Path | None,
                     num_classes: int) -> tuple[str, ...]:
     """The names to store for a model with `num_classes` outputs; () when there are none.
-    A names file that does not fit is an error; a data folder that does not fit (images for
-    calibration only, say) stores no names, with a warning."""
+    A names file that does not fit is an error; training data that does not fit stores no
+    names, with a warning; calibration images often sit in any folder, so those that do not
+    fit store none, quietly."""
     if names_file is not None:
         names = read_names_file(names_file)
         if len(names) != num_classes:
@@ -92,6 +91,8 @@ def class_names_for(names_file: Path | None, data: DataSpec | None, calib_data: 
     names, source = found
     problem = next((p for p in map(_problem, names) if p), None)
     if len(names) != num_classes or problem:
+        if data is None:
+            return ()
         why = problem or f"{len(names)} class folders for a model with {num_classes} classes"
         warnings.warn(f"no class names stored: {source} gives {why}; pass --class-names FILE",
                       UserWarning, stacklevel=2)

@@ -338,3 +338,15 @@ def test_imagenet_class_names(tmp_path: Path) -> None:
 
 def test_files_without_names_give_none_or_imagenet_names(fb: Path) -> None:
     assert runtime.class_names(fb) is None  # 10 classes, nothing stored
+
+
+def test_wnid_folders_name_all_imagenet_classes(tmp_path: Path) -> None:
+    """A calibration folder with a few ImageNet classes still labels the 1000-class output."""
+    from packer.class_names import class_names_for
+
+    wnids = [w for w, _ in imagenet_classes()][:3]
+    for w in wnids:
+        (tmp_path / "val" / w).mkdir(parents=True)
+    names = class_names_for(None, None, tmp_path, 1000)
+    assert names == tuple(name for _, name in imagenet_classes())
+    assert class_names_for(None, None, tmp_path, 10) == ()  # calibration only: quietly none
