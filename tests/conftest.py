@@ -17,3 +17,15 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared assets not found at {path} (set WEIGHTPACK_SHARED)")
     return path
+
+
+@pytest.fixture(scope="session")
+def r20(shared_dir: Path) -> Path:
+    """The fine-tuned ResNet-20, a plain state_dict: the baseline the tests compress."""
+    return shared_dir / "models" / "cifar10" / "resnet20-cifar10jpg.pth"
+
+
+@pytest.fixture(scope="session")
+def cifar(shared_dir: Path) -> Path:
+    """CIFAR-10 as a JPEG folder (train/ and test/)."""
+    return shared_dir / "data" / "cifar10"

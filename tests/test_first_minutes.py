@@ -31,16 +31,6 @@ FAST = ["--method", "int8", "--coder", "raw"]  # packs ResNet-20 in well under a
 
 
 @pytest.fixture(scope="module")
-def r20(shared_dir: Path) -> Path:
-    return shared_dir / "models" / "cifar10" / "resnet20-cifar10jpg.pth"
-
-
-@pytest.fixture(scope="module")
-def cifar(shared_dir: Path) -> Path:
-    return shared_dir / "data" / "cifar10"
-
-
-@pytest.fixture(scope="module")
 def fb(r20: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("first") / "r20.fb"
     pack(PackRequest(r20, out, "int8", coder="raw", progress=False))
