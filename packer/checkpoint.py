@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,9 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> Checkpoint:
         # when they are present: otherwise torch warns on stderr.
         traced = any(n.endswith("/traced_inputs.pkl") for n in members)
         try:
-            module = torch.jit.load(str(path), map_location="cpu", _restore_shapes=traced)
+            with warnings.catch_warnings():  # "torch.jit.load is deprecated": not the user's
+                warnings.filterwarnings("ignore", r".*torch\.jit", FutureWarning)
+                module = torch.jit.load(str(path), map_location="cpu", _restore_shapes=traced)
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: cannot read TorchScript archive ({exc})") from None
         return Checkpoint(_flatten(module.state_dict(), path), sha, "torchscript", module,
