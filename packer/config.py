@@ -114,6 +114,13 @@ class MethodConfig:
                 merged.update(values)
         return merged
 
+    def unmatched_globs(self, tensor_names: Iterable[str]) -> list[str]:
+        """Layer globs that match no tensor (nor its module): settings that would do nothing."""
+        names = list(tensor_names)
+        candidates = set(names) | {n.rsplit(".", 1)[0] for n in names}
+        return [glob for glob in dict.fromkeys(g for g, _ in self.layers)
+                if not any(fnmatch.fnmatchcase(c, glob) for c in candidates)]
+
     def to_json(self) -> str:
         doc: dict[str, Any] = {"method": self.method, "options": self.options,
                                "layers": [{"match": g, **v} for g, v in self.layers]}

@@ -35,7 +35,9 @@ __all__ = [
     "ImageFiles",
     "ShardSampler",
     "build_transform",
+    "calibration_root",
     "cifar10_dataset",
+    "class_folders",
     "colour_mode",
     "collate_skipping",
     "image_folder_dataset",
@@ -202,13 +204,19 @@ def _class_files(folder: Path) -> list[str]:
     return found
 
 
+def class_folders(folder: Path) -> list[str]:
+    """The class folder names under ``folder`` in label order (sorted, hidden ones skipped),
+    as torchvision's ImageFolder orders them."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
 def _scan(
     folder: Path, class_to_idx: Mapping[str, int] | None, expected: str
 ) -> tuple[list[tuple[str, int]], list[str]]:
     """``<class>/<image>`` samples under ``folder``; labels from ``class_to_idx`` if given."""
     if not folder.is_dir():
         raise DataError(f"data folder not found: {folder} (expected {expected})")
-    dirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    dirs = class_folders(folder)
     if class_to_idx is None:
         class_to_idx = {name: i for i, name in enumerate(dirs)}
         classes = dirs
@@ -406,6 +414,15 @@ def make_loader(
     )
 
 
+def calibration_root(root: str | os.PathLike[str]) -> Path:
+    """The folder of class folders that calibration reads: ``train/``, else ``val/``, else
+    ``root`` itself."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"calibration data folder {root} does not exist")
+    return next((root / s for s in ("train", "val") if (root / s).is_dir()), root)
+
+
 def calibration_dataset(
     root: str | os.PathLike[str], spec: InputSpec | None = None
 ) -> Dataset:
@@ -414,12 +431,6 @@ def calibration_dataset(
     Takes a CIFAR-style root (its ``train/`` split), an ImageNet root (its ``train/`` or
     ``val/``), or any ``<class>/<image>`` folder.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"calibration data folder {root} does not exist")
-    for split in ("train", "val"):
-        if (root / split).is_dir():
-            root = root / split
-            break
-    samples, classes = _scan(root, None, "<class>/<image> subfolders (or train/<class>/...)")
+    samples, classes = _scan(calibration_root(root), None,
+                             "<class>/<image> subfolders (or train/<class>/...)")
     return ImageFiles(samples, classes, build_transform(spec or IMAGENET_SPEC), False)

@@ -57,3 +57,7 @@ class ConfigError(WeightpackError):
 
 class DataError(WeightpackError):
     """An evaluation or calibration data folder is missing, empty or unreadable."""
+
+
+class OutputError(WeightpackError):
+    """The output path cannot be written (missing folder, a directory, no permission)."""

@@ -23,3 +23,16 @@ def shared_dir() -> Path:
     """``$WEIGHTPACK_SHARED`` or ``<repo root>/../shared``; skips the test when absent (and
     fails it under CI=true)."""
     return require(shared_root(), "shared assets (set WEIGHTPACK_SHARED)")
+
+
+@pytest.fixture(scope="session")
+def r20(shared_dir: Path) -> Path:
+    """The fine-tuned ResNet-20, a plain state_dict: the baseline the tests compress."""
+    return require(shared_dir / "models" / "cifar10" / "resnet20-cifar10jpg.pth",
+                   "shared ResNet-20 checkpoint")
+
+
+@pytest.fixture(scope="session")
+def cifar(shared_dir: Path) -> Path:
+    """CIFAR-10 as a JPEG folder (train/ and test/)."""
+    return require(shared_dir / "data" / "cifar10", "shared CIFAR-10 folder")

@@ -22,16 +22,6 @@ from runtime.report import inspect_file
 
 
 @pytest.fixture(scope="module")
-def r20(shared_dir: Path) -> Path:
-    return shared_dir / "models" / "cifar10" / "resnet20-cifar10jpg.pth"
-
-
-@pytest.fixture(scope="module")
-def cifar(shared_dir: Path) -> Path:
-    return shared_dir / "data" / "cifar10"
-
-
-@pytest.fixture(scope="module")
 def kmeans_file(r20: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "r20.fb"
     assert packer_cli.main(["compress", "--method", "kmeans", str(r20), "-o", str(out),

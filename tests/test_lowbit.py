@@ -378,7 +378,7 @@ def test_resnet20_dorefa_activations_agree_between_torch_and_onnx(tmp_path: Path
         assert not torch.allclose(plain(x), want, atol=1e-3)
     graph = runtime.load(out, backend="onnx")
     assert {"Clip", "Round", "Mul", "Div"} <= {n.op_type for n in graph.graph.node}
-    got = runtime.session(out, providers=["CPUExecutionProvider"]).run(x.numpy())
+    got = runtime.session(out, providers=["CPUExecutionProvider"])(x.numpy())
     assert np.allclose(got, want.numpy(), atol=1e-4)
     assert (got.argmax(1) == want.numpy().argmax(1)).all()
 

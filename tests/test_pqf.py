@@ -99,11 +99,14 @@ def test_bad_input_messages() -> None:
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3)  # first conv: kept, so nothing is left
 
-    method, job = job_for(NoLayers())
+    method, job = job_for(NoLayers(), "finetune_epochs=0")
     with pytest.raises(ConfigError, match="no layer can be product-quantized"):
         method.compress(job)
     method, job = job_for(cifar_resnet20(), "finetune_epochs=2")
     with pytest.raises(DataError, match="needs training data"):
+        method.compress(job)
+    method, job = job_for(cifar_resnet20())  # no data, and no explicit finetune_epochs=0
+    with pytest.raises(DataError, match="finetune_epochs=0"):
         method.compress(job)
     with pytest.raises(ConfigError, match="kmeans_type"):
         build_config("pqf", PQFMethod.options, {}, ["kmeans_type=fast"])
@@ -233,12 +236,12 @@ def test_pack_writes_vector_codebooks_with_fp16_and_reports(tmp_path: Path) -> N
     method = PQFMethod()
     report = pack(PackRequest(src, out, method="pqf", progress=False, overrides=[
         "k=16", "kmeans_iters=3", "large_subvectors=true", "sls_iterations=50",
-        "layer3.*.k=32"]))
+        "finetune_epochs=0", "layer3.*.k=32"]))
     assert report["file_bytes"] == out.stat().st_size
     model = load(out)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     method, job = job_for(randomise_bn(cifar_resnet20()), "k=16", "kmeans_iters=2",
-                          "sls_iterations=20")
+                          "sls_iterations=20", "finetune_epochs=0")
     out_t = method.compress(job)
     assert "conv1.weight" not in out_t and len(out_t) == 19
     t = out_t["layer3.0.conv2.weight"]

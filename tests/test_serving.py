@@ -53,9 +53,12 @@ def _first_line(proc: subprocess.Popen) -> str:
 def packed(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from packer.compress import PackRequest, pack
 
-    out = tmp_path_factory.mktemp("serve") / "r20.fb"
+    folder = tmp_path_factory.mktemp("serve")
+    out = folder / "r20.fb"
     source = shared_dir / "models" / "cifar10" / "resnet20-cifar10jpg.pth"
-    pack(PackRequest(source, out, "kmeans", progress=False))
+    names = folder / "classes.txt"  # as `packer compress --class-names classes.txt` reads it
+    names.write_text("\n".join(CIFAR10_CLASSES) + "\n")
+    pack(PackRequest(source, out, "kmeans", progress=False, class_names_file=names))
     return out
 
 
@@ -121,7 +124,7 @@ def test_predictions_match_in_process(server: Server, packed: Path, shared_dir: 
             answers, images, top.values, top.indices, strict=True):
         assert status == 200, body
         assert body["class"] == int(indices[0])
-        assert body["label"] is None  # 10 classes and no names in the file
+        assert body["label"] == CIFAR10_CLASSES[body["class"]]  # the names the file stores
         assert [i for i, _ in body["top5"]] == indices.tolist()
         assert [p for _, p in body["top5"]] == pytest.approx(values.tolist(), abs=1e-4)
         assert body["ms"] > 0

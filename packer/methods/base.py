@@ -54,6 +54,7 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
     options: ClassVar[dict[str, Option]] = {}
+    trains: ClassVar[bool] = False  # takes training data (--cifar10/--imagenet/--data)
     # Position in a chain (packer/methods/chain.py RANK_NAMES): 0 structure, 1 sparsity,
     # 2 weight representation, 3 grid snapping; None: the method is never a chain stage.
     chain_rank: ClassVar[int | None] = None

@@ -56,9 +56,10 @@ def fixable_names(job: CompressJob, include_bn: bool) -> list[str]:
 def _data(job: CompressJob, method: str, needs_data: bool) -> DataSpec | None:
     data = training_data(job.data, method)
     if needs_data and data is None:
+        no_training = "start_epochs=0 rest_epochs=0" if method == "pwfn" else "fixing_epochs=0"
         raise DataError(f"{method}: training between fixing steps needs data: pass "
                         f"--cifar10 DIR, --imagenet DIR or --data DIR, or set "
-                        f"fixing_epochs=0 for the post-training variant")
+                        f"{no_training} for the post-training variant")
     return data
 
 

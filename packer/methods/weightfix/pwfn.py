@@ -41,6 +41,7 @@ START_FRACTION = 0.05  # round 0 trains on 5% of the training images, as the ref
 class PWFNMethod(Method):
     name = "pwfn"
     chain_rank = 2
+    trains = True
     summary = "probabilistic weight fixing: learned sigmas decide which power of two (PWFN)"
     options = {
         "lr": Option(1e-3, "SGD learning rate (momentum 0.9, weight decay 1e-4)", float,

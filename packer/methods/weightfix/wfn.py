@@ -32,6 +32,7 @@ PERCENTAGES = [0.3, 0.6, 0.8, 0.9, 0.95, 0.975, 0.99, 0.9975, 0.999, 1.0]
 class WFNMethod(Method):
     name = "wfn"
     chain_rank = 2
+    trains = True
     summary = "weight fixing to powers of two, network-wide, with retraining (WFN)"
     options = {
         "distance_allowed": Option(0.0075, "delta: allowed mean distance to a centre at the "
