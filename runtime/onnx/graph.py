@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,8 +219,9 @@ def load_stored_graph(packed: PackedFile) -> onnx.ModelProto:
     """Parse and validate an onnx_graph file's weight-free graph blob.
 
     Refused (ArchitectureError): anything but the default ONNX domain, model-local
-    functions, external data other than initializers named after the file's tensors (which
-    would make onnxruntime read arbitrary files), and graphs that fail onnx's checker.
+    functions, external data anywhere except main-graph initializers named after the file's
+    tensors at the pseudo-location "weightpack" (anything else would make onnxruntime read
+    other files), and graphs that fail onnx's checker.
     """
     ref = packed.model.architecture.graph
     if ref is None:
@@ -246,6 +248,7 @@ def _validate_graph(model: onnx.ModelProto, tensor_names: set[str]) -> None:
         if opset.domain not in _DEFAULT_DOMAINS:
             raise ArchitectureError(f"the graph imports operator domain {opset.domain!r}; only "
                                     "the default ONNX domain is allowed")
+    _check_external_data(model, tensor_names)
     if len(model.functions):
         raise ArchitectureError("the graph defines functions; only default ONNX operators "
                                 "are allowed")
@@ -254,13 +257,6 @@ def _validate_graph(model: onnx.ModelProto, tensor_names: set[str]) -> None:
         raise ArchitectureError("the graph has sparse initializers, which are not supported")
     for tensor in graph.initializer:
         if tensor.data_location == TensorProto.EXTERNAL:
-            if tensor.name not in tensor_names:
-                raise ArchitectureError(f"graph weight {tensor.name!r} is not among the "
-                                        "file's tensors")
-            locations = [e.value for e in tensor.external_data if e.key == "location"]
-            if locations != [EXTERNAL_LOCATION]:
-                raise ArchitectureError(f"graph weight {tensor.name!r} points at external "
-                                        "data outside the file")
             _np_dtype(tensor.data_type, tensor.name)
     _check_nodes(graph)
     initialized = {t.name for t in graph.initializer}
@@ -270,29 +266,81 @@ def _validate_graph(model: onnx.ModelProto, tensor_names: set[str]) -> None:
                                 f"{len(graph.output)} outputs; one input and an output needed")
     try:
         onnx.checker.check_model(_with_placeholders(model))
-    except (onnx.checker.ValidationError, ValueError) as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError,
+            ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArchitectureError(f"the graph fails onnx's checker ({first})") from None
 
 
-def _check_nodes(graph: onnx.GraphProto) -> None:
-    """Default-domain operators only, and no inline tensor pointing at external data."""
-    for node in graph.node:
-        if node.domain not in _DEFAULT_DOMAINS:
-            raise ArchitectureError(f"node {node.name or node.op_type!r} uses operator domain "
-                                    f"{node.domain!r}; only the default ONNX domain is allowed")
+def _check_external_data(model: onnx.ModelProto, tensor_names: set[str]) -> None:
+    """Refuse every tensor anywhere in the model that names external data, except the main
+    graph's initializers that are the file's own weights at the pseudo-location "weightpack".
+
+    onnxruntime resolves any other location against the working directory, so a graph could
+    otherwise turn a local file's bytes into its output. Written by hand because no onnx
+    helper visits all of these places: every graph and subgraph (node attributes `g` and
+    `graphs`, training-info graphs, function bodies), their dense and sparse initializers,
+    and tensor and sparse-tensor attributes (which include `Constant` values).
+    """
+    own = [("location", EXTERNAL_LOCATION)]
+    for tensor in model.graph.initializer:
+        entries = [(e.key, e.value) for e in tensor.external_data]
+        if tensor.data_location == TensorProto.EXTERNAL or entries:
+            if tensor.data_location != TensorProto.EXTERNAL or entries != own:
+                raise ArchitectureError(f"graph weight {tensor.name!r} points at external "
+                                        "data outside the file")
+            if tensor.name not in tensor_names:
+                raise ArchitectureError(f"graph weight {tensor.name!r} is not among the "
+                                        "file's tensors")
+    for where, tensor in _inner_tensors(model):
+        if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data):
+            raise ArchitectureError(f"{where} {tensor.name!r} is stored as external data")
+
+
+def _inner_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, TensorProto]]:
+    """Every tensor of the model but the main graph's dense initializers, labelled by place.
+
+    An explicit stack, not recursion: nesting depth is the file's choice."""
+    graphs: list[tuple[str, onnx.GraphProto]] = [("graph", model.graph)]
+    nodes: list[tuple[str, onnx.NodeProto]] = []
+    for info in model.training_info:
+        graphs += [("training graph", info.initialization), ("training graph", info.algorithm)]
+    for function in model.functions:
+        nodes += [("function", node) for node in function.node]
+    while graphs or nodes:
+        if graphs:
+            where, graph = graphs.pop()
+            if where != "graph":  # the main graph's dense initializers are checked apart
+                yield from ((f"{where} initializer", t) for t in graph.initializer)
+            for sparse in graph.sparse_initializer:
+                yield f"{where} sparse initializer", sparse.values
+                yield f"{where} sparse initializer", sparse.indices
+            nodes += [("subgraph", node) for node in graph.node]
+            continue
+        _, node = nodes.pop()
+        label = f"node {node.name or node.op_type!r} constant"
         for attr in node.attribute:
-            sparse = list(attr.sparse_tensors)
-            sparse += [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
-            tensors = list(attr.tensors) + ([attr.t] if attr.HasField("t") else [])
-            tensors += [s.values for s in sparse] + [s.indices for s in sparse]
-            if any(t.data_location == TensorProto.EXTERNAL for t in tensors):
-                raise ArchitectureError(f"node {node.name or node.op_type!r} has a constant "
-                                        "stored as external data")
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                if any(t.data_location == TensorProto.EXTERNAL for t in sub.initializer):
-                    raise ArchitectureError("a subgraph has weights stored as external data")
-                _check_nodes(sub)
+            for tensor in [*attr.tensors, *([attr.t] if attr.HasField("t") else [])]:
+                yield label, tensor
+            for sparse in [*attr.sparse_tensors,
+                           *([attr.sparse_tensor] if attr.HasField("sparse_tensor") else [])]:
+                yield label, sparse.values
+                yield label, sparse.indices
+            graphs += [("subgraph", g)
+                       for g in [*([attr.g] if attr.HasField("g") else []), *attr.graphs]]
+
+
+def _check_nodes(graph: onnx.GraphProto) -> None:
+    """Default-domain operators only, in the graph and every subgraph."""
+    stack = [graph]
+    while stack:
+        for node in stack.pop().node:
+            if node.domain not in _DEFAULT_DOMAINS:
+                raise ArchitectureError(
+                    f"node {node.name or node.op_type!r} uses operator domain "
+                    f"{node.domain!r}; only the default ONNX domain is allowed")
+            for attr in node.attribute:
+                stack += [*([attr.g] if attr.HasField("g") else []), *attr.graphs]
 
 
 def _with_placeholders(model: onnx.ModelProto) -> onnx.ModelProto:
