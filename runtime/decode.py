@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from runtime import coders
-from runtime.errors import CorruptBlob, FormatError, WeightpackError
+from runtime.errors import CorruptBlob, FormatError, LimitExceeded, WeightpackError
 from runtime.format.dtypes import FLOAT_NAMES, numpy_dtype, numpy_to_tensor, torch_dtype
 from runtime.format.reader import PackedFile
 from runtime.format.records import ArrayRecord, StreamRecord, TensorRecord
@@ -67,6 +67,9 @@ def decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor:
         if str(packed.path) in str(exc):
             raise
         raise type(exc)(f"{packed.path}: {exc}") from None
+    except MemoryError:
+        raise LimitExceeded(f"{packed.path}: not enough memory to decode tensor {record.name!r} "
+                            f"({record.numel:,} elements)") from None
 
 
 def _decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor:
@@ -75,10 +78,15 @@ def _decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor
     if record.scheme == "raw":
         values = record.values
         _require(values is not None, record, "raw tensor without a values stream")
+        _require(record.values_dtype == record.dtype
+                 or {record.values_dtype, record.dtype} <= FLOAT_NAMES, record,
+                 f"values stored as {record.values_dtype} for a {record.dtype} tensor")
         store = numpy_dtype(record.values_dtype)
         _require(values.alphabet_size == 256 and values.count == record.numel * store.itemsize,
                  record, "values stream size does not match the shape")
         data = unshuffle_bytes(read_stream(packed, values, f"{name}/values"), store)
+        if store.kind == "b" and data.size and int(data.view(np.uint8).max()) > 1:
+            raise CorruptBlob(f"tensor {name!r}: bool values other than 0 and 1")
         tensor = numpy_to_tensor(data.reshape(record.shape), record.values_dtype)
         return RawTensor(tensor, dtype)
 

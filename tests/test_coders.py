@@ -101,6 +101,7 @@ def test_public_names() -> None:
         [
             "CODERS",
             "CodedStream",
+            "MAX_ZSTD_EXPANSION",
             "decode",
             "encode",
             "encode_best",

@@ -22,7 +22,9 @@ from torch import nn
 
 from runtime.decode import decode_tensor
 from runtime.errors import ArchitectureError, FormatError, LimitExceeded
+from runtime.format.dtypes import numpy_dtype
 from runtime.format.reader import PackedFile, open_packed
+from runtime.format.records import TensorRecord
 
 OPSET = 17
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
@@ -201,11 +203,27 @@ def graph_and_weights(packed: PackedFile) -> tuple[onnx.ModelProto, dict[str, np
         graph = load_stored_graph(packed)
         specs = external_weights(graph)
         records = {t.name: t for t in packed.model.tensors}
+        try:
+            _check_records(specs, records)
+        except ArchitectureError as exc:
+            raise ArchitectureError(f"{packed.path}: {exc}") from None
         weights = {n: _to_numpy(decode_tensor(packed, records[n]).dequantize(), n)
                    for n in specs}
         check_weights(specs, weights)
         return graph, weights
     raise ArchitectureError(f"architecture kind {kind!r} has no ONNX graph")
+
+
+def _check_records(specs: dict[str, WeightSpec], records: dict[str, TensorRecord]) -> None:
+    """The file declares every graph weight with the graph's shape and dtype: checked on the
+    index, before any tensor is decoded (after decoding, `check_weights` checks the arrays)."""
+    for name, spec in specs.items():
+        record = records[name]  # _check_external_data made sure the name is there
+        dtype = None if record.dtype == "bfloat16" else numpy_dtype(record.dtype)
+        if record.shape != spec.shape or dtype != spec.dtype:
+            raise ArchitectureError(
+                f"{name!r}: the graph declares {spec.dtype}{list(spec.shape)}, the file holds "
+                f"{record.dtype}{list(record.shape)}")
 
 
 def fp32_graph(packed_path: str | os.PathLike) -> onnx.ModelProto:
