@@ -332,3 +332,17 @@ def test_inspect_escapes_control_characters_in_names(tmp_path: Path, capsys) -> 
     assert "\\x1b]0;owned\\x07" in out and "fake row" not in out.splitlines()[2][:8]
     assert runtime_cli(["inspect", "--json", str(path)]) == 0
     assert json.loads(capsys.readouterr().out)["tensors"][0]["name"] == hostile
+
+
+def test_a_graph_weight_of_zero_dimensions_loads(tmp_path: Path) -> None:
+    """Found by the fuzzer's seeds: 0-d weights became shape (1,) on their way to onnxruntime
+    (np.ascontiguousarray returns at least one dimension)."""
+    scalar = TensorProto(name="s", data_type=TensorProto.FLOAT, dims=[])
+    scalar.data_location = TensorProto.EXTERNAL
+    scalar.external_data.add(key="location", value="weightpack")
+    path = write_graph_file(tmp_path / "scalar.fb", graph_model(
+        [helper.make_node("Add", ["input", "s"], ["logits"])], [scalar]),
+        {"s": RawTensor(torch.tensor(2.5), torch.float32)})
+    np.testing.assert_array_equal(session(path).run(np.zeros((1, 4), np.float32)),
+                                  np.full((1, 4), 2.5, np.float32))
+    assert onnx.numpy_helper.to_array(fp32_graph(path).graph.initializer[0]).shape == ()

@@ -51,8 +51,9 @@ def split(blob: bytes) -> tuple[list, bytes, bytes]:
     return fields, index, blob[data_offset:]
 
 
-def assemble(fields: list, index: bytes, data: bytes, compress: bool = True) -> bytes:
-    stored = zstandard.ZstdCompressor(level=19).compress(index) if compress else index
+def assemble(fields: list, index: bytes, data: bytes, compress: bool = True,
+             level: int = 19) -> bytes:
+    stored = zstandard.ZstdCompressor(level=level).compress(index) if compress else index
     align = fields[9]
     end = PREAMBLE_SIZE + len(stored)
     data_offset = end + (-end % align)

@@ -153,8 +153,8 @@ def fill_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx
     check_weights(specs, weights)
     for tensor in model.graph.initializer:
         if tensor.name in specs:
-            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(weights[tensor.name]),
-                                                    tensor.name))
+            value = np.require(weights[tensor.name], requirements="C")  # 0-d stays 0-d
+            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
     return model
 
 
@@ -383,4 +383,4 @@ def _to_numpy(tensor: torch.Tensor, name: str) -> np.ndarray:
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
         raise ArchitectureError(f"tensor {name!r} is bfloat16, which the ONNX backend cannot feed")
-    return np.ascontiguousarray(tensor.numpy())
+    return np.require(tensor.numpy(), requirements="C")  # keeps 0-d (ascontiguousarray: 1-d)

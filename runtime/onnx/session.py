@@ -74,7 +74,8 @@ def make_session(
     specs = external_weights(model)
     initializers = initializers or {}
     check_weights(specs, initializers)
-    arrays = {n: np.ascontiguousarray(initializers[n]) for n in specs}  # extras would fail ORT
+    # extras would fail ORT; np.require keeps 0-d weights 0-d (ascontiguousarray makes them 1-d)
+    arrays = {n: np.require(initializers[n], requirements="C") for n in specs}
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
     try:
         data = model.SerializeToString()
