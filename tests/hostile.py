@@ -18,7 +18,7 @@ from runtime.format.records import ArchitectureRecord, InputSpec, ModelRecord
 from runtime.onnx.graph import EXTERNAL_LOCATION, IR_VERSION, OPSET
 from runtime.tensors import CompressedTensor, RawTensor
 
-TINY_SPEC = InputSpec((3, 2, 2), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+TINY_SPEC = InputSpec((1, 2, 2), (0.0,), (1.0,))
 
 
 def external_tensor(name: str, location: str, n: int) -> onnx.TensorProto:
@@ -32,10 +32,10 @@ def external_tensor(name: str, location: str, n: int) -> onnx.TensorProto:
 
 def graph_model(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto],
                 width: int = 4) -> onnx.ModelProto:
-    """input [N, width] -> logits [N, width] over `nodes`, with `initializers`."""
+    """input [N, 1, 2, 2] (TINY_SPEC) -> x [N, 4] -> logits [N, width] over `nodes`."""
     graph = helper.make_graph(
-        nodes, "hostile",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", width])],
+        [helper.make_node("Flatten", ["input"], ["x"]), *nodes], "hostile",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *TINY_SPEC.shape])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", width])],
         initializer=initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
@@ -44,7 +44,7 @@ def graph_model(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto
 
 
 def sparse_leak_graph(secret: str, width: int = 4) -> onnx.ModelProto:
-    """logits = input + w + If(true): a subgraph *sparse initializer* whose values are external
+    """logits = x + w + If(true): a subgraph *sparse initializer* whose values are external
     data at the relative location `secret`, so the file's output would be that file's bytes."""
     values = external_tensor("leak_values", secret, width)
     values.external_data.add(key="length", value=str(4 * width))
@@ -61,7 +61,7 @@ def sparse_leak_graph(secret: str, width: int = 4) -> onnx.ModelProto:
     nodes = [helper.make_node("Constant", [], ["cond"], value=true),
              helper.make_node("If", ["cond"], ["leak"], then_branch=then_graph,
                               else_branch=else_graph),
-             helper.make_node("Add", ["input", "leak"], ["sum"]),
+             helper.make_node("Add", ["x", "leak"], ["sum"]),
              helper.make_node("Add", ["sum", "w"], ["logits"])]
     return graph_model(nodes, [external_tensor("w", EXTERNAL_LOCATION, width)], width)
 

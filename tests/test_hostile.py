@@ -79,7 +79,7 @@ def _wrap_in_if(node: onnx.NodeProto, out: str = "branch") -> list[onnx.NodeProt
     true = helper.make_tensor("true", TensorProto.BOOL, [], [True])
     return [helper.make_node("Constant", [], ["cond"], value=true),
             helper.make_node("If", ["cond"], ["leak"], then_branch=branch, else_branch=other),
-            helper.make_node("Add", ["input", "leak"], ["logits"])]
+            helper.make_node("Add", ["x", "leak"], ["logits"])]
 
 
 def _subgraph_constant() -> onnx.ModelProto:
@@ -116,7 +116,7 @@ def _external_index_of_sparse_initializer() -> onnx.ModelProto:
 
 
 def _training_info() -> onnx.ModelProto:
-    model = graph_model([helper.make_node("Identity", ["input"], ["logits"])], [])
+    model = graph_model([helper.make_node("Identity", ["x"], ["logits"])], [])
     init = helper.make_graph([helper.make_node("Constant", [], ["t"],
                                                value=external_tensor("t", "secret.bin", 4))],
                              "init", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT,
@@ -127,7 +127,7 @@ def _training_info() -> onnx.ModelProto:
 
 
 def _weight_with_extra_keys() -> onnx.ModelProto:
-    model = graph_model([helper.make_node("Add", ["input", "w"], ["logits"])],
+    model = graph_model([helper.make_node("Add", ["x", "w"], ["logits"])],
                         [external_tensor("w", "weightpack", 4)])
     model.graph.initializer[0].external_data.add(key="location", value="secret.bin")
     return model
@@ -145,9 +145,9 @@ def test_external_data_anywhere_in_the_graph_is_refused(secret_cwd: Path, make) 
 
 def test_the_projects_own_weights_are_still_accepted(secret_cwd: Path) -> None:
     path = write_graph_file(secret_cwd / "ok.fb", graph_model(
-        [helper.make_node("Add", ["input", "w"], ["logits"])],
+        [helper.make_node("Add", ["x", "w"], ["logits"])],
         [external_tensor("w", "weightpack", 4)]))
-    out = session(path).run(np.ones((2, 4), np.float32))
+    out = session(path).run(np.ones((2, 1, 2, 2), np.float32))
     np.testing.assert_array_equal(out, np.ones((2, 4), np.float32))
 
 
@@ -341,8 +341,23 @@ def test_a_graph_weight_of_zero_dimensions_loads(tmp_path: Path) -> None:
     scalar.data_location = TensorProto.EXTERNAL
     scalar.external_data.add(key="location", value="weightpack")
     path = write_graph_file(tmp_path / "scalar.fb", graph_model(
-        [helper.make_node("Add", ["input", "s"], ["logits"])], [scalar]),
+        [helper.make_node("Add", ["x", "s"], ["logits"])], [scalar]),
         {"s": RawTensor(torch.tensor(2.5), torch.float32)})
-    np.testing.assert_array_equal(session(path).run(np.zeros((1, 4), np.float32)),
+    np.testing.assert_array_equal(session(path).run(np.zeros((1, 1, 2, 2), np.float32)),
                                   np.full((1, 4), 2.5, np.float32))
     assert onnx.numpy_helper.to_array(fp32_graph(path).graph.initializer[0]).shape == ()
+
+
+@pytest.mark.parametrize("dims", [["N", 1, 2, 3], ["N", 1, 2], [1, 1, 2, 2], ["N", 2, 2, 2]])
+def test_graph_input_must_fit_the_files_input_spec(tmp_path: Path, dims: list) -> None:
+    """Found by the fuzzer: a graph whose input disagrees with the input spec loaded, then
+    failed in onnxruntime with its own exception at the first forward pass."""
+    model = graph_model([helper.make_node("Add", ["x", "w"], ["logits"])],
+                        [external_tensor("w", "weightpack", 4)])
+    shape = model.graph.input[0].type.tensor_type.shape
+    del shape.dim[:]
+    for d in dims:
+        shape.dim.add(**({"dim_param": d} if isinstance(d, str) else {"dim_value": d}))
+    path = write_graph_file(tmp_path / "input.fb", model)
+    with pytest.raises(ArchitectureError, match="input"):
+        runtime.load(path)

@@ -255,13 +255,15 @@ def load_stored_graph(packed: PackedFile) -> onnx.ModelProto:
     if model.ByteSize() > len(data):
         raise ArchitectureError(f"{packed.path}: the graph blob parses to more than it holds")
     try:
-        _validate_graph(model, {t.name for t in packed.model.tensors})
+        _validate_graph(model, {t.name for t in packed.model.tensors},
+                        packed.model.input.shape)
     except ArchitectureError as exc:
         raise ArchitectureError(f"{packed.path}: {exc}") from None
     return model
 
 
-def _validate_graph(model: onnx.ModelProto, tensor_names: set[str]) -> None:
+def _validate_graph(model: onnx.ModelProto, tensor_names: set[str],
+                    input_shape: tuple[int, ...]) -> None:
     for opset in model.opset_import:
         if opset.domain not in _DEFAULT_DOMAINS:
             raise ArchitectureError(f"the graph imports operator domain {opset.domain!r}; only "
@@ -278,16 +280,35 @@ def _validate_graph(model: onnx.ModelProto, tensor_names: set[str]) -> None:
             _np_dtype(tensor.data_type, tensor.name)
     _check_nodes(graph)
     initialized = {t.name for t in graph.initializer}
-    inputs = [i.name for i in graph.input if i.name not in initialized]
+    inputs = [i for i in graph.input if i.name not in initialized]
     if len(inputs) != 1 or not len(graph.output):
         raise ArchitectureError(f"the graph has {len(inputs)} data inputs and "
                                 f"{len(graph.output)} outputs; one input and an output needed")
+    _check_input(inputs[0], input_shape)
     try:
         onnx.checker.check_model(_with_placeholders(model))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError,
             ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArchitectureError(f"the graph fails onnx's checker ({first})") from None
+
+
+def _check_input(value: onnx.ValueInfoProto, input_shape: tuple[int, ...]) -> None:
+    """The graph's input takes what the file's input spec promises callers: float32 batches
+    of [N, C, H, W] with a dynamic N (anything else fails only later, inside onnxruntime)."""
+    tensor = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    fits = (tensor.elem_type == TensorProto.FLOAT and len(dims) == 1 + len(input_shape)
+            and dims[0] is None
+            and all(d is None or d == want for d, want in zip(dims[1:], input_shape,
+                                                              strict=True)))
+    if not fits:
+        kind = (TensorProto.DataType.Name(tensor.elem_type)
+                if tensor.elem_type in TensorProto.DataType.values() else tensor.elem_type)
+        shown = ", ".join("?" if d is None else str(d) for d in dims)
+        raise ArchitectureError(
+            f"the graph's input {value.name!r} is {kind}[{shown}], but the file's input spec "
+            f"promises FLOAT[N, {', '.join(map(str, input_shape))}] with a dynamic N")
 
 
 def _check_external_data(model: onnx.ModelProto, tensor_names: set[str]) -> None:
