@@ -20,7 +20,13 @@ from runtime import decode as decode_module, loader, zoo
 from runtime.cli import main as runtime_cli
 from runtime.coders import CodedStream, _ans, _packed, decode, encode
 from runtime.decode import decode_state_dict
-from runtime.errors import ArchitectureError, CorruptBlob, FormatError, LimitExceeded
+from runtime.errors import (
+    ArchitectureError,
+    CorruptBlob,
+    FormatError,
+    LimitExceeded,
+    WeightpackError,
+)
 from runtime.format.index import parse_index
 from runtime.format.reader import open_packed
 from runtime.onnx import fp32_graph, session
@@ -361,3 +367,21 @@ def test_graph_input_must_fit_the_files_input_spec(tmp_path: Path, dims: list) -
     path = write_graph_file(tmp_path / "input.fb", model)
     with pytest.raises(ArchitectureError, match="input"):
         runtime.load(path)
+
+
+def test_a_graph_that_onnxruntime_cannot_run_raises_the_projects_error(tmp_path: Path) -> None:
+    """Found by the fuzzer: a Conv bias of the wrong length passes onnx's checker and session
+    creation, and onnxruntime's own `Fail` escaped from the first forward pass."""
+    weight = external_tensor("w", "weightpack", 2)
+    weight.dims[:] = [2, 1, 1, 1]
+    bias = external_tensor("b", "weightpack", 3)
+    model = graph_model([helper.make_node("Conv", ["input", "w", "b"], ["y"]),
+                         helper.make_node("Flatten", ["y"], ["logits"])], [weight, bias])
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "K"
+    path = write_graph_file(tmp_path / "bias.fb", model, {
+        "w": RawTensor(torch.ones(2, 1, 1, 1), torch.float32),
+        "b": RawTensor(torch.zeros(3), torch.float32)})
+    module = runtime.load(path)  # onnxruntime accepts the graph ...
+    with pytest.raises(WeightpackError, match="onnxruntime cannot run") as info:
+        module(torch.zeros(1, 1, 2, 2))  # ... and fails only when it runs
+    assert "\n" not in str(info.value)

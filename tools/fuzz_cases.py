@@ -691,10 +691,53 @@ def graph_field(rng: random.Random, seed: Seed) -> bytes | None:
     return relayout(seed, {"architecture/graph": model.SerializeToString()})
 
 
+def inflate(rng: random.Random, seed: Seed) -> bytes:
+    """The memory attack, made consistent: one tensor re-declared with up to twice the
+    elements the whole-file bound allows, coded in a few bytes (an ans stream with one present
+    symbol, or a zstd frame of zeros), its stored graph weight re-declared to match, so the
+    case decodes (and loads) what the index declares or is refused by the bound."""
+    from runtime.format.reader import FREE_ELEMENTS, MAX_ELEMENTS_PER_BYTE
+
+    allowed = FREE_ELEMENTS + MAX_ELEMENTS_PER_BYTE * len(seed.blob)
+    n = rng.choice([1 << 20, 1 << 22, 1 << 23, 1 << 23, int(allowed * rng.uniform(0.5, 2.0))])
+    i, t = _pick_tensor(rng, seed.model)
+    label = t.name
+    if rng.random() < 0.5:
+        freq = np.zeros(2, np.uint32)
+        freq[rng.randrange(2)] = 1 << 24
+        record = TensorRecord(
+            name=t.name, shape=(n,), dtype="float32", scheme="scalar_codebook",
+            codebook=ArrayRecord(BlobRef(0, 0, 0), "float32", (2,)),
+            indices=StreamRecord(BlobRef(0, 0, 0), "ans", 1, 2, n, frequencies=freq,
+                                 precision=24))
+        blobs = {f"{label}/codebook": np.array([0.25, -0.5], "<f4").tobytes(),
+                 f"{label}/indices": b""}
+    else:
+        record = TensorRecord(
+            name=t.name, shape=(n,), dtype="float32", scheme="raw", values_dtype="float32",
+            values=StreamRecord(BlobRef(0, 0, 0), "zstd", 1, 256, 4 * n, bits=8))
+        blobs = {f"{label}/values": zstandard.ZstdCompressor(level=1).compress(bytes(4 * n))}
+    model = _set_tensor(seed.model, i, record)
+    if seed.is_graph:
+        graph = onnx.load_from_string(blob_bytes(seed, "architecture/graph"))
+        for init in graph.graph.initializer:
+            if init.name == t.name:
+                init.data_type = TensorProto.FLOAT
+                init.dims[:] = [n]
+        blobs["architecture/graph"] = graph.SerializeToString()
+    # relayout places blobs by the model's references: give new ones the old tensor's slot
+    old = [s.blob for _, s in t.streams()] + [a.blob for _, a in t.arrays()]
+    offset = min((b.offset for b in old), default=0)
+    model = map_blobs(model, lambda lab, ref: replace(ref, offset=offset)
+                      if lab.startswith(f"{label}/") else ref)
+    return relayout(seed, blobs, model)
+
+
 MUTATORS: dict[str, Mutator] = {
     "bitflip": bitflip, "truncate": truncate, "insert": insert, "duplicate": duplicate,
     "preamble": preamble, "index_raw": index_raw, "index_field": index_field,
     "blob_damage": blob_damage, "zstd_frame": zstd_frame, "graph_field": graph_field,
+    "inflate": inflate,
 }
 
 

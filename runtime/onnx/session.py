@@ -25,6 +25,9 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 PREFERENCE = (TENSORRT, CUDA, CPU)
+ORT_ERRORS = tuple(v for v in vars(ort.capi.onnxruntime_pybind11_state).values()
+                   if isinstance(v, type) and issubclass(v, Exception))
+"""onnxruntime's own exception types (its pybind module defines them outside any hierarchy)."""
 
 
 def providers_available() -> list[str]:
@@ -154,7 +157,11 @@ class OnnxSession:
     def run(self, x: np.ndarray) -> np.ndarray:
         """Logits for the batch `x` (converted to contiguous float32)."""
         batch = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
-        return self.ort.run([self.output_name], {self.input_name: batch})[0]
+        try:
+            return self.ort.run([self.output_name], {self.input_name: batch})[0]
+        except ORT_ERRORS as exc:  # a graph or weights onnxruntime accepted but cannot run
+            raise WeightpackError(f"onnxruntime cannot run the model on a {list(batch.shape)} "
+                                  f"batch: {_first_line(exc)}") from None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Torch in, torch out on x's device: `runtime.evaluate` takes a session as the model."""
