@@ -17,10 +17,11 @@ from runtime.format.preamble import FLAG_INDEX_ZSTD, PREAMBLE_SIZE, Preamble, pa
 from runtime.format.records import BlobRef, ModelRecord
 
 MAX_INDEX_BYTES = 256 << 20
-# A file may declare FREE_ELEMENTS decoded elements plus MAX_ELEMENTS_PER_BYTE per file byte
-# (0.002 bits per element), and never more than MAX_TOTAL_ELEMENTS (64 GiB of float32).
+# A file may declare FREE_ELEMENTS decoded elements (any model up to 64 MiB of float32) plus
+# MAX_ELEMENTS_PER_BYTE per byte of file (0.03 bits per element: weights 99.8% pruned and
+# entropy-coded cost more), and never more than MAX_TOTAL_ELEMENTS (64 GiB of float32).
 FREE_ELEMENTS = 1 << 24
-MAX_ELEMENTS_PER_BYTE = 1 << 12
+MAX_ELEMENTS_PER_BYTE = 1 << 8
 MAX_TOTAL_ELEMENTS = 1 << 34
 
 
@@ -165,10 +166,10 @@ def check_declared_size(model: ModelRecord, file_size: int) -> int:
     """The decoded elements the file declares, checked against a bound on the whole model.
 
     Per-tensor caps alone let a 440-byte file declare a model of 2^40 elements (one present
-    symbol codes any count in zero bytes). A real model costs more than
-    1 / MAX_ELEMENTS_PER_BYTE bytes per element on average (99.98% of weights pruned still
-    costs about 0.01 bits each), so memory and time spent decoding stay within a constant
-    times the file size. O(tensors), no pass over data.
+    symbol codes any count in zero bytes). Beyond FREE_ELEMENTS, a real model costs more than
+    1 / MAX_ELEMENTS_PER_BYTE bytes per element (the best real codings spend 0.1 bits or more
+    per weight), so the memory and time spent decoding stay within a constant times the file
+    size. O(tensors), no pass over data.
     """
     total = sum(t.numel for t in model.tensors)
     allowed = min(MAX_TOTAL_ELEMENTS, FREE_ELEMENTS + MAX_ELEMENTS_PER_BYTE * file_size)
