@@ -32,6 +32,7 @@ import ctypes
 import json
 import os
 import resource
+import select
 import selectors
 import shutil
 import signal
@@ -41,7 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,6 +100,25 @@ def _reset_peak() -> None:
         f.write("5")
 
 
+SELF_TEST = "WEIGHTPACK_FUZZ_SELF_TEST"
+"""When set, files starting with b"PLANT:" make the worker misbehave on purpose, so tests can
+check that crashes, hangs, foreign exceptions and memory overruns are all caught."""
+
+
+def _planted(path: str) -> None:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PLANT:crash"):
+        os.abort()
+    if head.startswith(b"PLANT:hang"):
+        time.sleep(3600)
+    if head.startswith(b"PLANT:other"):
+        raise ValueError("planted")
+    if head.startswith(b"PLANT:memory"):
+        block = bytearray(512 << 20)  # zero-filled: every page is touched
+        del block
+
+
 def run_case(path: str) -> dict:
     """Everything a user or service does with a file; the first exception ends the case."""
     import torch
@@ -112,6 +132,8 @@ def run_case(path: str) -> dict:
 
     out = {"declared_bytes": 0, "step": "open"}
     try:
+        if os.environ.get(SELF_TEST):
+            _planted(path)
         with open_packed(path) as packed:
             out["declared_bytes"] = packed.index_raw_size + sum(
                 t.numel * numpy_dtype(t.dtype).itemsize for t in packed.model.tensors)
@@ -150,12 +172,16 @@ def worker_main(seeds_dir: str, result_fd: int, memory_limit: int) -> None:
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
+    import runtime.onnx  # noqa: F401 - imported here, not inside the first case's time
+    import runtime.report  # noqa: F401
+
     for seed in sorted(Path(seeds_dir).glob("*.fb")):  # first-use costs are not the case's
         run_case(str(seed))
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc_trim(0)
     limit = _status("VmSize") + memory_limit
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash is reported, not dumped
     out = os.fdopen(result_fd, "w", buffering=1)
     out.write(json.dumps({"ready": True, "baseline": _status("VmRSS")}) + "\n")
     for line in sys.stdin:
@@ -186,7 +212,6 @@ class Worker:
             pass_fds=(write,), text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         os.close(write)
         self.results = os.fdopen(read, "r")
-        self.case: tuple | None = None
         self.deadline = 0.0
         self.done = 0
         self.baseline = 0
@@ -201,8 +226,7 @@ class Worker:
             raise SystemExit(f"a fuzz worker died while starting (see {self.log.name})")
         self.baseline = json.loads(line)["baseline"]
 
-    def send(self, case: tuple, path: Path, time_limit: float) -> None:
-        self.case = case
+    def send(self, path: Path, time_limit: float) -> None:
         self.deadline = time.monotonic() + time_limit
         self.proc.stdin.write(f"{path}\n")
         self.proc.stdin.flush()
@@ -223,138 +247,165 @@ def _death(status: int | None) -> str:
     return f"exit {status}"
 
 
+Case = tuple[int, str, str, bytes]  # number, seed name, mutator name, file bytes
+
+
 def run_campaign(cases: int, workers: int = 2, campaign: int = 1,
                  time_limit: float = DEFAULT_TIME_LIMIT,
                  memory_limit: int = DEFAULT_MEMORY_LIMIT,
                  save_failures: Path | None = None, progress: bool = False,
                  first: int = 0) -> tuple[list[Result], dict]:
     """Run cases first..first+cases-1 of `campaign`; returns the results and run facts."""
-    from tools.fuzz_cases import build_seeds, seed_list
+    from tools.fuzz_cases import build_seeds, make_case, seed_list
 
     blobs = build_seeds()
     seeds = seed_list(blobs)
+    generated = ((n, *make_case(seeds, campaign, n)) for n in range(first, first + cases))
+    results, facts = run_cases(generated, blobs, workers, time_limit, memory_limit,
+                               save_failures, progress)
+    facts["campaign"] = campaign
+    return results, facts
+
+
+def run_cases(cases: Iterable[Case], seeds: dict[str, bytes], workers: int = 2,
+              time_limit: float = DEFAULT_TIME_LIMIT,
+              memory_limit: int = DEFAULT_MEMORY_LIMIT,
+              save_failures: Path | None = None,
+              progress: bool = False) -> tuple[list[Result], dict]:
+    """Run `cases` on `workers` worker processes (which warm up on `seeds`)."""
     scratch = Path(tempfile.mkdtemp(prefix="wp-fuzz-", dir=_scratch_root()))
     seeds_dir = scratch / "seeds"
     seeds_dir.mkdir()
-    for name, blob in blobs.items():
+    for name, blob in seeds.items():
         (seeds_dir / f"{name}.fb").write_bytes(blob)
     results: list[Result] = []
-    pool: list[Worker] = []
     started = time.perf_counter()
+    pool = _Pool(seeds_dir, scratch, workers, memory_limit, time_limit)
+    pending = iter(cases)
     try:
-        pool = [Worker(seeds_dir, scratch / f"worker{i}.log", memory_limit)
-                for i in range(workers)]
-        for w in pool:
-            w.wait_ready(300)
-        baselines = [w.baseline for w in pool]
-        pending = iter(range(first, first + cases))
-        selector = selectors.DefaultSelector()
-        for slot, w in enumerate(pool):
-            selector.register(w.results, selectors.EVENT_READ, slot)
-        busy = reported = 0
-        for slot, w in enumerate(pool):
-            busy += _feed(w, slot, pending, seeds, campaign, scratch, time_limit)
-        while busy:
-            now = time.monotonic()
-            timeout = max(0.0, min(w.deadline for w in pool if w.case) - now)
-            for key, _ in selector.select(timeout):
-                slot = key.data
-                w = pool[slot]
-                line = w.results.readline()
-                busy -= 1
-                if line:
-                    results.append(_result(w.case, json.loads(line)))
-                    w.done += 1
-                    if w.done >= RECYCLE_EVERY:
-                        selector.unregister(w.results)
-                        w.stop()
-                        w = pool[slot] = _restart(seeds_dir, scratch, slot, memory_limit,
-                                                  selector)
-                else:
-                    selector.unregister(w.results)
-                    status = w.stop()
-                    results.append(_lost(w.case, "crash", _death(status)))
-                    w = pool[slot] = _restart(seeds_dir, scratch, slot, memory_limit,
-                                              selector)
-                w.case = None
-                busy += _feed(w, slot, pending, seeds, campaign, scratch, time_limit)
-            for slot, w in enumerate(pool):
-                if w.case and time.monotonic() > w.deadline:
-                    selector.unregister(w.results)
-                    case = w.case
-                    w.stop()
-                    results.append(_lost(case, "hang", f"over {time_limit:g} s"))
-                    busy -= 1
-                    w = pool[slot] = _restart(seeds_dir, scratch, slot, memory_limit,
-                                              selector)
-                    busy += _feed(w, slot, pending, seeds, campaign, scratch, time_limit,
-)
+        pool.start()
+        reported = 0
+        for slot in range(workers):
+            pool.feed(slot, next(pending, None))
+        while pool.busy():
+            for slot, result, case in pool.wait():
+                results.append(result)
+                if save_failures and (result.outcome not in GOOD
+                                      or result.peak_bytes > result.bound):
+                    _save(result, case[3], save_failures)
+                pool.feed(slot, next(pending, None))
             if progress and len(results) >= reported + 1000:
                 reported = len(results)
                 rate = len(results) / (time.perf_counter() - started)
                 print(f"{len(results):,} cases, {rate:.1f}/s, bad so far: "
                       f"{sum(r.outcome not in GOOD for r in results)}", flush=True)
     finally:
-        for w in pool:
-            w.stop()
-        failed = [r for r in results if r.outcome not in GOOD or r.peak_bytes > r.bound]
-        if save_failures and failed:
-            _save(failed, seeds, campaign, save_failures)
+        pool.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     facts = {"seconds": time.perf_counter() - started, "workers": workers,
-             "campaign": campaign, "time_limit": time_limit, "memory_limit": memory_limit,
-             "baseline": max(baselines) if pool else 0,
-             "seeds": {name: len(blob) for name, blob in blobs.items()}}
+             "time_limit": time_limit, "memory_limit": memory_limit,
+             "baseline": pool.baseline, "seeds": {n: len(b) for n, b in seeds.items()}}
     return sorted(results, key=lambda r: r.number), facts
+
+
+class _Pool:
+    """Worker processes with one case each at most; replaces workers that die, hang, or have
+    run RECYCLE_EVERY cases."""
+
+    def __init__(self, seeds_dir: Path, scratch: Path, size: int, memory_limit: int,
+                 time_limit: float):
+        self.seeds_dir, self.scratch = seeds_dir, scratch
+        self.memory_limit, self.time_limit = memory_limit, time_limit
+        self.workers: list[Worker | None] = [None] * size
+        self.cases: list[Case | None] = [None] * size
+        self.selector = selectors.DefaultSelector()
+        self.baseline = 0
+
+    def start(self) -> None:
+        for slot in range(len(self.workers)):
+            self._spawn(slot)
+
+    def _spawn(self, slot: int) -> None:
+        w = Worker(self.seeds_dir, self.scratch / f"worker{slot}.log", self.memory_limit)
+        self.workers[slot] = w
+        w.wait_ready(300)
+        self.baseline = max(self.baseline, w.baseline)
+        self.selector.register(w.results, selectors.EVENT_READ, slot)
+
+    def _replace(self, slot: int) -> int | None:
+        w = self.workers[slot]
+        self.selector.unregister(w.results)
+        status = w.stop()
+        self._spawn(slot)
+        return status
+
+    def feed(self, slot: int, case: Case | None) -> None:
+        self.cases[slot] = case
+        if case is not None:
+            path = self.scratch / f"case{slot}.fb"
+            path.write_bytes(case[3])
+            self.workers[slot].send(path, self.time_limit)
+
+    def busy(self) -> bool:
+        return any(c is not None for c in self.cases)
+
+    def wait(self) -> list[tuple[int, Result, Case]]:
+        """Block until some case ends (done, crashed or over time); return those."""
+        deadline = min(self.workers[s].deadline for s, c in enumerate(self.cases) if c)
+        ended = []
+        for key, _ in self.selector.select(max(0.0, deadline - time.monotonic())):
+            slot = key.data
+            w, case = self.workers[slot], self.cases[slot]
+            if case is None:  # an idle worker died: replace it, nothing to report
+                self._replace(slot)
+                continue
+            line = w.results.readline()
+            if line:
+                ended.append((slot, _result(case, json.loads(line)), case))
+                w.done += 1
+                if w.done >= RECYCLE_EVERY:
+                    self._replace(slot)
+            else:
+                ended.append((slot, _lost(case, "crash", _death(self._replace(slot))), case))
+            self.cases[slot] = None
+        for slot, case in enumerate(self.cases):
+            w = self.workers[slot]
+            # (a result already waiting was in time: replacing a worker above may have taken
+            # the parent past this deadline, not the case)
+            if (case is not None and time.monotonic() > w.deadline
+                    and not select.select([w.results], [], [], 0)[0]):
+                self._replace(slot)
+                ended.append((slot, _lost(case, "hang", f"over {self.time_limit:g} s"), case))
+                self.cases[slot] = None
+        return ended
+
+    def stop(self) -> None:
+        for w in self.workers:
+            if w is not None:
+                w.stop()
 
 
 def _scratch_root() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
-def _restart(seeds_dir: Path, scratch: Path, slot: int, memory_limit: int,
-             selector: selectors.BaseSelector) -> Worker:
-    w = Worker(seeds_dir, scratch / f"worker{slot}.log", memory_limit)
-    w.wait_ready(300)
-    selector.register(w.results, selectors.EVENT_READ, slot)
-    return w
-
-
-def _feed(w: Worker, slot: int, pending: Iterator[int], seeds, campaign: int, scratch: Path,
-          time_limit: float) -> int:
-    """Give `w` the next case; 1 if it got one."""
-    from tools.fuzz_cases import make_case
-
-    number = next(pending, None)
-    if number is None:
-        return 0
-    seed, mutator, blob = make_case(seeds, campaign, number)
-    path = scratch / f"case{slot}.fb"
-    path.write_bytes(blob)
-    w.send((number, seed, mutator, len(blob)), path, time_limit)
-    return 1
-
-
-def _result(case: tuple, raw: dict) -> Result:
-    number, seed, mutator, size = case
+def _result(case: Case, raw: dict) -> Result:
+    number, seed, mutator, blob = case
     return Result(number, seed, mutator, raw["outcome"], raw.get("detail", ""),
                   raw.get("step", ""), raw.get("message", ""), raw["seconds"],
-                  raw["peak_bytes"], size, raw.get("declared_bytes", 0))
+                  raw["peak_bytes"], len(blob), raw.get("declared_bytes", 0))
 
 
-def _lost(case: tuple, outcome: str, detail: str) -> Result:
-    number, seed, mutator, size = case
-    return Result(number, seed, mutator, outcome, detail, file_bytes=size)
+def _lost(case: Case, outcome: str, detail: str) -> Result:
+    number, seed, mutator, blob = case
+    return Result(number, seed, mutator, outcome, detail, file_bytes=len(blob))
 
 
-def _save(failed: list[Result], seeds, campaign: int, folder: Path) -> None:
-    from tools.fuzz_cases import make_case
-
+def _save(result: Result, blob: bytes, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for r in failed[:200]:
-        _, _, blob = make_case(seeds, campaign, r.number)
-        (folder / f"case{r.number}-{r.mutator}-{r.outcome}.fb").write_bytes(blob)
-        (folder / f"case{r.number}.json").write_text(json.dumps(asdict(r), indent=1))
+    stem = f"case{result.number}-{result.mutator}-{result.outcome}"
+    (folder / f"{stem}.fb").write_bytes(blob)
+    (folder / f"{stem}.json").write_text(json.dumps(asdict(result), indent=1))
 
 
 # --- the report ---------------------------------------------------------------------------------
