@@ -385,3 +385,14 @@ def test_a_graph_that_onnxruntime_cannot_run_raises_the_projects_error(tmp_path:
     with pytest.raises(WeightpackError, match="onnxruntime cannot run") as info:
         module(torch.zeros(1, 1, 2, 2))  # ... and fails only when it runs
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["torchvision.regnet_x_400mf", "timm.vitamin_base_224",
+                                  "timm.swinv2_large_window12_192"])
+def test_skeletons_of_builders_that_compute_while_building(name: str) -> None:
+    """RegNet reads widths back from tensors (only the partial meta mode works); ViTamin
+    mixes small and large tensors in one op, Swin-V2 reads a large table (only the full meta
+    device works). Both are tried before anything real is built."""
+    pytest.importorskip("timm") if name.startswith("timm.") else None
+    module = zoo.build_skeleton(name)
+    assert any(p.is_meta for p in module.parameters())

@@ -162,11 +162,22 @@ def build_skeleton(name: str, kwargs: Mapping[str, Any] | None = None) -> nn.Mod
 
     Small tensors stay real because some builders compute with them (RegNet derives its
     widths through torch ops and ``.tolist()``, which meta tensors cannot answer); so do the
-    buffers the builders derive (e.g. Swin's relative position index).
+    buffers the builders derive (e.g. Swin's relative position index). Builders that mix a
+    small and a large tensor in one op, or read a large one, are built on the meta device
+    entirely instead (timm's ViTamin and Swin-V2).
     """
     checked = validate_kwargs(name, kwargs)
-    with _LargeTensorsOnMeta():
-        return _construct(name, checked)
+    for device in (_LargeTensorsOnMeta, lambda: torch.device("meta")):
+        try:
+            with device():
+                return _construct(name, checked)
+        except ArchitectureError:
+            raise
+        except Exception:  # noqa: BLE001, S112 - builder code that needs data it cannot have
+            continue
+    # No allow-listed builder tried needs this (all of torchvision's and a sample of timm's
+    # build one way or the other); an untried one is built for real rather than refused.
+    return _construct(name, checked)
 
 
 SKELETON_REAL_ELEMENTS = 1 << 14
