@@ -186,9 +186,10 @@ _SIZED_FACTORIES = frozenset({torch.empty, torch.empty_strided, torch.zeros, tor
                               torch.full, torch.rand, torch.randn, torch.randint,
                               torch.randperm, torch.eye})
 
-_INIT_IN_PLACE = frozenset({"normal_", "uniform_", "fill_", "zero_", "bernoulli_",
-                            "exponential_", "random_", "log_normal_", "cauchy_", "geometric_",
-                            "erfinv_", "clamp_", "mul_", "add_", "sub_", "div_", "copy_"})
+_INIT_IN_PLACE = frozenset(getattr(torch.Tensor, name) for name in (
+    "normal_", "uniform_", "fill_", "zero_", "bernoulli_", "exponential_", "random_",
+    "log_normal_", "cauchy_", "geometric_", "erfinv_", "clamp_", "mul_", "add_", "sub_",
+    "div_", "copy_"))
 
 
 class _LargeTensorsOnMeta(TorchFunctionMode):
@@ -200,14 +201,14 @@ class _LargeTensorsOnMeta(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if (getattr(func, "__name__", "") in _INIT_IN_PLACE and args
-                and isinstance(args[0], torch.Tensor) and args[0].is_meta):
+        if func in _SIZED_FACTORIES:
+            if kwargs.get("device") is None:
+                meta = func(*args, **{**kwargs, "device": "meta"})
+                if meta.numel() > SKELETON_REAL_ELEMENTS:
+                    return meta
+        elif func in _INIT_IN_PLACE and args[0].is_meta:
             return args[0]  # initialising a placeholder: nothing to compute (and meta's
             # Python decompositions of random ops cost milliseconds each)
-        if func in _SIZED_FACTORIES and kwargs.get("device") is None:
-            meta = func(*args, **{**kwargs, "device": "meta"})
-            if meta.numel() > SKELETON_REAL_ELEMENTS:
-                return meta
         return func(*args, **kwargs)
 
 
