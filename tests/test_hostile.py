@@ -43,6 +43,7 @@ from tools.make_corpus import (
     one_symbol_ans_file,
     shared_stream_index,
     split,
+    with_model,
     zstd_frame_claiming,
 )
 
@@ -396,3 +397,17 @@ def test_skeletons_of_builders_that_compute_while_building(name: str) -> None:
     pytest.importorskip("timm") if name.startswith("timm.") else None
     module = zoo.build_skeleton(name)
     assert any(p.is_meta for p in module.parameters())
+
+
+@pytest.mark.parametrize("depth", [65, 900, 200_000])
+def test_deep_json_is_refused_whatever_the_callers_stack(tmp_path: Path, depth: int) -> None:
+    """Nesting the parser survives at one stack depth may not survive at another (900 levels
+    opened, then `runtime inspect --json` could not print them): a fixed cap of 64 levels."""
+    deep = "[" * depth + "]" * depth
+    path = tmp_path / "deep.fb"
+    path.write_bytes(with_model(GOLDEN.read_bytes(), lambda m: replace(m, metadata_json=deep)))
+    with pytest.raises(LimitExceeded, match="nests deeper than 64 levels"):
+        open_packed(path)
+    ok = "[" * 64 + "]" * 64
+    path.write_bytes(with_model(GOLDEN.read_bytes(), lambda m: replace(m, metadata_json=ok)))
+    open_packed(path).close()

@@ -162,7 +162,7 @@ def cases(golden: bytes) -> dict[str, tuple[bytes, str, str]]:
         "FormatError", "unused data")
     deep = "[" * 200_000 + "]" * 200_000
     put("json_nested_deep", with_model(golden, lambda m: replace(m, metadata_json=deep)),
-        "LimitExceeded", "nests deeper")
+        "LimitExceeded", "nests deeper than 64")
     put("shared_stream_index", assemble(fields, shared_stream_index(model, 2000), data),
         "LimitExceeded", "referenced more than once")
     put("zero_d_codebook", with_model(golden, lambda m: swap_tensor(

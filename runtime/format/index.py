@@ -35,9 +35,10 @@ MAX_DIMS = 8
 MAX_NUMEL = 1 << 40
 MAX_NAME_BYTES = 1024
 MAX_JSON_BYTES = 16 << 20
+MAX_JSON_DEPTH = 64
 MAX_ALPHABET = 1 << 16
 MAX_CLASSES = 1 << 20
-MAX_ENTRIES = MAX_TENSORS  # tensors, class names and activation scales together
+MAX_ENTRIES = 1 << 21  # tensors, class names and activation scales together
 CODER_VERSIONS = {"raw": 1, "zstd": 1, "huffman": 1, "ans": 1}
 
 
@@ -50,6 +51,19 @@ def parse_index(buf: bytes | memoryview) -> ModelRecord:
         raise
     except (struct.error, IndexError, ValueError, TypeError, OverflowError) as exc:
         raise FormatError(f"index is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack += [(child, depth) for child in (item.values() if isinstance(item, dict)
+                                                   else item)]
+    return deepest
 
 
 def _enum(value: int, names: tuple[str, ...], what: str) -> str:
@@ -100,12 +114,17 @@ class _Parser:
     def json(self, raw: bytes | None, what: str) -> str:
         text = self.text(raw, what, MAX_JSON_BYTES) or "{}"
         try:
-            json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError:
             raise FormatError(f"{what} is not valid JSON") from None
-        except RecursionError:
-            raise LimitExceeded(f"{what} nests deeper than Python's JSON parser allows") from None
-        return text
+        except RecursionError:  # deeper than the interpreter's stack allows here
+            value = None
+        else:
+            if _depth(value) <= MAX_JSON_DEPTH:
+                return text
+        # A fixed cap, so whether a file opens does not depend on the caller's stack depth
+        # (and every later json.loads/dumps of the text has room).
+        raise LimitExceeded(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
 
     def shape(self, n: int, get, what: str, itemsize: int = 8) -> tuple[int, ...]:
         if n > MAX_DIMS:

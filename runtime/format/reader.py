@@ -50,7 +50,7 @@ class PackedFile:
             self.preamble: Preamble = parse_preamble(head, self.size)
             self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
             self.model: ModelRecord = self._read_index()
-            self.declared_elements = check_declared_size(self.model, self.size)
+            check_declared_size(self.model, self.size)
             self._check_layout()
         except WeightpackError as exc:
             self.close()
