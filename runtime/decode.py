@@ -6,7 +6,13 @@ import numpy as np
 import torch
 
 from runtime import coders
-from runtime.errors import CorruptBlob, FormatError, LimitExceeded, WeightpackError
+from runtime.errors import (
+    CorruptBlob,
+    FormatError,
+    LimitExceeded,
+    WeightpackError,
+    printable,
+)
 from runtime.format.dtypes import FLOAT_NAMES, numpy_dtype, numpy_to_tensor, torch_dtype
 from runtime.format.reader import PackedFile
 from runtime.format.records import ArrayRecord, StreamRecord, TensorRecord
@@ -73,7 +79,7 @@ def decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor:
 
 
 def _decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor:
-    name = record.name
+    name = printable(record.name)  # for messages
     dtype = torch_dtype(record.dtype)
     if record.scheme == "raw":
         values = record.values
@@ -86,7 +92,7 @@ def _decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor
                  record, "values stream size does not match the shape")
         data = unshuffle_bytes(read_stream(packed, values, f"{name}/values"), store)
         if store.kind == "b" and data.size and int(data.view(np.uint8).max()) > 1:
-            raise CorruptBlob(f"tensor {name!r}: bool values other than 0 and 1")
+            raise CorruptBlob(f"tensor {record.name!r}: bool values other than 0 and 1")
         tensor = numpy_to_tensor(data.reshape(record.shape), record.values_dtype)
         return RawTensor(tensor, dtype)
 
@@ -123,7 +129,7 @@ def _decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor
 
 def _uniform(packed: PackedFile, record: TensorRecord, indices: StreamRecord,
              dtype: torch.dtype) -> UniformTensor:
-    name = record.name
+    name = printable(record.name)
     _require(1 <= record.bits <= 16 and indices.alphabet_size == 1 << record.bits, record,
              "bit width and alphabet disagree")
     _require(indices.count == record.numel, record, "code count differs from the shape")

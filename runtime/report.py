@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+from runtime.errors import printable
 from runtime.format.reader import PackedFile
 from runtime.format.records import TensorRecord
 
@@ -117,14 +118,6 @@ def _human(n: float) -> str:
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1000
     return str(n)
-
-
-def printable(text: str) -> str:
-    """`text` with control and other non-printable characters escaped (``\\x1b``, ``\\n``):
-    names come from the file, and a terminal must not receive its escape sequences raw."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def format_report(report: dict[str, Any], tensors: bool = True) -> str:

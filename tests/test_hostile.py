@@ -411,3 +411,16 @@ def test_deep_json_is_refused_whatever_the_callers_stack(tmp_path: Path, depth: 
     ok = "[" * 64 + "]" * 64
     path.write_bytes(with_model(GOLDEN.read_bytes(), lambda m: replace(m, metadata_json=ok)))
     open_packed(path).close()
+
+
+def test_error_messages_escape_names_from_the_file(tmp_path: Path, capsys) -> None:
+    hostile = "\x1b]0;owned\x07w\nfake"
+    path = builder_file(tmp_path / "names.fb", {hostile: RawTensor(torch.ones(64),
+                                                                   torch.float32)})
+    blob = bytearray(path.read_bytes())
+    blob[-10] ^= 0xFF  # inside the tensor's values: its checksum now fails
+    path.write_bytes(bytes(blob))
+    assert runtime_cli(["verify", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "CRC-32" in err and "\\x1b]0;owned\\x07w\\nfake" in err
+    assert "\x1b" not in err and "\x07" not in err and err.count("\n") == 1

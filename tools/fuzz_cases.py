@@ -234,6 +234,15 @@ def interesting(rng: random.Random, current: int, bits: int, signed: bool = Fals
     return value
 
 
+def blob_labels(model: ModelRecord) -> list[tuple[str, BlobRef]]:
+    """Like ModelRecord.blobs(), labelled with the raw names (blobs() escapes them)."""
+    out = [(f"{t.name}/{role}", part.blob) for t in model.tensors
+           for role, part in [*t.streams(), *t.arrays()]]
+    if model.architecture.graph is not None:
+        out.append(("architecture/graph", model.architecture.graph))
+    return out
+
+
 def map_blobs(model: ModelRecord, change: Callable[[str, BlobRef], BlobRef]) -> ModelRecord:
     """`model` with every blob reference passed through `change(label, ref)`."""
     tensors = []
@@ -255,7 +264,7 @@ def relayout(seed: Seed, new_bytes: dict[str, bytes], model: ModelRecord | None 
     model = model or seed.model
     section = DataSection(seed.fields[9])
     placed: dict[str, BlobRef] = {}
-    for label, ref in sorted(model.blobs(), key=lambda item: item[1].offset):
+    for label, ref in sorted(blob_labels(model), key=lambda item: item[1].offset):
         payload = new_bytes.get(label, seed.data[ref.offset:ref.offset + ref.length])
         placed[label] = section.add(payload)
     rebuilt = map_blobs(model, lambda label, ref: placed[label])
@@ -264,7 +273,7 @@ def relayout(seed: Seed, new_bytes: dict[str, bytes], model: ModelRecord | None 
 
 
 def blob_bytes(seed: Seed, label: str) -> bytes:
-    ref = dict(seed.model.blobs())[label]
+    ref = dict(blob_labels(seed.model))[label]
     return seed.data[ref.offset:ref.offset + ref.length]
 
 
@@ -375,7 +384,7 @@ def index_raw(rng: random.Random, seed: Seed) -> bytes:
 def blob_damage(rng: random.Random, seed: Seed) -> bytes:
     """A payload (coded stream, array or graph) damaged, with its CRC, offsets and lengths
     fixed up so the damage reaches the decoder."""
-    label, _ = rng.choice(seed.model.blobs())
+    label, _ = rng.choice(blob_labels(seed.model))
     return relayout(seed, {label: _damage(rng, blob_bytes(seed, label))})
 
 
@@ -544,8 +553,8 @@ def _tensor_field(rng: random.Random, model: ModelRecord) -> ModelRecord:
 
 
 def _blob_field(rng: random.Random, model: ModelRecord) -> ModelRecord:
-    label, target = rng.choice(model.blobs())
-    others = [ref for _, ref in model.blobs()]
+    label, target = rng.choice(blob_labels(model))
+    others = [ref for _, ref in blob_labels(model)]
     field = rng.randrange(4)
 
     def change(lab: str, ref: BlobRef) -> BlobRef:
