@@ -1,10 +1,11 @@
 """Standing fuzz campaign for the loader: mutated packed files against everything that reads one.
 
-Each case is a seed file (every scheme x coder, a whole cifar_resnet20 file, an onnx_graph file;
-`tools/fuzz_cases.py`) damaged by one structure-aware mutator. A case runs in a worker process
-under a memory limit (RLIMIT_AS) and a time limit, and goes through what a service or a user
-does with a file: open and validate, `runtime inspect`'s report (formatted), `verify`'s
-checksums, `runtime.load` and one forward pass, and, when the architecture refuses the file,
+Each case is a seed file (every scheme x coder, a whole cifar_resnet20 file, an onnx_graph file
+exported from a conv net; `tools/fuzz_cases.py`) damaged by one structure-aware mutator. A case
+runs in a worker process under a memory limit (RLIMIT_AS) and a time limit, and goes through
+what a service or a user does with a file: open and validate, `runtime inspect`'s report
+(formatted), `verify`'s checksums, `runtime.load` and one forward pass (for a stored graph,
+also the ONNX backend's standalone graph), and, when the architecture refuses the file,
 decoding every tensor anyway. The outcome is one of
 
   loaded         runtime.load returned a model that ran a forward pass
@@ -142,6 +143,7 @@ def run_case(path: str) -> dict:
             out["step"] = "verify"
             packed.verify()
             shape = packed.model.input.shape
+            graph = packed.model.architecture.kind == "onnx_graph"
         out["step"] = "load"
         try:
             model = runtime.load(path)
@@ -153,6 +155,9 @@ def run_case(path: str) -> dict:
         out["step"] = "forward"
         with torch.inference_mode():
             model(torch.zeros(1, *shape))
+        if graph:
+            out["step"] = "onnx backend"
+            runtime.load(path, backend="onnx")  # the graph with the weights put inline
         out.update(outcome="loaded", detail="")
     except WeightpackError as exc:
         out.update(outcome="project_error", detail=type(exc).__name__, message=str(exc)[:300])
@@ -457,8 +462,8 @@ def summarize(results: list[Result], facts: dict) -> tuple[str, bool]:
         "high-water mark reset before it (`/proc/self/clear_refs`), so `ru_maxrss` is the "
         "case's own peak",
         "- a case: open and validate, the inspect report (formatted), verify, `runtime.load` "
-        "and a forward pass; when the architecture refuses the file, every tensor is decoded "
-        "anyway",
+        "and a forward pass (stored graphs: also `runtime.load(backend=\"onnx\")`); when the "
+        "architecture refuses the file, every tensor is decoded anyway",
         "- seeds (bytes): " + ", ".join(f"{n} {b:,}" for n, b in facts["seeds"].items()), "",
         "## Outcomes per mutator", "",
         md_table(["mutator", "cases", *OUTCOMES], rows), "",
