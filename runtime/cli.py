@@ -28,7 +28,7 @@ from runtime.data import (
     make_loader,
 )
 from runtime.distributed import init_distributed, local_rank, rank, world_size
-from runtime.errors import DataError
+from runtime.errors import DataError, printable
 from runtime.evaluate import evaluate
 from runtime.format.reader import open_packed
 from runtime.format.records import InputSpec
@@ -269,8 +269,7 @@ def _classes_line(names: list[str], width: int = 100) -> str:
     escaped so that no control character reaches the terminal."""
     if not names:
         return "classes     none stored (pack with --class-names FILE or a data folder)"
-    shown = ", ".join("".join(c if c.isprintable() else repr(c)[1:-1] for c in n)
-                      for n in names)
+    shown = ", ".join(printable(n) for n in names)
     line = f"classes     {len(names)}: {shown}"
     return line if len(line) <= width else line[:width - 4] + " ..."
 

@@ -6,7 +6,13 @@ import numpy as np
 import torch
 
 from runtime import coders
-from runtime.errors import CorruptBlob, FormatError, WeightpackError
+from runtime.errors import (
+    CorruptBlob,
+    FormatError,
+    LimitExceeded,
+    WeightpackError,
+    printable,
+)
 from runtime.format.dtypes import FLOAT_NAMES, numpy_dtype, numpy_to_tensor, torch_dtype
 from runtime.format.reader import PackedFile
 from runtime.format.records import ArrayRecord, StreamRecord, TensorRecord
@@ -101,10 +107,13 @@ def decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor:
         if str(packed.path) in str(exc):
             raise
         raise type(exc)(f"{packed.path}: {exc}") from None
+    except MemoryError:
+        raise LimitExceeded(f"{packed.path}: not enough memory to decode tensor {record.name!r} "
+                            f"({record.numel:,} elements)") from None
 
 
 def _decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor:
-    name = record.name
+    name = printable(record.name)  # for messages
     dtype = torch_dtype(record.dtype)
     _check_fields(record)
     if record.scheme == "raw":
@@ -155,7 +164,7 @@ def _decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor
 
 def _uniform(packed: PackedFile, record: TensorRecord, indices: StreamRecord,
              dtype: torch.dtype) -> UniformTensor:
-    name = record.name
+    name = printable(record.name)
     _require(1 <= record.bits <= 16 and indices.alphabet_size == 1 << record.bits, record,
              "bit width and alphabet disagree")
     _require(indices.count == record.numel, record, "code count differs from the shape")

@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+from runtime.errors import printable
 from runtime.format.preamble import Preamble
 from runtime.format.reader import PackedFile
 from runtime.format.records import ModelRecord, TensorRecord
@@ -17,7 +18,7 @@ def _levels(t: TensorRecord) -> str:
     if t.scheme == "uniform":
         return f"{t.bits}b"
     if t.scheme in ("scalar_codebook", "vector_codebook") and t.codebook is not None:
-        k = t.codebook.shape[0]
+        k = t.codebook.shape[0] if t.codebook.shape else "?"  # a 0-d codebook does not decode
         return f"K={k}" + (f"x{t.subvector_size}" if t.scheme == "vector_codebook" else "")
     return t.values_dtype
 
@@ -130,6 +131,7 @@ def _human(n: float) -> str:
 
 
 def format_report(report: dict[str, Any], tensors: bool = True) -> str:
+    """The human-readable report; every string that comes from the file is escaped."""
     lines = []
     if tensors:
         head = (f"{'tensor':<28} {'shape':<16} {'scheme':<15} {'levels':<9} {'coder':<8} "
@@ -137,15 +139,18 @@ def format_report(report: dict[str, Any], tensors: bool = True) -> str:
         lines += [head, "-" * len(head)]
         for r in report["tensors"]:
             shape = "x".join(map(str, r["shape"])) or "scalar"
+            name = printable(r["name"])
             lines.append(
-                f"{r['name'][:28]:<28} {shape[:16]:<16} {r['scheme']:<15} {r['levels']:<9} "
+                f"{name[:28]:<28} {shape[:16]:<16} {r['scheme']:<15} {r['levels']:<9} "
                 f"{r['coder']:<8} {r['coded_bytes']:>9,} {r['bits_per_weight']:>7.3f} "
                 f"{r['entropy_bits']:>7.3f} {r['bound_bytes']:>9,.0f}")
         lines.append("")
     arch = report["architecture"]
     lines += [
-        f"file        {report['file']}  (format {report['format']}, {report['producer']})",
-        f"method      {report['method']}  on {arch['builder'] or arch['kind']}",
+        f"file        {printable(report['file'])}  (format {report['format']}, "
+        f"{printable(report['producer'])})",
+        f"method      {printable(report['method'])}  on "
+        f"{printable(arch['builder'] or arch['kind'])}",
         f"file bytes  {report['file_bytes']:,}  ({_human(report['file_bytes'])}, on disk)",
         f"fp32 bytes  {report['fp32_bytes']:,}  ({_human(report['fp32_bytes'])})",
         f"ratio       {report['ratio']:.2f}x",

@@ -103,6 +103,7 @@ def test_public_names() -> None:
             "FORMAT_VERSION",
             "CodedStream",
             "CoderParams",
+            "MAX_ZSTD_EXPANSION",
             "decode",
             "encode",
             "encode_best",

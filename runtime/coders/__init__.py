@@ -27,12 +27,19 @@ from runtime.coders._common import (
     symbol_dtype,
 )
 from runtime.coders._huffman import decode_huffman, encode_huffman
-from runtime.coders._packed import decode_raw, decode_zstd, encode_raw, encode_zstd
+from runtime.coders._packed import (
+    MAX_ZSTD_EXPANSION,
+    decode_raw,
+    decode_zstd,
+    encode_raw,
+    encode_zstd,
+)
 from runtime.errors import CorruptBlob
 
 __all__ = [
     "CODERS",
     "FORMAT_VERSION",
+    "MAX_ZSTD_EXPANSION",
     "CodedStream",
     "CoderParams",
     "decode",

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.coders import CoderParams
+from runtime.errors import printable
 
 SCHEMES = ("raw", "uniform", "scalar_codebook", "vector_codebook")
 ARCH_KINDS = ("builder", "onnx_graph")
@@ -138,8 +139,9 @@ class ModelRecord:
         """Every blob the index references, labelled `tensor/role`, in index order."""
         out: list[tuple[str, BlobRef]] = []
         for t in self.tensors:
-            out += [(f"{t.name}/{role}", s.blob) for role, s in t.streams()]
-            out += [(f"{t.name}/{role}", a.blob) for role, a in t.arrays()]
+            name = printable(t.name)  # labels go into messages
+            out += [(f"{name}/{role}", s.blob) for role, s in t.streams()]
+            out += [(f"{name}/{role}", a.blob) for role, a in t.arrays()]
         if self.architecture.graph is not None:
             out.append(("architecture/graph", self.architecture.graph))
         return out

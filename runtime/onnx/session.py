@@ -25,6 +25,9 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 PREFERENCE = (TENSORRT, CUDA, CPU)
+ORT_ERRORS = tuple(v for v in vars(ort.capi.onnxruntime_pybind11_state).values()
+                   if isinstance(v, type) and issubclass(v, Exception))
+"""onnxruntime's own exception types (its pybind module defines them outside any hierarchy)."""
 
 
 def providers_available() -> list[str]:
@@ -74,7 +77,8 @@ def make_session(
     specs = external_weights(model)
     initializers = initializers or {}
     check_weights(specs, initializers)
-    arrays = {n: np.ascontiguousarray(initializers[n]) for n in specs}  # extras would fail ORT
+    # extras would fail ORT; np.require keeps 0-d weights 0-d (ascontiguousarray makes them 1-d)
+    arrays = {n: np.require(initializers[n], requirements="C") for n in specs}
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
     try:
         data = model.SerializeToString()
@@ -157,7 +161,11 @@ class OnnxSession(ort.InferenceSession):
         if isinstance(x, torch.Tensor):
             return torch.from_numpy(self(x.detach().cpu().numpy())).to(x.device)
         batch = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
-        return self.run([self.output_name], {self.input_name: batch})[0]
+        try:
+            return self.run([self.output_name], {self.input_name: batch})[0]
+        except ORT_ERRORS as exc:  # a graph or weights onnxruntime accepted but cannot run
+            raise WeightpackError(f"onnxruntime cannot run the model on a {list(batch.shape)} "
+                                  f"batch: {_first_line(exc)}") from None
 
     def __repr__(self) -> str:
         return f"OnnxSession(provider={self.provider!r}, input={self.input_name!r})"
