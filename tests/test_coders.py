@@ -105,8 +105,11 @@ def test_public_names() -> None:
     assert sorted(coders.__all__) == sorted(
         [
             "CODERS",
+            "FORMAT_VERSION",
             "CodedStream",
             "applies",
+            "CoderParams",
+            "MAX_ZSTD_EXPANSION",
             "decode",
             "encode",
             "encode_best",

@@ -180,7 +180,7 @@ def test_cli_bad_input_exits_2_without_output(tmp_path: Path, shared_dir: Path,
     for method, sets, message in (
             ("prune", ["density=0"], "density: must be in (0, 1]"),
             ("int8+kmeans", [], "impossible chain order"),
-            ("prune", ["layer7.density=0.1"], "layer7.density names no layer")):
+            ("prune", ["layer7.density=0.1"], "layer glob 'layer7' (from --set")):
         out = tmp_path / "x.fb"
         args = ["compress", str(source), "-o", str(out), "--method", method, "--no-progress"]
         for s in sets:

@@ -118,7 +118,7 @@ def test_reference_and_runtime_agree_on_tampered_streams() -> None:
         except reference_ans.AnsStreamError:
             reference = None
         try:
-            runtime = decode(CodedStream("ans", 1, data, frequencies=table, precision=24),
+            runtime = decode(CodedStream("ans", 1, payload=data, frequencies=table, precision=24),
                              symbols.size, 16)
         except CorruptBlob:
             runtime = None
@@ -217,7 +217,7 @@ def test_reference_and_runtime_agree_on_tampered_runs_streams() -> None:
         except reference_runs.RunsStreamError:
             reference = None
         try:
-            runtime = decode(CodedStream("runs", 1, data), symbols.size, 16)
+            runtime = decode(CodedStream("runs", 1, payload=data), symbols.size, 16)
         except CorruptBlob:
             runtime = None
         assert (reference is None) == (runtime is None), i

@@ -16,7 +16,7 @@ from torch import nn
 from packer.config import Option
 from packer.methods.base import CompressJob
 from packer.methods.pqf.method import distillation_loss
-from packer.training import DataSpec, TrainConfig, TrainHooks, build_datasets, fit
+from packer.training import TrainConfig, TrainHooks, build_datasets, fit, training_data
 from runtime.errors import DataError
 
 
@@ -58,19 +58,11 @@ def finetune_options(default_epochs: int, lr: float, optimizer: str,
     }
 
 
-def training_data(job: CompressJob, method: str) -> DataSpec | None:
-    data = job.data
-    if data is not None and not isinstance(data, DataSpec):
-        raise DataError(f"{method}: training data must be a packer.training.DataSpec, "
-                        f"not {type(data).__name__}")
-    return data
-
-
 def finetune_epochs(job: CompressJob, method: str, default: int) -> int:
     """The epochs to run: `finetune_epochs`, or `default` when training data was given and 0
     when not; asking for epochs without data is an error, not a silent skip."""
     epochs = job.config.options["finetune_epochs"]
-    data = training_data(job, method)
+    data = training_data(job.data, method)
     if epochs is None:
         return default if data is not None else 0
     if epochs > 0 and data is None:
@@ -100,7 +92,7 @@ def run_finetune(job: CompressJob, method: str, epochs: int, teacher: nn.Module 
     """Train `job.model`'s trainable parameters for `epochs` through `fit`; returns its
     report. The model holds the best epoch's state (chosen on `holdout` when set)."""
     opts = job.config.options
-    data = training_data(job, method)
+    data = training_data(job.data, method)
     assert data is not None and epochs > 0
     train_set, val_set = build_datasets(data, opts["holdout"], job.seed)
     cfg = TrainConfig(epochs=epochs, lr=opts["lr"], lr_min=opts["lr_min"],
@@ -108,7 +100,8 @@ def run_finetune(job: CompressJob, method: str, epochs: int, teacher: nn.Module 
                       workers=data.workers, train_limit=opts["train_limit"] or None,
                       val_limit=opts["val_limit"] or None, seed=job.seed,
                       checkpoint=stage_checkpoint(opts["checkpoint"], method),
-                      progress=job.progress, optimizer=opts["optimizer"])
+                      progress=job.progress, optimizer=opts["optimizer"],
+                      method_settings=job.settings())
     loss = (distillation_loss(teacher, opts["distill_temperature"]) if teacher is not None
             else None)
     result = fit(job.model, train_set, val_set, cfg, TrainHooks(loss=loss, after_step=after_step))
@@ -116,13 +109,3 @@ def run_finetune(job: CompressJob, method: str, epochs: int, teacher: nn.Module 
                     else "the test/val split")
     return {**result.as_dict(), "validated_on": validated_on, "optimizer": opts["optimizer"],
             "lr": opts["lr"], "distill": teacher is not None}
-
-
-def sync_state_dict(job: CompressJob) -> None:
-    """Give the packer the trained values of everything a method does not return (BatchNorm,
-    biases, layers left uncompressed): it stores those from `job.state_dict`."""
-    job.model.cpu().eval()
-    final = job.model.state_dict()
-    for key in job.state_dict:
-        if key in final:
-            job.state_dict[key] = final[key].detach().clone()

@@ -23,7 +23,6 @@ from packer.methods.finetune import (
     finetune_epochs,
     finetune_options,
     run_finetune,
-    sync_state_dict,
     teacher_of,
 )
 from packer.methods.pqf.layers import attach_pq, detach_pq
@@ -94,8 +93,8 @@ def kmeans_share(weight: torch.Tensor, k: int, iters: int) -> ScalarCodebookTens
 class KMeansMethod(PerTensorMethod):
     name = "kmeans"
     chain_rank = 2
-    summary = "per-layer k-means weight sharing (K centroids, linear init, Lloyd), optionally " \
-              "centroids fine-tuned by gradient sharing"
+    trains = True  # with data, centroids are fine-tuned by gradient sharing
+    summary = "per-layer k-means weight sharing, centroids trained by gradient sharing"
     options = {
         "k": Option(32, "clusters per layer (32 = 5-bit indices)", int, check=_k_ok),
         "kmeans_iters": Option(30, "Lloyd iterations (stops early at convergence)", int,
@@ -131,7 +130,8 @@ class KMeansMethod(PerTensorMethod):
             p.requires_grad_(False)
         out = {n: detach_shared(model.cpu().get_submodule(n.rsplit(".", 1)[0]))
                for n in shared}
-        sync_state_dict(job)
+        job.model.cpu().eval()
+        job.take_model_state()
         return out
 
 

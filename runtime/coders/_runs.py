@@ -102,7 +102,7 @@ def encode_runs(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
         raise ValueError(f"the runs coder takes alphabets of at most {MAX_ALPHABET} symbols "
                          f"and streams of at most {MAX_COUNT}, not {alphabet_size} / {n}")
     if n == 0:
-        return CodedStream("runs", FORMAT_VERSION, b"")
+        return CodedStream("runs", FORMAT_VERSION, payload=b"")
     z = int(np.argmax(np.bincount(symbols, minlength=alphabet_size)))
     others = symbols[symbols != z]
     values = encode_ans(others, alphabet_size, PRECISION) if others.size else None
@@ -126,11 +126,11 @@ def encode_runs(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
     if values is not None:
         parts.append(_u16(values.frequencies))
     parts += [coded_runs.payload, value_words]
-    return CodedStream("runs", FORMAT_VERSION, b"".join(parts))
+    return CodedStream("runs", FORMAT_VERSION, payload=b"".join(parts))
 
 
 def _sub_stream(payload: bytes, freq: np.ndarray, precision: int) -> CodedStream:
-    return CodedStream("ans", FORMAT_VERSION, payload, frequencies=freq.astype(np.uint32),
+    return CodedStream("ans", FORMAT_VERSION, payload=payload, frequencies=freq.astype(np.uint32),
                        precision=precision)
 
 

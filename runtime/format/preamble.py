@@ -16,20 +16,24 @@ from runtime.errors import (
 # PNG-style magic: non-text high byte first, CR LF, ^Z, LF catch transfer-mode damage.
 MAGIC = b"\x89WPK\r\n\x1a\n"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1  # the newest minor this reader knows; a writer stamps the lowest a file needs
 PREAMBLE_SIZE = 64
 INDEX_IDENTIFIER = b"WPK1"
 DEFAULT_ALIGNMENT = 64
 # Preamble flag bits. FLAG_INDEX_ZSTD: the index is stored as one zstd frame around the
 # FlatBuffer (its repeated vtables, names and zero fields shrink about 3-4x).
+# FLAG_REQUIRED_FEATURES (format 1.1): the index names features the reader must implement
+# (`Model.required_features`, runtime.format.features); format 1.0 readers refuse the file
+# because they do not know the bit, which is the point of setting it.
 FLAG_INDEX_ZSTD = 1
-KNOWN_FLAGS = FLAG_INDEX_ZSTD
+FLAG_REQUIRED_FEATURES = 2
+KNOWN_FLAGS = FLAG_INDEX_ZSTD | FLAG_REQUIRED_FEATURES
 MAX_ALIGNMENT = 1 << 20
 MAX_INDEX_BYTES = 256 << 20  # stored index, and the inflated one when zstd-compressed
 MIN_INDEX_BYTES = 8  # a FlatBuffer's root offset and file identifier
 
 # magic, major, minor, flags, index_offset, index_size, data_offset, data_size, file_size,
-# alignment, index_crc32. Flags must be 0 in format 1.0; a minor version may define them.
+# alignment, index_crc32. Unknown flag bits are refused; a minor version may define new ones.
 _LAYOUT = struct.Struct("<8sHHIQQQQQII")
 assert _LAYOUT.size == PREAMBLE_SIZE
 

@@ -38,22 +38,20 @@ from packer.methods.finetune import (
     finetune_epochs,
     finetune_options,
     run_finetune,
-    sync_state_dict,
     teacher_of,
-    training_data,
 )
 from packer.methods.none import raw_tensor
 from packer.methods.prune.criteria import ecs_keep, keep_top
 from packer.training import (
     DataSpec,
-    EpochSampler,
     TrainConfig,
     TrainHooks,
     build_datasets,
-    default_device,
     fit,
+    training_data,
 )
-from runtime.data import collate_skipping
+from runtime.data import ShardSampler, collate_skipping
+from runtime.distributed import local_device
 from runtime.errors import ConfigError, DataError
 from runtime.tensors import CompressedTensor
 
@@ -74,6 +72,7 @@ def _count_ok(lo: int, hi: int, what: str):
 class PruneMethod(Method):
     name = "prune"
     chain_rank = 1
+    trains = True  # scores (SNIP, ECS) and fine-tunes on --cifar10/--imagenet/--data
     summary = "unstructured pruning (magnitude, SNIP or ECS), fine-tuned with the mask held"
     options = {
         "criterion": Option("magnitude", "magnitude |w|, snip |g*w|, or ecs (|w| or |g|)", str,
@@ -196,7 +195,7 @@ class PruneMethod(Method):
         return model
 
     def _train_set(self, job: CompressJob) -> tuple[DataSpec, Any]:
-        data = training_data(job, self.name)
+        data = training_data(job.data, self.name)
         if data is None:
             raise DataError(f"prune: criterion {job.config.options['criterion']} scores weights "
                             f"on training batches: pass --cifar10 DIR, --imagenet DIR or "
@@ -207,7 +206,7 @@ class PruneMethod(Method):
                    names: list[str]) -> dict[str, Tensor]:
         """Summed cross-entropy gradient of `score_batches` seeded training batches."""
         data, train_set = self._train_set(job)
-        sampler = EpochSampler(len(train_set), None, job.seed)
+        sampler = ShardSampler(len(train_set), seed=job.seed)
         loader = DataLoader(train_set, batch_size=data.batch_size, sampler=sampler,
                             num_workers=data.workers, collate_fn=collate_skipping)
         batches = ((b.images, b.targets) for b in loader if b.targets.numel())
@@ -267,7 +266,8 @@ class PruneMethod(Method):
             for p in model.parameters():
                 p.requires_grad_(False)
         detach_masks(model.cpu(), masks)
-        sync_state_dict(job)
+        job.model.cpu().eval()
+        job.take_model_state()
         kept = {n: int(m.sum()) for n, m in masks.items()}
         total = sum(m.numel() for m in masks.values())
         self.report.update(
@@ -285,7 +285,7 @@ def loss_gradients(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
                    names: list[str], count: int) -> dict[str, Tensor]:
     """d(sum of the cross-entropy of `count` batches)/d(weight) for each named weight, with
     the model in training mode (BatchNorm on batch statistics, as the reference)."""
-    device = default_device()
+    device = local_device()
     model.to(device).train()
     model.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(batches):
