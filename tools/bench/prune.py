@@ -1,6 +1,6 @@
 """Prune -> k-means -> int8 on the shared CIFAR-10 ResNets, and the sparse coder table.
 
-    python tools/bench/prune.py select    # recipe choices, on 5,000 held-out train images
+    python tools/bench/prune.py select    # recipe choices, on held-out train images
     python tools/bench/prune.py grid      # density x criterion, then + k-means K, +/- fine-tuning
     python tools/bench/prune.py bar       # the chained prune+kmeans+int8 point, end to end
     python tools/bench/prune.py report    # docs/results/prune.md and sparse_coding.md
@@ -8,11 +8,11 @@
 
 Every point is a real packed file (packer.compress.pack): `file_bytes` are bytes on disk,
 `ratio` is fp32 bytes / file bytes, and top-1 is measured once on the 10,000 test images by
-loading that file with the runtime. Every choice is made on 5,000 images held out of train/
-(`holdout=5000`), never on test: `select` fine-tunes magnitude-pruned models (density 0.2, one
-epoch) with each candidate recipe, and `grid` and `bar` then use the winners (`choices`), as
-they use the epoch fit() keeps by the same held-out images. Finished points are kept in
-`--workdir`/state.json, so an interrupted run resumes.
+loading that file with the runtime. Every choice is made on images held out of train/
+(`--holdout`, default 5,000), never on test: `select` fine-tunes magnitude-pruned models
+(density 0.2, one epoch) with each candidate recipe, and `grid` and `bar` then use the
+winners (`choices`), as they use the epoch fit() keeps by the same held-out images.
+Finished points are kept in `--workdir`/state.json, so an interrupted run resumes.
 
 The k-means points start from the pruned file of their grid row (its decoded weights saved as
 a checkpoint) instead of pruning again: `prune+kmeans` hands k-means exactly those weights, so
@@ -325,7 +325,8 @@ def select_table(state: State, model: str, chosen: dict[str, Any]) -> str:
             fit_report = r["finetune"][0] or r["finetune"][1] or {}
             what = ("k-means K=16 on the chosen pruned model, 1 epoch x "
                     f"{_setting(r, 'train_limit')} images" if "/kmeans/" in point
-                    else "prune: magnitude, density 0.2, 1 epoch")
+                    else "prune: magnitude, density 0.2, 1 epoch x "
+                    f"{int(_setting(r, 'train_limit')) or 'all'} images")
             rows.append([what, choice,
                          _pct(r.get("holdout_top1")), fit_report.get("seconds", "-"),
                          "**chosen**" if choice in winners else ""])
@@ -433,8 +434,9 @@ def report(state: State, args: argparse.Namespace, chosen: dict[str, Any],
            command: str) -> None:
     model = args.model
     body = [
-        f"Model `{MODELS[model][0]}` on `data/cifar10` (train/ for fine-tuning, 5,000 of its "
-        f"images held out to choose every setting and epoch; test/ evaluated once per point). "
+        f"Model `{MODELS[model][0]}` on `data/cifar10` (train/ for fine-tuning, "
+        f"{args.holdout:,} of its images held out to choose every setting and epoch; test/ "
+        f"evaluated once per point). "
         f"Chosen on the held-out images (below): prune fine-tuning "
         f"`{' '.join(PRUNE_RECIPES[chosen['prune']])}`, centroid fine-tuning "
         f"`{' '.join(KMEANS_RECIPES[chosen['kmeans']])}`, for the bar also scope "
