@@ -5,6 +5,8 @@
     python tools/bench/prune.py bar       # the chained prune+kmeans+int8 point, end to end
     python tools/bench/prune.py report    # docs/results/prune.md and sparse_coding.md
     python tools/bench/prune.py all       # the four in order (what the docs' figures come from)
+    python tools/bench/prune.py coding    # sparse_coding.md alone, from post-training magnitude
+                                          # points (no training, no test images: minutes)
 
 Every point is a real packed file (packer.compress.pack): `file_bytes` are bytes on disk,
 `ratio` is fp32 bytes / file bytes, and top-1 is measured once on the 10,000 test images by
@@ -92,10 +94,18 @@ class State:
             "file_bytes", "ratio", "top1", "holdout_top1", "pack_s")}}), flush=True)
 
 
-def once(state: State, key: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def once(state: State, key: str, make: Callable[[], dict[str, Any]],
+         test: Callable[[], float] | None = None) -> dict[str, Any]:
+    """The point's row, made if missing; `test` (when given) adds its test top-1 if the row was
+    made without it (by `coding`, which needs only the files)."""
     row = state.get(key)
     if row is None:
         row = make()
+        state.put(key, row)
+    if test is not None and row.get("top1") is None:
+        started = time.perf_counter()
+        row["top1"] = test()
+        row["eval_s"] = round(time.perf_counter() - started, 1)
         state.put(key, row)
     return row
 
@@ -129,7 +139,8 @@ def pack_point(source: Path, out: Path, method: str, sets: list[str],
     pack_s = time.perf_counter() - started
     fine = [report.get("prune", {}).get("finetune"), report.get("kmeans_finetune")]
     holdout = [f["best_top1"] for f in fine if f]
-    row = {"method": method, "settings": sets, "file_bytes": report["file_bytes"],
+    row = {"method": method, "settings": sets, "file": str(out),
+           "file_bytes": report["file_bytes"],
            "ratio": round(report["ratio"], 2), "bits_per_weight": weight_bits(out),
            "holdout_top1": round(holdout[-1], 2) if holdout else None,
            "finetune": [f and {k: f[k] for k in ("epochs_run", "best_epoch", "start_top1",
@@ -176,7 +187,8 @@ def prune_point(state: State, args: argparse.Namespace, criterion: str, density:
             f"holdout={args.holdout}", f"ecs_warmup_epochs={args.ecs_warmup}",
             f"train_limit={args.prune_train_limit}", *recipe]
     row = once(state, key, lambda: pack_point(checkpoint_path(args.model), out, "prune", sets,
-                                              args, evaluate_test))
+                                              args, evaluate_test=False),
+               (lambda: test_top1(out, args)) if evaluate_test else None)
     row["file"] = str(out)
     return row
 
@@ -189,7 +201,9 @@ def kmeans_point(state: State, args: argparse.Namespace, pruned: dict[str, Any],
     out = args.workdir / (key.replace("/", "-") + ".fb")
     sets = [f"k={k}", f"finetune_epochs={epochs}", f"holdout={args.holdout}",
             f"train_limit={args.kmeans_train_limit if epochs else 0}", *recipe]
-    row = once(state, key, lambda: pack_point(source, out, "kmeans", sets, args, evaluate_test))
+    row = once(state, key, lambda: pack_point(source, out, "kmeans", sets, args,
+                                              evaluate_test=False),
+               (lambda: test_top1(out, args)) if evaluate_test else None)
     row["file"] = str(out)
     return row
 
@@ -236,6 +250,15 @@ def grid(state: State, args: argparse.Namespace, chosen: dict[str, Any]) -> None
                 kmeans_point(state, args, pruned, k, args.kmeans_epochs, recipe_k)
 
 
+def coding_points(state: State, args: argparse.Namespace) -> None:
+    """The post-training magnitude points of the grid (prune, then k-means at every K), files
+    only: what the sparse coder table reads. `grid` adds their test top-1 later."""
+    for density in args.densities:
+        pruned = prune_point(state, args, "magnitude", density, 0, (), evaluate_test=False)
+        for k in args.ks:
+            kmeans_point(state, args, pruned, k, 0, (), evaluate_test=False)
+
+
 def bar_settings(args: argparse.Namespace, chosen: dict[str, Any]) -> list[str]:
     return [f"criterion={args.bar_criterion}", f"density={args.bar_density}",
             f"k={args.bar_k}", f"holdout={args.holdout}", f"ecs_warmup_epochs={args.ecs_warmup}",
@@ -274,7 +297,8 @@ def prune_tables(state: State, model: str) -> str:
     lines = [f"Baseline `{MODELS[model][0]}`: **{ref:.2f}%** top-1 (measured here, same "
              f"loader), {state_bytes(model):,} fp32 bytes.", ""]
     rows, chain_rows = [], []
-    for r in sorted(_prune_rows(state, model), key=lambda r: (-float(r["key"].split("/")[3]),
+    for r in sorted((r for r in _prune_rows(state, model) if r.get("top1") is not None),
+                    key=lambda r: (-float(r["key"].split("/")[3]),
                                                                CRITERIA.index(r["key"].split("/")[2]))):
         _, _, criterion, density, epochs = r["key"].split("/")
         rows.append([criterion, density, r["density"], epochs, f"{r['file_bytes']:,}",
@@ -285,6 +309,8 @@ def prune_tables(state: State, model: str) -> str:
             for key in sorted(x for x in state.data if x.startswith(f"{stem}/kmeans/{k}/")
                               and "/select" not in x):
                 c = state.data[key]
+                if c.get("top1") is None:
+                    continue
                 ft = int(key.split("/")[3])
                 chain_rows.append([criterion, density, k, f"{ft} x {_setting(c, 'train_limit')}"
                                    if ft else "0", f"{c['file_bytes']:,}", f"{c['ratio']:.2f}",
@@ -452,6 +478,11 @@ def report(state: State, args: argparse.Namespace, chosen: dict[str, Any],
         "## Grid", "", prune_tables(state, model)]
     write_results("prune", f"Pruning and trained weight sharing: {model}", command,
                   "\n".join(body))
+    report_coding(state, args, command)
+
+
+def report_coding(state: State, args: argparse.Namespace, command: str) -> None:
+    model = args.model
     coding = coding_rows(state, model)
     body = [
         "Every index stream of the post-training `prune+kmeans` files of the grid (and the raw "
@@ -476,7 +507,7 @@ def report(state: State, args: argparse.Namespace, chosen: dict[str, Any],
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("select", "grid", "bar", "report", "all"))
+    p.add_argument("mode", choices=("select", "grid", "bar", "report", "all", "coding"))
     p.add_argument("--model", default="resnet20", choices=sorted(MODELS))
     p.add_argument("--workdir", type=Path, default=Path("/tmp/prune-bench"))
     p.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA)
@@ -514,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     state = State(args.workdir)
     command = "python tools/bench/prune.py " + " ".join(argv if argv is not None
                                                          else sys.argv[1:])
+    if args.mode == "coding":
+        coding_points(state, args)
+        report_coding(state, args, command)
+        return 0
     chosen = select(state, args)  # measured once; later modes read it back from the state
     print(json.dumps({"chosen": chosen}), flush=True)
     if args.mode in ("grid", "all"):
