@@ -171,14 +171,15 @@ RESULTS_DIR = REPO_ROOT / "docs" / "results"
 
 
 def dirty_files() -> list[str]:
-    """Tracked or untracked files that differ from HEAD, outside docs/results/ (the outputs)."""
+    """Tracked or untracked files that differ from HEAD, outside the outputs (docs/results/
+    and the index docs/RESULTS.md generated from it)."""
     try:
         out = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT,
                              capture_output=True, text=True, check=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return ["(git status failed)"]
     return [line[3:] for line in out.splitlines()
-            if line[3:] and not line[3:].startswith("docs/results/")]
+            if line[3:] and not line[3:].startswith(("docs/results/", "docs/RESULTS.md"))]
 
 
 def refuse_dirty_tree(allow_dirty: bool) -> None:
@@ -213,6 +214,8 @@ class Bar:
     measured: str
 
 
+BAR_FAILED = 3
+"""Exit status of a benchmark that ran to the end with a bar failing (errors exit 1 or 2)."""
 BARS_HEADING = "## Bars"
 _BAR_LINE = re.compile(r"^- \*\*(PASS|FAIL)\*\* (.+?) — (.*)$")
 
