@@ -68,9 +68,8 @@ from packer.methods.pqf.layers import attach_pq, subvectors
 from packer.methods.pqf.method import distillation_loss
 from packer.methods.pqf.size import reference_size
 from packer.training import DataSpec, build_datasets
-from packer.training.loop import EpochSampler
 from runtime import load
-from runtime.data import collate_skipping
+from runtime.data import ShardSampler, collate_skipping
 
 MODEL = "resnet20"
 ARCH = "cifar_resnet20"
@@ -384,7 +383,7 @@ def speed_child(args: argparse.Namespace) -> list[dict[str, Any]]:
             ("plain ResNet-20, labels", plain, None), ("PQ ResNet-20, labels", pq, None),
             ("PQ ResNet-20, distillation", pq, distillation_loss(teacher, 1.0))):
         loader = DataLoader(train_set, args.batch_size, num_workers=args.workers,
-                            sampler=EpochSampler(len(train_set), n, args.seed),
+                            sampler=ShardSampler(len(train_set), seed=args.seed, limit=n),
                             collate_fn=collate_skipping)
         model.train()
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
