@@ -65,3 +65,39 @@ def test_standard_error_and_margin_note():
     assert _eval.standard_error(88.0, 10_000) == pytest.approx(0.325, abs=1e-3)
     assert _eval.margin_note(0.5, 88.0, 10_000) == ""
     assert "smaller than the standard error" in _eval.margin_note(0.1, 88.0, 10_000)
+
+
+def test_summary_indexes_files_it_does_not_know_and_writes_only_the_index(results_dir,
+                                                                         tmp_path, monkeypatch):
+    (results_dir / "zeta.md").write_text("# Zeta\n\nRegenerate: `python tools/bench/zeta.py`\n"
+                                         "\n- date: d\n- code: commit abc\n", encoding="utf-8")
+    _common.write_results("accuracy", "Methods", "python tools/bench/accuracy.py", "body")
+    out = tmp_path / "index" / "RESULTS.md"
+    out.parent.mkdir()
+    monkeypatch.setattr(summary, "OUT", out)
+    before = {p.name: p.read_bytes() for p in results_dir.glob("*.md")}
+    assert summary.main([]) == 0
+    assert {p.name: p.read_bytes() for p in results_dir.glob("*.md")} == before
+    text = out.read_text(encoding="utf-8")
+    assert text.index("accuracy.md") < text.index("zeta.md")  # unknown files follow, by name
+    assert "`python tools/bench/zeta.py`" in text
+    assert summary.main(["--check"]) == 0
+    out.write_text(text + "hand-written figure: 99%\n", encoding="utf-8")
+    assert summary.main(["--check"]) == 1
+
+
+DOCS = [BENCH.parents[1] / "README.md", *sorted((BENCH.parents[1] / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_docs_link_only_results_files_that_exist(doc):
+    """A page that quotes a figure names the results file holding it: that file must exist."""
+    import re
+
+    for target in re.findall(r"\]\(((?:docs/)?results/[^)#]+\.md)", doc.read_text("utf-8")):
+        assert (doc.parent / target).is_file(), f"{doc.name} links {target}, which is missing"
+
+
+def test_results_index_is_current():
+    """docs/RESULTS.md is generated: `python tools/bench/summary.py` rewrites it."""
+    assert summary.main(["--check"]) == 0

@@ -19,8 +19,9 @@ from pathlib import Path
 from _common import REPO_ROOT, RESULTS_DIR, Bar, parse_bars, verdict
 
 OUT = REPO_ROOT / "docs" / "RESULTS.md"
-ORDER = ("accuracy", "coders", "load_time", "int8_throughput", "pqf-select", "pqf-bar",
-         "pqf-curve", "pqf-ftcurve", "pqf-speed", "pqf-timing", "pqf-refsize", "wfn")
+ORDER = ("accuracy", "coders", "coders-synthetic", "load_time", "int8_throughput",
+         "pqf-select", "pqf-bar", "pqf-curve", "pqf-ftcurve", "pqf-speed", "pqf-timing",
+         "pqf-refsize", "wfn", "lowbit-select", "lowbit", "report_time")
 """Index order; results files not listed here follow in alphabetical order."""
 
 
@@ -84,6 +85,11 @@ def render(files: Sequence[ResultsFile]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it."""
+    return str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,14 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         current = OUT.read_text(encoding="utf-8") if OUT.exists() else ""
         if current != text:
-            print(f"{OUT.relative_to(REPO_ROOT)} is out of date: run "
+            print(f"{_shown(OUT)} is out of date: run "
                   "python tools/bench/summary.py", file=sys.stderr)
             return 1
         return 0
     tmp = OUT.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(OUT)
-    print(f"wrote {OUT.relative_to(REPO_ROOT)}", file=sys.stderr)
+    print(f"wrote {_shown(OUT)}", file=sys.stderr)
     return 0
 
 
