@@ -80,6 +80,8 @@ def render(files: Sequence[ResultsFile]) -> str:
     ]
     for f in files:
         code = f.code + (" **(NOT REPRODUCIBLE: uncommitted changes)**" if f.dirty else "")
+        if f.code.endswith("outside tools/bench/"):
+            code += " (an older header: changes under tools/bench/ were not checked)"
         lines.append(f"| [{f.path.name}](results/{f.path.name}) | {f.title} | {f.date} | "
                      f"{code} | `{f.command}` |")
     return "\n".join(lines) + "\n"
