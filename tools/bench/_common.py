@@ -134,6 +134,8 @@ def machine_lines() -> list[str]:
         f"- software: Python {platform.python_version()}, torch {torch.__version__} "
         f"(torch threads {torch.get_num_threads()}), numpy {np.__version__}",
         f"- code: {code_state()}",
+        f"- load: 1-minute load average {os.getloadavg()[0]:.1f} when written "
+        f"({usable_cpus()} CPUs; above that, other jobs shared them and times ran slower)",
     ]
 
 
