@@ -405,7 +405,8 @@ def speed(args: argparse.Namespace) -> tuple[str, list[Bar]]:
     for policy in ("ACTIVE", "PASSIVE"):
         env = {**os.environ, "OMP_WAIT_POLICY": policy}
         cmd = [sys.executable, __file__, "speed-child", "--k", str(args.k), "--batches",
-               str(args.batches), "--workers", str(args.workers), "--threads", str(args.threads)]
+               str(args.batches), "--batch-size", str(args.batch_size), "--workers",
+               str(args.workers), "--threads", str(args.threads), "--seed", str(args.seed)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
         results[policy] = json.loads(out.strip().splitlines()[-1])
         _log(f"{policy}: {results[policy]}")
