@@ -52,6 +52,9 @@ def test_summary_indexes_every_bar_with_its_file(results_dir):
     assert "- **PASS** ans near the bound — 1.002x ([coders](results/coders.md))" in text
     assert "- **FAIL** a wfn point — 87.0% ([wfn](results/wfn.md))" in text
     assert text.index("coders.md") < text.index("wfn.md")  # summary.ORDER
+    not_measured = text[text.index("## Not measured yet"):]
+    assert "- accuracy: `python tools/bench/accuracy.py`" in not_measured
+    assert "- wfn:" not in not_measured
 
 
 def test_refuse_dirty_tree(monkeypatch):

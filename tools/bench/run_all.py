@@ -67,6 +67,11 @@ QUICK: dict[str, list[str]] = {
 `lowbit.py` and `report_time.py` have no `--no-write`, so the smoke run leaves them out."""
 
 
+def command_of(args: Sequence[str]) -> str:
+    """A plan entry as the command a user types (what its results file names)."""
+    return shlex.join(["python", f"tools/bench/{args[0]}", *args[1:]])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,8 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcomes = []
     for name in names:
         cmd = [sys.executable, str(HERE / plan[name][0]), *plan[name][1:], *extra]
-        print(f"== {name}: {shlex.join(['python', 'tools/bench/' + plan[name][0], *cmd[2:]])}",
-              file=sys.stderr, flush=True)
+        print(f"== {name}: {command_of([*plan[name], *extra])}", file=sys.stderr, flush=True)
         started = time.perf_counter()
         rc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL).returncode
         outcomes.append((name, rc, time.perf_counter() - started))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from _common import REPO_ROOT, RESULTS_DIR, Bar, parse_bars, verdict
+from run_all import FULL, command_of
 
 OUT = REPO_ROOT / "docs" / "RESULTS.md"
 ORDER = ("accuracy", "coders", "coders-synthetic", "load_time", "int8_throughput",
@@ -84,6 +85,12 @@ def render(files: Sequence[ResultsFile]) -> str:
             code += " (an older header: changes under tools/bench/ were not checked)"
         lines.append(f"| [{f.path.name}](results/{f.path.name}) | {f.title} | {f.date} | "
                      f"{code} | `{f.command}` |")
+    missing = [name for name in FULL if name not in {f.path.stem for f in files}]
+    if missing:
+        lines += ["", "## Not measured yet", "",
+                  "These benchmarks have no results file, so no figure of theirs is claimed "
+                  "anywhere in docs/; each command would write one:", "",
+                  *(f"- {name}: `{command_of(FULL[name])}`" for name in missing)]
     return "\n".join(lines) + "\n"
 
 
