@@ -1,7 +1,8 @@
 """Fine-tuning options and the one call into `packer.training.fit` that `prune` and `kmeans`
 share: which data, how many epochs, which optimizer, validation on a held-out split, a
 resumable checkpoint per stage, and optional distillation from the model the stage started
-from. The methods decide what is trainable and what each step must re-impose (`after_step`).
+from. The methods decide what is trainable and what each step must re-impose (`after_step`:
+the mask, the zero centroid), which `packer.training.finetune` has no hook for.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from torch import nn
 
 from packer.config import Option
 from packer.methods.base import CompressJob
-from packer.methods.pqf.method import distillation_loss
 from packer.training import TrainConfig, TrainHooks, build_datasets, fit, training_data
+from packer.training.finetune import distillation_loss, validated_on
 from runtime.errors import DataError
 
 
@@ -105,7 +106,6 @@ def run_finetune(job: CompressJob, method: str, epochs: int, teacher: nn.Module 
     loss = (distillation_loss(teacher, opts["distill_temperature"]) if teacher is not None
             else None)
     result = fit(job.model, train_set, val_set, cfg, TrainHooks(loss=loss, after_step=after_step))
-    validated_on = (f"{opts['holdout']} held-out train images" if opts["holdout"]
-                    else "the test/val split")
-    return {**result.as_dict(), "validated_on": validated_on, "optimizer": opts["optimizer"],
+    return {**result.as_dict(), "validated_on": validated_on(opts["holdout"]),
+            "optimizer": opts["optimizer"],
             "lr": opts["lr"], "distill": teacher is not None}

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from _common import (
     MODELS,
+    Bar,
     arch_of,
     checkpoint_path,
     md_table,
@@ -379,6 +380,20 @@ def bar_table(state: State, model: str) -> str:
                      "bar (ratio >= 16, within 1.5)"], rows) + "\n"
 
 
+def bars(state: State, model: str) -> list[Bar]:
+    """The issue's bar, judged on each chained point measured (ratio >= 16, within 1.5)."""
+    base = state.get(f"{model}/baseline")
+    out = []
+    for key, r in sorted(state.data.items()):
+        if key.startswith(f"{model}/bar/") and base and r.get("top1") is not None:
+            drop = base["top1"] - r["top1"]
+            out.append(Bar(f"{model} prune+kmeans+int8 ({key.split('/bar/')[1]}): ratio >= 16 "
+                           f"within 1.5 pts of baseline top-1", r["ratio"] >= 16 and drop <= 1.5,
+                           f"ratio {r['ratio']:.2f}, top-1 {r['top1']:.2f} vs {base['top1']:.2f} "
+                           f"({-drop:+.2f} pts) on all 10,000 test images"))
+    return out
+
+
 def coding_rows(state: State, model: str) -> list[list[Any]]:
     """Every index stream (and raw-value stream) of the grid's files, re-coded by each coder."""
     rows = []
@@ -477,7 +492,7 @@ def report(state: State, args: argparse.Namespace, chosen: dict[str, Any],
         select_table(state, model, chosen) or "Not measured yet.\n", "",
         "## Grid", "", prune_tables(state, model)]
     write_results("prune", f"Pruning and trained weight sharing: {model}", command,
-                  "\n".join(body))
+                  "\n".join(body), bars(state, model))
     report_coding(state, args, command)
 
 
