@@ -119,9 +119,13 @@ def encode_raw(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
     return CodedStream("raw", FORMAT_VERSION, payload=pack(symbols, bits), bits=bits)
 
 
-def encode_zstd(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
-    """zstd over the packed bytes: wins on runs and repeats that order-0 coders cannot see."""
-    bits = zstd_bits(alphabet_size)
+def encode_zstd(symbols: np.ndarray, alphabet_size: int, bits: int | None = None) -> CodedStream:
+    """zstd over the packed bytes: wins on runs and repeats that order-0 coders cannot see.
+
+    ``bits`` overrides the packing width (readers accept any from ``min_bits(K)`` to 16): at 8
+    bits each symbol is one byte, which zstd's Huffman-coded literals compress to near the
+    order-0 bound when the symbols have no byte-aligned structure at their tight width."""
+    bits = zstd_bits(alphabet_size) if bits is None else bits
     compressor = zstandard.ZstdCompressor(
         level=ZSTD_LEVEL, write_content_size=True, write_checksum=False, threads=0
     )
