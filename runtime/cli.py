@@ -6,35 +6,27 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from runtime import quant
-from runtime.atomic import atomic_write, check_output
+from runtime import __version__
 from runtime.cli_common import (
     Parser,
     add_command,
     add_common_flags,
+    existing_file,
     main as cli_main,
     print_json,
     progress_enabled,
 )
-from runtime.data import (
-    calibration_dataset,
-    cifar10_dataset,
-    image_folder_dataset,
-    imagenet_dataset,
-    make_loader,
-)
-from runtime.distributed import init_distributed, local_rank, rank, world_size
 from runtime.errors import DataError, printable
-from runtime.evaluate import evaluate
-from runtime.format.reader import open_packed
-from runtime.format.records import InputSpec
-from runtime.loader import load
-from runtime.onnx import export_onnx, session
-from runtime.report import build_report, format_report, inspect_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from runtime.format.records import InputSpec
+
+# Heavy libraries (torch, onnx, onnxruntime) are imported inside the commands that use them,
+# so --help, --version and argument errors answer at once (tools/bench/startup.py).
 
 EPILOG = """examples:
   runtime eval r20.fb --cifar10 ../shared/data/cifar10
@@ -50,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="runtime", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"runtime {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     e = add_command(
@@ -131,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _device(name: str) -> torch.device:
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -141,6 +136,8 @@ def _device(name: str) -> torch.device:
 
 
 def _dataset(args: argparse.Namespace, spec: InputSpec, num_classes: int):
+    from runtime.data import cifar10_dataset, image_folder_dataset, imagenet_dataset
+
     if args.cifar10 is not None:
         if num_classes and num_classes != 10:
             raise DataError(f"this model has {num_classes} classes; CIFAR-10 has 10")
@@ -155,6 +152,10 @@ def _dataset(args: argparse.Namespace, spec: InputSpec, num_classes: int):
 
 def _start_distributed(device: torch.device) -> tuple[torch.device, bool]:
     """Under torchrun join the process group; one GPU per process."""
+    import torch
+
+    from runtime.distributed import init_distributed, local_rank
+
     if not init_distributed(cuda=device.type == "cuda"):
         return device, False
     return (torch.device("cuda", local_rank()) if device.type == "cuda" else device), True
@@ -164,6 +165,10 @@ def _act_scales(args: argparse.Namespace, spec: InputSpec) -> dict[str, float] |
     """Scales measured now with --calib-data, else None (use the file's own)."""
     if args.calib_data is None:
         return None
+    from runtime import quant
+    from runtime.data import calibration_dataset, make_loader
+    from runtime.loader import load
+
     dataset = calibration_dataset(args.calib_data, spec)
     count = min(args.calib_images, len(dataset))
     return quant.calibrate(load(args.file), make_loader(dataset, 64, args.workers, count))
@@ -172,6 +177,10 @@ def _act_scales(args: argparse.Namespace, spec: InputSpec) -> dict[str, float] |
 def _model_for_eval(args: argparse.Namespace, device: torch.device,
                     spec: InputSpec) -> tuple[Any, str]:
     """The model to evaluate, and which provider runs it."""
+    from runtime import quant
+    from runtime.loader import load
+    from runtime.onnx import session
+
     if args.int8:
         if device.type != "cpu" and args.backend == "torch":
             raise DataError("--int8 with the torch backend simulates int8 on the CPU; "
@@ -189,10 +198,16 @@ def _model_for_eval(args: argparse.Namespace, device: torch.device,
 
 
 def _export(args: argparse.Namespace) -> int:
+    from runtime.atomic import check_output
+
+    existing_file(args.file)
     check_output(args.onnx, example="model.onnx")
     if args.int8:
         if args.compact:
             raise DataError("--int8 and --compact cannot be combined yet; pick one")
+        from runtime import quant
+        from runtime.atomic import atomic_write
+
         pack = quant.load_int8(args.file)
         if not pack.act_scales:
             raise quant.NoActivationScales(f"{args.file}: has no activation scales; pack it "
@@ -206,6 +221,8 @@ def _export(args: argparse.Namespace) -> int:
                   "packed_bytes": args.file.stat().st_size, "int8": True}
         report["onnx_to_packed"] = round(report["onnx_bytes"] / report["packed_bytes"], 4)
     else:
+        from runtime.onnx import export_onnx
+
         report = export_onnx(args.file, args.onnx, compact=args.compact)
     if args.json:
         print_json(report)
@@ -222,6 +239,15 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise DataError("--limit must be at least 1")
+    existing_file(args.file)
+    import torch
+
+    from runtime.data import make_loader
+    from runtime.distributed import rank, world_size
+    from runtime.evaluate import evaluate
+    from runtime.format.reader import open_packed
+    from runtime.report import build_report
+
     device, distributed = _start_distributed(_device(args.device))
     try:
         with open_packed(args.file) as packed:
@@ -253,6 +279,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 def print_inspect(path: Path, as_json: bool, verify: bool = False) -> int:
     """`inspect` for both CLIs: the per-tensor table and totals, or the JSON report."""
+    existing_file(path)
+    from runtime.report import format_report, inspect_file
+
     report = inspect_file(path, verify)
     if as_json:
         print_json(report)
@@ -279,6 +308,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    existing_file(args.file)
+    from runtime.format.reader import open_packed
+    from runtime.loader import load
+
     with open_packed(args.file) as packed:
         blobs = packed.verify()
     model = load(args.file)
