@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from runtime.errors import DataError, printable
 if TYPE_CHECKING:
     import torch
 
+    from runtime.evaluate import EvalPlan
     from runtime.format.records import InputSpec
 
 # Heavy libraries (torch, onnx, onnxruntime) are imported inside the commands that use them,
@@ -66,8 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="any <class>/<image> folder, classes in sorted order")
     e.add_argument("--limit", type=int, help="evaluate N images spread evenly over the set")
     e.add_argument("--batch-size", type=int, default=256, help="default 256")
-    e.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="data-loading processes (default: up to 4)")
+    e.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes (default: on the CPU one per 4 cores beyond "
+                   "the first 4, at most 4, the model's threads taking the rest; with a GPU "
+                   "up to 8)")
     e.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     e.add_argument("--backend", default="torch", choices=["torch", "onnx"],
                    help="torch module (default) or an onnxruntime session "
@@ -161,7 +163,8 @@ def _start_distributed(device: torch.device) -> tuple[torch.device, bool]:
     return (torch.device("cuda", local_rank()) if device.type == "cuda" else device), True
 
 
-def _act_scales(args: argparse.Namespace, spec: InputSpec) -> dict[str, float] | None:
+def _act_scales(args: argparse.Namespace, spec: InputSpec, workers: int
+                ) -> dict[str, float] | None:
     """Scales measured now with --calib-data, else None (use the file's own)."""
     if args.calib_data is None:
         return None
@@ -171,11 +174,11 @@ def _act_scales(args: argparse.Namespace, spec: InputSpec) -> dict[str, float] |
 
     dataset = calibration_dataset(args.calib_data, spec)
     count = min(args.calib_images, len(dataset))
-    return quant.calibrate(load(args.file), make_loader(dataset, 64, args.workers, count))
+    return quant.calibrate(load(args.file), make_loader(dataset, 64, workers, count))
 
 
-def _model_for_eval(args: argparse.Namespace, device: torch.device,
-                    spec: InputSpec) -> tuple[Any, str]:
+def _model_for_eval(args: argparse.Namespace, device: torch.device, spec: InputSpec,
+                    plan: EvalPlan) -> tuple[Any, str]:
     """The model to evaluate, and which provider runs it."""
     from runtime import quant
     from runtime.loader import load
@@ -185,14 +188,15 @@ def _model_for_eval(args: argparse.Namespace, device: torch.device,
         if device.type != "cpu" and args.backend == "torch":
             raise DataError("--int8 with the torch backend simulates int8 on the CPU; "
                             "use --backend onnx (TensorRT or CUDA provider) for GPU int8")
-        model = quant.int8_model(args.file, _act_scales(args, spec), backend=args.backend,
-                                 device=device.type)
+        model = quant.int8_model(args.file, _act_scales(args, spec, plan.workers),
+                                 backend=args.backend, device=device.type,
+                                 threads=plan.threads)
         if isinstance(model, quant.OnnxSession):
             return model, model.provider
         return model, "cpu"
     if args.backend == "onnx":
         providers = ["CPUExecutionProvider"] if device.type == "cpu" else None
-        sess = session(args.file, providers=providers)
+        sess = session(args.file, providers=providers, threads=plan.threads)
         return sess, sess.provider
     return load(args.file, device=device), device.type
 
@@ -239,25 +243,29 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise DataError("--limit must be at least 1")
+    if args.workers is not None and args.workers < 0:
+        raise DataError("--workers must be at least 0")
     existing_file(args.file)
     import torch
 
     from runtime.data import make_loader
     from runtime.distributed import rank, world_size
-    from runtime.evaluate import evaluate
+    from runtime.evaluate import eval_plan, evaluate
     from runtime.format.reader import open_packed
     from runtime.report import build_report
 
     device, distributed = _start_distributed(_device(args.device))
+    plan = eval_plan(device.type, args.workers)
     try:
         with open_packed(args.file) as packed:
             report, spec = build_report(packed), packed.model.input
         dataset = _dataset(args, spec, report["num_classes"])
-        model, provider = _model_for_eval(args, device, spec)
-        loader = make_loader(dataset, args.batch_size, args.workers, args.limit,
-                             distributed=distributed, pin_memory=device.type == "cuda")
-        result = evaluate(model, loader, device if args.backend == "torch" else "cpu",
-                          progress=progress_enabled(args))
+        with plan.applied():
+            model, provider = _model_for_eval(args, device, spec, plan)
+            loader = make_loader(dataset, args.batch_size, plan.workers, args.limit,
+                                 distributed=distributed, pin_memory=device.type == "cuda")
+            result = evaluate(model, loader, device if args.backend == "torch" else "cpu",
+                              progress=progress_enabled(args))
         me, world = rank(), world_size()
     finally:
         if distributed:
@@ -266,6 +274,7 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     out = {**result.as_dict(), "backend": args.backend, "provider": provider,
            "precision": "int8" if args.int8 else "fp32", "processes": world,
+           "workers": plan.workers, "threads": plan.threads,
            "file": str(args.file),
            "file_bytes": report["file_bytes"], "ratio": report["ratio"]}
     if args.json:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from runtime import data, zoo
 from runtime.errors import DataError
-from runtime.evaluate import EvalResult, evaluate
+from runtime.evaluate import EvalResult, eval_plan, evaluate
 from tests.assets import require
 
 DIST_LIMIT = 69  # odd on purpose: the two shards differ in size and must not be padded
@@ -96,3 +96,25 @@ def test_distributed_gloo_equals_single_process(shared_dir: Path, tmp_path: Path
             single.top5,
             single.skipped,
         )
+
+
+@pytest.mark.parametrize(("device", "cores", "workers", "plan"), [
+    ("cpu", 1, None, (0, 1)),
+    ("cpu", 2, None, (0, 2)),  # measured: 0 workers beat 1 and 4 on 2 cores
+    ("cpu", 16, None, (4, 12)),
+    ("cpu", 64, None, (4, 60)),
+    ("cpu", 2, 3, (3, 1)),  # asked for: the model keeps one thread
+    ("cuda", 2, None, (1, None)),
+    ("cuda", 16, None, (8, None)),
+])
+def test_eval_plan_uses_each_core_once(device: str, cores: int, workers: int | None,
+                                       plan: tuple[int, int | None]) -> None:
+    got = eval_plan(device, workers, cores=cores)
+    assert (got.workers, got.threads) == plan
+
+
+def test_eval_plan_sets_and_restores_torch_threads() -> None:
+    before = torch.get_num_threads()
+    with eval_plan("cpu", 0, cores=1).applied():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

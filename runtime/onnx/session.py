@@ -171,12 +171,16 @@ class OnnxSession(ort.InferenceSession):
         return f"OnnxSession(provider={self.provider!r}, input={self.input_name!r})"
 
 
-def session(path: str | os.PathLike, providers: list[str] | None = None) -> OnnxSession:
+def session(path: str | os.PathLike, providers: list[str] | None = None, *,
+            threads: int | None = None) -> OnnxSession:
     """Open a packed file as an onnxruntime InferenceSession; weights are injected from
-    memory. `sess.run(None, {sess.input_name: x})` as with any session, or `sess(x)`."""
+    memory. `sess.run(None, {sess.input_name: x})` as with any session, or `sess(x)`.
+
+    `threads`: onnxruntime's intra-op threads (None: its default, one per core).
+    """
     started = time.perf_counter()
     with open_packed(path) as packed:
         graph, weights = graph_and_weights(packed)
-    sess = OnnxSession.from_graph(graph, weights, providers)
+    sess = OnnxSession.from_graph(graph, weights, providers, threads=threads)
     sess.build_seconds = time.perf_counter() - started
     return sess
