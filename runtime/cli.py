@@ -100,16 +100,24 @@ def _parser() -> argparse.ArgumentParser:
         sub, "export", help="write a standalone ONNX model for any ONNX server",
         description="Export a packed file as an ONNX model (onnxruntime, Triton, TensorRT). "
         "--compact keeps codebooks and indices inside the ONNX file and rebuilds each weight "
-        "with Gather when the session starts.",
+        "with Gather when the session starts. --int8 writes the 8-bit graph in the form its "
+        "server runs fastest (--target).",
         examples=["runtime export r20.fb --onnx r20.onnx",
                   "runtime export r20.fb --onnx r20.onnx --compact  # smaller on disk",
-                  "runtime export m.fb --onnx m.onnx --int8  # QDQ graph, the file's scales"])
+                  "runtime export m.fb --onnx m.onnx --int8  # for onnxruntime, the file's "
+                  "scales",
+                  "runtime export m.fb --onnx m.onnx --int8 --target tensorrt"])
     x.add_argument("file", type=Path, help="packed .fb file")
     x.add_argument("--onnx", type=Path, required=True, metavar="OUT", help="output .onnx file")
     x.add_argument("--compact", action="store_true",
                    help="store indices + codebooks, not fp32 weights (verified to fold)")
     x.add_argument("--int8", action="store_true",
                    help="QDQ graph with int8 weights and the file's activation scales")
+    x.add_argument("--target", choices=["onnxruntime", "tensorrt"],
+                   help="with --int8: the graph's form, for the server that runs it (default "
+                   "onnxruntime: uint8 activations, ReLU as a table, fused by onnxruntime's "
+                   "CPU kernels; tensorrt: int8 zero point 0, the Q/DQ placement TensorRT "
+                   "wants)")
     add_common_flags(x)
     x.set_defaults(func=_export)
 
@@ -209,29 +217,20 @@ def _export(args: argparse.Namespace) -> int:
     if args.int8:
         if args.compact:
             raise DataError("--int8 and --compact cannot be combined yet; pick one")
-        from runtime import quant
-        from runtime.atomic import atomic_write
+        from runtime.quant import export_int8
 
-        pack = quant.load_int8(args.file)
-        if not pack.act_scales:
-            raise quant.NoActivationScales(f"{args.file}: has no activation scales; pack it "
-                                           "with --calib-data DIR")
-        try:
-            model = quant.qdq_model(pack, pack.act_scales)
-        except quant.NoActivationScales as exc:
-            raise quant.NoActivationScales(f"{args.file}: {exc}") from None
-        atomic_write(args.onnx, [model.SerializeToString()])
-        report = {"path": str(args.onnx), "onnx_bytes": args.onnx.stat().st_size,
-                  "packed_bytes": args.file.stat().st_size, "int8": True}
-        report["onnx_to_packed"] = round(report["onnx_bytes"] / report["packed_bytes"], 4)
+        report = export_int8(args.file, args.onnx, args.target)
     else:
+        if args.target is not None:
+            raise DataError("--target chooses the int8 graph's form; add --int8")
         from runtime.onnx import export_onnx
 
         report = export_onnx(args.file, args.onnx, compact=args.compact)
     if args.json:
         print_json(report)
     else:
-        kind = "int8 QDQ" if args.int8 else "compact" if args.compact else "standalone"
+        kind = (f"int8 QDQ for {report['target']}" if args.int8
+                else "compact" if args.compact else "standalone")
         # Not "(7.21x)": beside a packed file that reads as its compression ratio, which is
         # fp32 over packed bytes (`runtime inspect`), not this.
         print(f"{args.onnx}: {report['onnx_bytes']:,} bytes ({kind} ONNX; "
