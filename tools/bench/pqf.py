@@ -35,8 +35,8 @@ from packer.methods import CompressJob
 from packer.methods.pqf import PQFMethod
 from packer.methods.pqf.kmeans import kmeans
 from packer.methods.pqf.layers import attach_pq, subvectors
-from packer.methods.pqf.method import distillation_loss
 from packer.training import DataSpec, build_datasets
+from packer.training.finetune import distillation_loss
 from runtime import load
 from runtime.data import ShardSampler, cifar10_dataset, collate_skipping, make_loader
 from runtime.evaluate import evaluate
