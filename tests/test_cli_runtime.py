@@ -107,6 +107,8 @@ def test_int8_export_targets(calibrated: Path, tmp_path: Path, capsys) -> None:
     ours, trt = (onnx.load(str(paths[t])) for t in ("onnxruntime", "tensorrt"))
     assert _zero_point_types(ours) == {onnx.TensorProto.UINT8}
     assert _zero_point_types(trt) == {onnx.TensorProto.INT8}
+    used = {i for n in ours.graph.node for i in n.input}
+    assert all(t.name in used for t in ours.graph.initializer)  # no int8 zero point left over
     pack = quant.load_int8(calibrated)
     assert trt.graph == quant.qdq_model(pack, pack.act_scales).graph
 
