@@ -206,7 +206,9 @@ def _model_for_eval(args: argparse.Namespace, device: torch.device, spec: InputS
         providers = ["CPUExecutionProvider"] if device.type == "cpu" else None
         sess = session(args.file, providers=providers, threads=plan.threads)
         return sess, sess.provider
-    return load(args.file, device=device), device.type
+    from runtime.evaluate import fold_batchnorm
+
+    return fold_batchnorm(load(args.file, device=device)), device.type
 
 
 def _export(args: argparse.Namespace) -> int:

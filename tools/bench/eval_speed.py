@@ -7,8 +7,9 @@ The model (shared CIFAR ResNet, packed `none`) runs on --limit CIFAR-10 test ima
 files decoded by the loader, as `runtime eval --cifar10` does), batch 256, the same code path
 as the command: `eval_plan(...).applied()`, `make_loader`, `evaluate`. Every configuration is
 measured in --rounds interleaved rounds (order rotating); min and median images/s.
-Diagnostics: the torch backend with BatchNorm folded into the convolutions (torch.fx), and
-where torch's forward spends its time (torch.profiler, one batch).
+The torch backend folds BatchNorm into the convolutions (`runtime.evaluate.fold_batchnorm`,
+as `runtime eval` does); diagnostics: the same without folding, and where torch's forward
+spends its time (torch.profiler, one batch of the folded model).
 
     python tools/bench/eval_speed.py [--model resnet20] [--limit 1000] [--rounds 3]
 """
@@ -33,12 +34,11 @@ from _common import (
     usable_cpus,
     write_results,
 )
-from torch.fx.experimental.optimization import fuse
 
 import runtime
 from packer.compress import PackRequest, pack
 from runtime.data import cifar10_dataset, make_loader
-from runtime.evaluate import EvalPlan, eval_plan, evaluate
+from runtime.evaluate import EvalPlan, eval_plan, evaluate, fold_batchnorm
 from runtime.onnx import session
 from runtime.zoo.specs import CIFAR_SPEC
 
@@ -47,15 +47,15 @@ BATCH = 256
 
 
 def config_runner(fb: Path, backend: str, plan: EvalPlan, limit: int,
-                  fold: bool = False) -> Callable[[], float]:
+                  fold: bool = True) -> Callable[[], float]:
     dataset = cifar10_dataset(shared_dir() / "data" / "cifar10", "test", CIFAR_SPEC)
     with plan.applied():
         if backend == "onnx":
             model = session(fb, providers=["CPUExecutionProvider"], threads=plan.threads)
         else:
             model = runtime.load(fb)
-            if fold:
-                model = fuse(model)
+            if fold:  # as `runtime eval` does
+                model = fold_batchnorm(model)
 
     def run() -> float:
         with plan.applied():
@@ -65,7 +65,7 @@ def config_runner(fb: Path, backend: str, plan: EvalPlan, limit: int,
 
 
 def torch_profile(fb: Path, threads: int) -> str:
-    model = runtime.load(fb)
+    model = fold_batchnorm(runtime.load(fb))
     x = torch.randn(BATCH, *CIFAR_SPEC.shape)
     torch.set_num_threads(threads)
     with torch.inference_mode():
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             configs[backend, f"{old.workers} workers, all threads (old default)"] = \
                 config_runner(fb, backend, old, args.limit)
         setting = f"{default.workers} workers, {default.threads} threads"
-        configs["torch, BatchNorm folded", setting] = config_runner(fb, "torch", default,
-                                                                    args.limit, fold=True)
+        configs["torch, BatchNorm not folded", setting] = config_runner(
+            fb, "torch", default, args.limit, fold=False)
         for run in configs.values():  # warm-up: page cache, first-use costs
             run()
         samples: dict[tuple[str, str], list[float]] = {k: [] for k in configs}
