@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--workdir", type=Path,
+                        help="keep the packed files here and reuse them (default: a temporary "
+                        "folder)")
     parser.add_argument("--allow-dirty", action="store_true")
     args = parser.parse_args(argv)
     refuse_dirty_tree(args.allow_dirty)
@@ -167,13 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     ok = True
     with tempfile.TemporaryDirectory(prefix="wp-load-") as tmp:
-        work = Path(tmp)
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         files: dict[tuple[str, str], Path] = {}
         for model in args.models:
             for cfg in PACKS:
                 path = work / f"{model}-{cfg.slug}.fb"
-                log(f"packing {model} {cfg.label}")
-                pack_file(checkpoint(work, model), path, cfg)
+                if not path.exists():
+                    log(f"packing {model} {cfg.label}")
+                    pack_file(checkpoint(work, model), path, cfg)
                 files[model, cfg.label] = path
 
         # 1. load vs torch
