@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from runtime.distributed import is_distributed, rank
+from runtime.distributed import is_distributed, local_world_size, rank
 from runtime.errors import ArchitectureError, DataError
 
 __all__ = ["EvalPlan", "EvalResult", "eval_plan", "evaluate", "fold_batchnorm"]
@@ -72,9 +72,10 @@ class EvalPlan:
 
 def eval_plan(device: str, workers: int | None = None, cores: int | None = None) -> EvalPlan:
     """Workers (`workers`, else `default_workers`) and model threads that together use each of
-    the `cores` (default: the usable CPUs) once: on the CPU the model gets the cores the
-    workers leave, never fewer than one."""
-    cores = cores or usable_cpus()
+    the `cores` (default: the usable CPUs, shared evenly by the processes torchrun started on
+    this machine) once: on the CPU the model gets the cores the workers leave, never fewer
+    than one."""
+    cores = cores or max(1, usable_cpus() // max(1, local_world_size()))
     if workers is None:
         workers = default_workers(device, cores)
     threads = max(1, cores - workers) if device == "cpu" else None

@@ -140,3 +140,9 @@ def test_fold_batchnorm_leaves_an_untraceable_model_alone() -> None:
 
     model = Branchy()
     assert fold_batchnorm(model) is model
+
+
+def test_eval_plan_shares_the_cores_among_local_processes(monkeypatch) -> None:
+    monkeypatch.setattr("runtime.evaluate.usable_cpus", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert eval_plan("cpu") == eval_plan("cpu", cores=4)
