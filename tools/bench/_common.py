@@ -124,14 +124,6 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def load_average() -> str:
-    """The 1-minute load average and the core count: how shared the machine was."""
-    try:
-        return f"{os.getloadavg()[0]:.1f} on {usable_cpus()} cores"
-    except OSError:  # pragma: no cover - not Unix
-        return "unknown"
-
-
 def machine_lines() -> list[str]:
     """Markdown bullet lines describing the date, machine and software versions."""
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")

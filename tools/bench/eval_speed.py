@@ -17,7 +17,6 @@ spends its time (torch.profiler, one batch of the folded model).
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import tempfile
@@ -26,8 +25,11 @@ from pathlib import Path
 
 import torch
 from _common import (
+    BAR_FAILED,
+    Bar,
+    add_results_args,
     checkpoint_path,
-    load_average,
+    command_line,
     md_table,
     refuse_dirty_tree,
     shared_dir,
@@ -83,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="resnet20", choices=("resnet20", "resnet56"))
     ap.add_argument("--limit", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--allow-dirty", action="store_true")
+    add_results_args(ap)
     args = ap.parse_args(argv)
-    refuse_dirty_tree(args.allow_dirty)
-    load_before = load_average()
+    if not args.no_write:
+        refuse_dirty_tree(args.allow_dirty)
     cores = usable_cpus()
     default = eval_plan("cpu")
     old = EvalPlan(min(4, cores), None)  # before issue 12: threads left at the library default
@@ -127,19 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rounds} interleaved rounds after one warm-up of each; images/s over the whole "
         "loop, JPEG decoding included. Default plan on this machine: "
         f"{default.workers} workers, {default.threads} threads.", "",
-        f"onnx / torch (best median of each): {ratio:.2f}x (bar <= {BAR}x: "
-        f"{'met' if ratio <= BAR else 'NOT met'}).", "",
         f"torch's forward on one batch of {BATCH} (torch.profiler, self CPU time): {profile}.",
-        "", f"Load average at the start {load_before}, at the end {load_average()} (shared "
-        "machine; rounds interleaved).",
     ])
-    command = "python tools/bench/eval_speed.py " + shlex.join(
-        [f"--model={args.model}", f"--limit={args.limit}", f"--rounds={args.rounds}"])
-    path = write_results("eval_speed", "Evaluation speed per backend and loader workers",
-                         command, body)
+    bars = [Bar(f"torch backend within {BAR}x of the onnx backend's images/s on the CPU "
+                "(best median of each)", ratio <= BAR,
+                f"onnx / torch {ratio:.2f}x ({best['onnx']:.0f} vs {best['torch']:.0f} img/s)")]
     print(body)
-    print(f"wrote {path}", file=sys.stderr)
-    return 0
+    if not args.no_write:
+        path = write_results("eval_speed", "Evaluation speed per backend and loader workers",
+                             command_line(__file__, argv), body, bars)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0 if all(b.ok for b in bars) else BAR_FAILED
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ packing is in int8_throughput.py).
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import tempfile
@@ -28,8 +27,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from _common import (
+    BAR_FAILED,
+    Bar,
+    add_results_args,
     checkpoint_path,
-    load_average,
+    command_line,
     md_table,
     refuse_dirty_tree,
     shared_dir,
@@ -75,14 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--limit", type=int, default=1000, help="test images for the agreement")
     ap.add_argument("--calib-images", type=int, default=512)
-    ap.add_argument("--allow-dirty", action="store_true")
+    add_results_args(ap)
     args = ap.parse_args(argv)
-    refuse_dirty_tree(args.allow_dirty)
-    load_before = load_average()
+    if not args.no_write:
+        refuse_dirty_tree(args.allow_dirty)
     torch.set_num_threads(1)
     x_all, y_all = images(args.limit)
     x = np.ascontiguousarray(x_all[:args.batch])
-    speed, agree, ok = [], [], True
+    speed: list[list[object]] = []
+    agree: list[list[object]] = []
+    bars: list[Bar] = []
     with tempfile.TemporaryDirectory(prefix="wp-int8x-") as tmp:
         work = Path(tmp)
         for model in MODELS:
@@ -117,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                     r_best = min(base) / min(t)
                     judged = name == "int8 --target onnxruntime"
                     if judged:
-                        ok &= r_med >= BAR
+                        bars.append(Bar(
+                            f"{model}, {threads} thread(s): exported int8 (--target "
+                            f"onnxruntime) >= {BAR}x the exported fp32 in a plain "
+                            "InferenceSession (median)", r_med >= BAR,
+                            f"{r_med:.2f}x median, {r_best:.2f}x best ({med:.0f} vs "
+                            f"{args.batch / statistics.median(base):.0f} img/s)"))
                     speed.append([model, threads, name, f"{best:.0f}", f"{med:.0f}",
                                   f"{r_best:.2f} / {r_med:.2f}",
                                   f"**{verdict(r_med >= BAR)}**" if judged else ""])
@@ -136,18 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rounds} interleaved rounds after 3 warm-up runs each; ratio = fp32 time over "
         "this graph's time (min over min, median over median).", "",
         f"## Top-1 of the exported graphs on {len(y_all)} test images (2 threads)", "",
-        md_table(["model", *GRAPHS, "int8 (onnxruntime) argmax = fp32 argmax %"], agree), "",
-        f"Bars: {'all met' if ok else 'NOT all met'}. Load average at the start {load_before}, "
-        f"at the end {load_average()} (the machine was shared; rounds interleaved).",
+        md_table(["model", *GRAPHS, "int8 (onnxruntime) argmax = fp32 argmax %"], agree),
     ])
-    command = "python tools/bench/int8_export.py " + shlex.join(
-        [f"--rounds={args.rounds}", f"--batch={args.batch}", f"--limit={args.limit}",
-         f"--calib-images={args.calib_images}"])
-    path = write_results("int8_export", "Exported int8 vs fp32 in plain onnxruntime", command,
-                         body)
     print(body)
-    print(f"wrote {path}", file=sys.stderr)
-    return 0 if ok else 1
+    if not args.no_write:
+        path = write_results("int8_export", "Exported int8 vs fp32 in plain onnxruntime",
+                             command_line(__file__, argv), body, bars)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0 if all(b.ok for b in bars) else BAR_FAILED
 
 
 if __name__ == "__main__":
