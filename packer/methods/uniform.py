@@ -18,11 +18,17 @@ from typing import Any
 import torch
 
 from packer.config import Option
-from packer.methods.base import PerTensorMethod
+from packer.methods.base import CompressJob, PerTensorMethod
 from runtime.quant.grid import max_scales, round_to_grid
-from runtime.tensors import UniformTensor
+from runtime.tensors import (
+    CompressedTensor,
+    ScalarCodebookTensor,
+    UniformTensor,
+    VectorCodebookTensor,
+)
 
 MSE_RATIOS = torch.linspace(0.5, 1.0, 51)
+INT8_MAX = 127  # symmetric int8 codes [-127, 127], zero point 0 (TensorRT's weight grid)
 
 
 def _bits_ok(b: int) -> str | None:
@@ -117,15 +123,65 @@ class UniformMethod(PerTensorMethod):
 
 
 class Int8Method(UniformMethod):
+    """Post-training int8, and the grid-snapping stage of a chain.
+
+    After a codebook stage (`kmeans+int8`, `prune+kmeans+int8`, `pqf+int8`) it snaps the
+    codebook, not the weights: one scale per tensor, s = max|codebook| / 127, every entry
+    rounded to q * s with |q| <= 127 (entries that meet are merged). The indices, and so the
+    codebook's few bits per weight and its exact zeros, are kept, while every weight is exactly
+    int8: q * s is on TensorRT's per-channel grid with every channel's scale s, which
+    runtime.quant finds, so int8 inference adds no error. Re-quantizing the weights per channel
+    instead would spend ~8 bits of entropy-coded codes per weight and lose the codebook.
+    A symmetric grid of <= 8 bits is kept as it is (already int8); anything else is quantized
+    per channel as `int8` alone does.
+    """
+
     name = "int8"
     chain_rank = 3  # after a representation: snaps it to the int8 grid
-    summary = "symmetric int8 per output channel, zero point 0 (TensorRT's grid)"
+    summary = "symmetric int8 per output channel (TensorRT's grid); in a chain, snaps codebooks"
     options = {
         "granularity": UniformMethod.options["granularity"],
         "clip": Option("max", "scale rule: max magnitude, or MSE-optimal clipping", str,
                        choices=("max", "mse")),
     }
 
+    def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
+        out: dict[str, CompressedTensor] = {}
+        for name in job.targets:
+            previous = job.previous.get(name)
+            if isinstance(previous, ScalarCodebookTensor | VectorCodebookTensor):
+                out[name] = snap_codebook(previous)
+            elif (isinstance(previous, UniformTensor) and previous.zero_points is None
+                  and previous.bits <= 8 and previous.axis in (None, 0)):
+                out[name] = previous
+            else:
+                out[name] = self.compress_tensor(name, job.state_dict[name],
+                                                 job.config.for_tensor(name))
+        return out
+
     def compress_tensor(self, name: str, weight: torch.Tensor,
                         opts: dict[str, Any]) -> UniformTensor:
         return quantize_symmetric(weight, 8, opts["granularity"] == "channel", opts["clip"])
+
+
+def int8_codebook(codebook: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(codes in [-127, 127], scale) of a codebook on one symmetric int8 grid: the grid rule
+    of runtime.quant.grid with the whole codebook as one row."""
+    row = codebook.detach().to(torch.float32).reshape(1, -1)
+    scale = max_scales(row, INT8_MAX) if row.numel() else torch.ones(1)
+    codes = round_to_grid(row, scale, INT8_MAX).reshape(codebook.shape)
+    return codes, float(scale[0])
+
+
+def snap_codebook(tensor: ScalarCodebookTensor | VectorCodebookTensor
+                  ) -> ScalarCodebookTensor | VectorCodebookTensor:
+    """The same tensor with its codebook on one int8 grid (float32 q * s); entries that snap
+    to the same value are merged and the indices renumbered, in increasing entry order."""
+    codes, scale = int8_codebook(tensor.codebook)
+    rows = codes.reshape(codes.shape[0], -1)
+    unique, remap = torch.unique(rows, dim=0, return_inverse=True)
+    codebook = (unique.to(torch.float32) * torch.tensor(scale, dtype=torch.float32))
+    indices = remap[tensor.indices.long()]
+    if isinstance(tensor, VectorCodebookTensor):
+        return VectorCodebookTensor(codebook.contiguous(), indices, tensor.shape, tensor.dtype)
+    return ScalarCodebookTensor(codebook.reshape(-1).contiguous(), indices, tensor.dtype)
