@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,15 +18,25 @@ from torch import nn
 
 from packer import __version__
 from packer.architecture import GRAPH, ResolvedArchitecture, resolve
-from packer.checkpoint import load_checkpoint
-from packer.config import build_config, load_config_file
-from packer.encode import DataSection, Encoder
-from packer.methods import METHODS, CompressJob
+from packer.checkpoint import Checkpoint, load_checkpoint
+from packer.config import MethodConfig, build_config, load_config_file
+from packer.encode import DataSection, EncodedTensor, Encoder
+from packer.methods import METHODS, CompressJob, Method
 from packer.methods.none import raw_tensor
+from packer.ptq.budget import (
+    BudgetGoal,
+    cache_key,
+    check_method,
+    fit_drop,
+    fit_size,
+    measure_layers,
+    with_rates,
+)
+from packer.ptq.calib import CalibrationSet, load_calibration
+from packer.ptq.repair import REPAIRS, repair
 from packer.training import launch_rank
-from packer.writer import write_packed
+from packer.writer import layout, write_packed
 from runtime import quant, zoo
-from runtime.data import calibration_dataset, make_loader
 from runtime.decode import decode_state_dict
 from runtime.errors import ConfigError, WeightpackError
 from runtime.format.preamble import DEFAULT_ALIGNMENT
@@ -55,10 +66,17 @@ class PackRequest:
     progress: bool = True
     data: Any = None
     alignment: int = DEFAULT_ALIGNMENT
-    calib_data: Path | None = None  # calibrate int8 activation scales on these images
-    calib_images: int = 512
+    calib_data: Path | None = None  # calibration images: int8 activation scales, repair,
+    calib_images: int = 512  # budgets' sensitivity, AdaRound (packer.ptq)
     calib_method: str = "percentile"
     workers: int = 2
+    target_size: int | None = None  # a size budget in bytes (packer.ptq.budget)
+    target_ratio: float | None = None  # ... or as a compression ratio vs fp32
+    max_drop: float | None = None  # ... or the smallest file within this top-1 loss
+    calib_holdout: int = 2000  # held-out calibration images --max-drop measures on
+    sensitivity: str = "fisher"  # per-layer sensitivity measure (fisher or kl)
+    repair: tuple[str, ...] | None = None  # data-aware repairs; None: all (with calib data)
+    budget_cache: dict | None = None  # candidates and sensitivities kept across packs
 
 
 def _compressible(module: nn.Module) -> bool:
@@ -97,52 +115,244 @@ def _fp32_bytes(state_dict: dict[str, torch.Tensor]) -> int:
 
 def pack(req: PackRequest) -> dict[str, Any]:
     """Run the whole pipeline; returns the size report of the written file."""
+    started = time.perf_counter()
+    ctx = _context(req)
+    budget_report = None
+    if ctx.goal is not None:
+        built, budget_report = _budgeted(ctx)
+    else:
+        built = _build(ctx, ctx.config)
+    with _own_output(req.output) as target:
+        write_packed(target, built.record, built.data)
+        with open_packed(target) as packed:
+            _verify_round_trip(packed, built.tensors)
+            report = build_report(packed)
+    report["pack_seconds"] = round(time.perf_counter() - started, 3)
+    extra = getattr(built.method, "extra_report", None)
+    if callable(extra):
+        report.update(extra(built.job))
+    report.update(built.extra)
+    if budget_report is not None:
+        report["budget"] = budget_report
+    if ctx.calib is not None:
+        report["calibration"] = _calibration_cost(ctx, report)
+    report["streams"] = {e.record.name: [vars(s) for s in e.streams] for e in built.encoded}
+    return report
+
+
+def _calibration_cost(ctx: _Context, report: dict[str, Any]) -> dict[str, Any]:
+    """Images and seconds spent on calibration data, summed over every build."""
+    assert ctx.calib is not None
+    seconds = {"load": round(ctx.calib.seconds, 2)}
+    if "budget" in report:
+        seconds["sensitivity"] = report["budget"]["sensitivity"]["seconds"]
+    seconds.update({k: round(v, 2) for k, v in ctx.spent.items()})
+    seconds["total"] = round(sum(seconds.values()), 2)
+    return {**ctx.calib.report(), "builds": ctx.builds, "seconds": seconds}
+
+
+@dataclass
+class _Context:
+    """What every build of one request shares (a budget builds several)."""
+
+    req: PackRequest
+    method: type[Method]
+    config: MethodConfig
+    checkpoint: Checkpoint
+    arch: ResolvedArchitecture
+    targets: list[str]
+    spec: InputSpec
+    calib: CalibrationSet | None
+    repairs: tuple[str, ...]
+    goal: BudgetGoal | None
+    spent: dict[str, float] = field(default_factory=dict)  # calibration seconds by step
+    builds: int = 0
+
+
+@dataclass
+class _Built:
+    """One complete packed file in memory: the records, the data and how it was made."""
+
+    record: ModelRecord
+    data: DataSection
+    tensors: dict[str, CompressedTensor]
+    encoded: list[EncodedTensor]
+    method: Method | None = None
+    job: CompressJob | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return sum(len(chunk) for chunk in layout(self.record, self.data))
+
+    def layer_bytes(self, name: str) -> int:
+        for e in self.encoded:
+            if e.record.name == name:
+                return sum(s.coded_bytes for s in e.streams) + e.array_bytes
+        raise KeyError(name)
+
+
+def _context(req: PackRequest) -> _Context:
+    """Check the request and load everything a build needs, cheapest checks first."""
     if req.method not in METHODS:
         raise ConfigError(f"unknown method {req.method!r}; choose from {', '.join(METHODS)}")
-    started = time.perf_counter()
-    method = METHODS[req.method]()
+    method = METHODS[req.method]
+    asked = _budget_flag(req)
+    if asked:
+        check_method(method, BudgetGoal(asked=asked))
+        if req.calib_data is None:
+            raise ConfigError(f"{asked} needs --calib-data DIR: each layer's sensitivity is "
+                              f"measured on calibration images (a few hundred from train/)")
+    repairs = tuple(req.repair) if req.repair is not None else REPAIRS
+    if unknown := set(repairs) - set(REPAIRS):
+        raise ConfigError(f"unknown repair {sorted(unknown)[0]!r}; choose from "
+                          f"{', '.join(REPAIRS)} (or none)")
     file_doc = load_config_file(req.config_file) if req.config_file else {}
     config = build_config(req.method, method.options, file_doc, req.overrides)
     checkpoint = load_checkpoint(req.source, trust_pickle=req.trust_pickle)
     arch = resolve(checkpoint.state_dict, req.arch, checkpoint.module)
-    state_dict = arch.model.state_dict()
     targets = [n for n in compressible_weights(arch.model)
                if config.for_tensor(n).get("method") != "none"]
     if not targets and req.method != "none":
         raise WeightpackError("the model has no Conv or Linear weight left to compress")
+    spec = _input_spec(req, arch.name)
+    calib = None
+    if req.calib_data is not None:
+        calib = load_calibration(req.calib_data, spec.as_dict(), req.calib_images,
+                                 req.calib_holdout if req.max_drop is not None else 0,
+                                 req.seed)
+    goal = None
+    if asked:
+        size = req.target_size
+        if req.target_ratio is not None:
+            size = int(_fp32_bytes(arch.model.state_dict()) / req.target_ratio)
+        goal = BudgetGoal(size, req.max_drop, asked)
+    return _Context(req, method, config, checkpoint, arch, targets, spec, calib, repairs, goal)
 
-    torch.manual_seed(req.seed)
-    job = CompressJob(arch.model, state_dict, targets, config, req.seed, req.progress, req.data)
+
+def _budget_flag(req: PackRequest) -> str:
+    """The budget flag the user gave ('' for none); more than one is an error."""
+    given = [f for f, v in (("--target-size", req.target_size),
+                            ("--target-ratio", req.target_ratio),
+                            ("--max-drop", req.max_drop)) if v is not None]
+    if len(given) > 1:
+        raise ConfigError(f"give one of {' and '.join(given)}, not both")
+    if req.target_size is not None and req.target_size < 1:
+        raise ConfigError("--target-size must be a positive number of bytes")
+    if req.target_ratio is not None and not req.target_ratio > 0:
+        raise ConfigError("--target-ratio must be positive")
+    if req.max_drop is not None and not req.max_drop >= 0:
+        raise ConfigError("--max-drop must be zero or more points")
+    if given == ["--target-size"]:
+        return f"--target-size {req.target_size}"
+    if given == ["--target-ratio"]:
+        return f"--target-ratio {req.target_ratio}"
+    return f"--max-drop {req.max_drop}" if given else ""
+
+
+def _fresh_job(ctx: _Context, config: MethodConfig) -> CompressJob:
+    """A job over a scratch copy of the source model (methods may change it in place)."""
+    model = copy.deepcopy(ctx.arch.model)
+    return CompressJob(model, model.state_dict(), ctx.targets, config, ctx.req.seed,
+                       ctx.req.progress, ctx.req.data, ctx.calib)
+
+
+def _build(ctx: _Context, config: MethodConfig) -> _Built:
+    """Compress, repair, encode: one whole file in memory."""
+    torch.manual_seed(ctx.req.seed)
+    job = _fresh_job(ctx, config)
+    method = ctx.method()
     compressed: dict[str, CompressedTensor] = method.compress(job)
+    ctx.builds += 1
+    extra: dict[str, Any] = {}
+    learned = getattr(method, "report", {}).get("adaround_seconds")
+    if learned is not None:
+        ctx.spent["adaround"] = ctx.spent.get("adaround", 0.0) + learned
+    if ctx.calib is not None and ctx.repairs and method.post_training(job):
+        reference = method.reference_model() or ctx.arch.model
+        extra["repair"] = repair(job.model, reference, job.state_dict, compressed,
+                                 list(ctx.calib.batches()), ctx.repairs)
+        ctx.spent["repair"] = ctx.spent.get("repair", 0.0) + extra["repair"]["seconds"]
+    built = _assemble(ctx, config, job.state_dict, compressed)
+    built.method, built.job, built.extra = method, job, extra
+    return built
+
+
+def _assemble(ctx: _Context, config: MethodConfig, state_dict: dict[str, torch.Tensor],
+              compressed: dict[str, CompressedTensor]) -> _Built:
+    """Records and data of a file holding `compressed` and the rest of `state_dict` raw."""
+    req = ctx.req
     tensors = {name: compressed.get(name) or raw_tensor(value, config.for_tensor(name)["fp16"])
                for name, value in state_dict.items()}
-
-    spec = _input_spec(req, arch.name)
-    act_scales, calibration = _calibrate(req, arch, tensors, spec)
+    act_scales, calibration = _calibrate(ctx, tensors)
     data = DataSection(req.alignment)
     encoder = Encoder(data, req.coder)
     encoded = [encoder.tensor(name, t, config.for_tensor(name).get("coder"))
                for name, t in tensors.items()]
-    architecture = _architecture_record(arch, spec, set(tensors), data)
+    architecture = _architecture_record(ctx.arch, ctx.spec, set(tensors), data)
     record = ModelRecord(
         producer=f"weightpack {__version__}", method=req.method,
-        method_config_json=config.to_json(), source_sha256=checkpoint.sha256,
+        method_config_json=config.to_json(), source_sha256=ctx.checkpoint.sha256,
         architecture=architecture,
-        input=spec, num_classes=_num_classes(arch.model, spec),
+        input=ctx.spec, num_classes=_num_classes(ctx.arch.model, ctx.spec),
         tensors=tuple(e.record for e in encoded), fp32_bytes=_fp32_bytes(state_dict),
         activation_scales=act_scales, calibration_json=calibration,
     )
-    with _own_output(req.output) as target:
-        write_packed(target, record, data)
-        with open_packed(target) as packed:
-            _verify_round_trip(packed, tensors)
-            report = build_report(packed)
-    report["pack_seconds"] = round(time.perf_counter() - started, 3)
-    extra = getattr(method, "extra_report", None)
-    if callable(extra):
-        report.update(extra(job))
-    report["streams"] = {e.record.name: [vars(s) for s in e.streams] for e in encoded}
-    return report
+    return _Built(record, data, tensors, encoded)
+
+
+def _budgeted(ctx: _Context) -> tuple[_Built, dict[str, Any]]:
+    """Choose each layer's rate for the size budget or the accuracy drop (packer.ptq.budget)."""
+    req, goal = ctx.req, ctx.goal
+    assert goal is not None and ctx.calib is not None
+    option = str(ctx.method.rate_option)
+    job = _fresh_job(ctx, ctx.config)
+    probe_method = ctx.method()
+    key = cache_key(ctx.checkpoint.sha256, req.method, ctx.config.to_json(),
+                    ctx.calib.fingerprint, req.sensitivity, req.coder, req.alignment, req.seed)
+    measured = measure_layers(
+        probe_method, job, req.sensitivity,
+        lambda n: ctx.config.for_tensor(n).get("coder") or req.coder,
+        req.alignment, req.budget_cache, key)
+    probe = _assemble(ctx, ctx.config, job.state_dict, measured.lowest).size
+
+    def build(rates: dict[str, int]) -> _Built:
+        return _build(ctx, with_rates(ctx.config, option, rates))
+
+    def say(line: str) -> None:
+        if req.progress:
+            print(line, file=sys.stderr)
+
+    if goal.size is not None:
+        built, report = fit_size(measured.layers, goal.size, probe, build, option, say)
+    else:
+        assert goal.max_drop is not None and ctx.calib.holdout is not None
+        baseline = _holdout_top1(ctx, ctx.arch.model)
+        built, report = fit_drop(measured.layers, goal.max_drop, probe, build,
+                                 lambda b: _holdout_top1(ctx, _decoded_model(ctx, b)),
+                                 baseline, option, say)
+    report = {"asked": goal.asked, "option": option, **report,
+              "sensitivity": measured.report}
+    return built, report
+
+
+def _decoded_model(ctx: _Context, built: _Built) -> nn.Module:
+    module = copy.deepcopy(ctx.arch.model)
+    module.load_state_dict({n: t.dequantize() for n, t in built.tensors.items()})
+    return module.eval()
+
+
+@torch.no_grad()
+def _holdout_top1(ctx: _Context, model: nn.Module) -> float:
+    """Top-1 (%) on the held-out calibration split (labels: the folder's class order)."""
+    assert ctx.calib is not None and ctx.calib.holdout is not None
+    model.eval()
+    correct = 0
+    for start in range(0, ctx.calib.holdout.shape[0], 256):
+        images = ctx.calib.holdout[start:start + 256]
+        labels = ctx.calib.holdout_labels[start:start + 256]
+        correct += int((model(images).argmax(1) == labels).sum())
+    return 100.0 * correct / ctx.calib.holdout.shape[0]
 
 
 @contextlib.contextmanager
@@ -156,25 +366,21 @@ def _own_output(output: Path) -> Iterator[Path]:
         yield Path(scratch) / output.name
 
 
-def _calibrate(req: PackRequest, arch: ResolvedArchitecture,
-               tensors: dict[str, CompressedTensor],
-               spec: InputSpec) -> tuple[tuple[tuple[str, float], ...], str]:
+def _calibrate(ctx: _Context, tensors: dict[str, CompressedTensor]
+               ) -> tuple[tuple[tuple[str, float], ...], str]:
     """Activation scales for 8-bit inference, measured on the weights being packed."""
-    if req.calib_data is None:
+    req = ctx.req
+    if ctx.calib is None:
         return (), ""
-    if req.calib_images < 1:
-        raise ConfigError("--calib-images must be at least 1")
     # A copy of the source module (zoo or graph alike) holding the weights being packed.
-    module = copy.deepcopy(arch.model)
+    module = copy.deepcopy(ctx.arch.model)
     module.load_state_dict({n: t.dequantize() for n, t in tensors.items()})
-    dataset = calibration_dataset(req.calib_data, spec.as_dict())
-    loader = make_loader(dataset, 64, req.workers, limit=min(req.calib_images, len(dataset)))
-    scales = quant.calibrate(module, loader, method=req.calib_method)
-    images = min(req.calib_images, len(dataset))
+    scales = quant.calibrate(module, ctx.calib.batches(64), method=req.calib_method)
+    images = int(ctx.calib.images.shape[0])
     return (tuple(sorted(scales.items())),
             quant.calibration_json(req.calib_method, images,
                                    99.99 if req.calib_method == "percentile" else None,
-                                   data=req.calib_data.name))
+                                   data=req.calib_data.name if req.calib_data else ""))
 
 
 def _architecture_record(arch: ResolvedArchitecture, spec: InputSpec, names: set[str],

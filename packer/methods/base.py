@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from packer.config import MethodConfig, Option
+from packer.ptq.calib import CalibrationSet
 from runtime.tensors import CompressedTensor
 
 
@@ -23,14 +25,46 @@ class CompressJob:
     seed: int = 0
     progress: bool = True
     data: Any = None  # data options for methods that calibrate or train
+    calib: CalibrationSet | None = None  # --calib-data images (AdaRound, budgets, repair)
 
 
 class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
     options: ClassVar[dict[str, Option]] = {}
+    # A size budget (--target-size) sets this per-layer option, choosing among `rates`
+    # (ascending); methods without one (None) cannot take a budget.
+    rate_option: ClassVar[str | None] = None
+    rates: ClassVar[tuple[int, ...]] = ()
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
+        raise NotImplementedError
+
+    # --- what post-training steps ask of a method ------------------------------------------
+
+    def post_training(self, job: CompressJob) -> bool:
+        """True when nothing is trained: data-aware repair (--calib-data) then applies."""
+        return True
+
+    def reference_model(self) -> nn.Module | None:
+        """The full-precision model in the layout of the compressed weights, when compress()
+        changed that layout (PQF permutes channels); None: the source model."""
+        return None
+
+    # --- the rate knob (size budgets) ------------------------------------------------------
+
+    def prepare_candidates(self, job: CompressJob) -> None:
+        """Anything layer_candidate() needs first (on job.model, a scratch copy)."""
+
+    def budget_layers(self, job: CompressJob) -> list[str]:
+        """Weight names whose rate a budget chooses."""
+        return list(job.targets)
+
+    def candidate_rates(self, job: CompressJob, name: str) -> list[int]:
+        return list(self.rates)
+
+    def layer_candidate(self, job: CompressJob, name: str, rate: int) -> CompressedTensor:
+        """`name` compressed alone at `rate`, exactly as compress() would store it."""
         raise NotImplementedError
 
 
@@ -49,3 +83,7 @@ class PerTensorMethod(Method):
     def compress_tensor(self, name: str, weight: torch.Tensor,
                         opts: dict[str, Any]) -> CompressedTensor:
         raise NotImplementedError
+
+    def layer_candidate(self, job: CompressJob, name: str, rate: int) -> CompressedTensor:
+        opts = {**job.config.for_tensor(name), str(self.rate_option): rate}
+        return self.compress_tensor(name, job.state_dict[name], opts)

@@ -83,6 +83,8 @@ class KMeansMethod(PerTensorMethod):
         "kmeans_iters": Option(30, "Lloyd iterations (stops early at convergence)", int,
                                check=_iters_ok),
     }
+    rate_option = "k"
+    rates = (4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
     def compress_tensor(self, name: str, weight: torch.Tensor,
                         opts: dict[str, Any]) -> ScalarCodebookTensor:

@@ -5,10 +5,12 @@ TensorRT's rule at 8 bits). `clip` picks the scale: `max` maps the largest magni
 top code; `mse` searches clipping ratios for the smallest squared error per channel, which
 trades a few clipped outliers for finer steps everywhere else.
 
-Because codes are entropy-coded, rounding to the nearest level is not the best use of bits:
-`rdo` > 0 turns on rate-distortion optimised rounding (as in NNCodec/HEVC's RDOQ), which
-picks between the two levels around each weight to minimise
-(error / step)^2 + rdo * bits(level), with bits from the layer's own code histogram.
+`rounding` picks each weight's level on that grid: `nearest`; `rdo`, rate-distortion
+optimised rounding (as in NNCodec/HEVC's RDOQ), which picks between the two levels around
+each weight to minimise (error / step)^2 + rdo * bits(level), with bits from the layer's own
+code histogram; or `adaround`, learned rounding on calibration images (packer.ptq.adaround).
+`rdo` is off by default: at 3-4 bits it shrinks weights toward zero and costs points that
+a size budget buys back more cheaply with bits (docs/BUDGET.md).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from typing import Any
 import torch
 
 from packer.config import Option
-from packer.methods.base import PerTensorMethod
-from runtime.tensors import UniformTensor
+from packer.methods.base import CompressJob, PerTensorMethod
+from packer.ptq.adaround import AdaRoundSettings, adaround_model
+from runtime.errors import ConfigError
+from runtime.tensors import CompressedTensor, UniformTensor
 
 MSE_RATIOS = torch.linspace(0.5, 1.0, 51)
 
@@ -34,6 +38,14 @@ def _step_ok(s: float | None) -> str | None:
 
 def _rdo_ok(lam: float) -> str | None:
     return None if 0 <= lam <= 10 else "rdo must be between 0 and 10"
+
+
+def _lr_ok(lr: float) -> str | None:
+    return None if 0 < lr <= 1 else "adaround_lr must be in (0, 1]"
+
+
+def _iters_ok(n: int) -> str | None:
+    return None if 1 <= n <= 1_000_000 else "adaround_iters must be between 1 and 1000000"
 
 
 def _channel_view(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -109,14 +121,48 @@ class UniformMethod(PerTensorMethod):
                               choices=("channel", "layer")),
         "clip": Option("max", "scale rule: max magnitude, or MSE-optimal clipping", str,
                        choices=("max", "mse")),
-        "rdo": Option(0.1, "rate-distortion rounding weight (0 = round to nearest)", float,
-                      check=_rdo_ok),
+        "rounding": Option("nearest", "nearest, rdo (rate-distortion, weight `rdo`) or "
+                           "adaround (learned on --calib-data images)", str,
+                           choices=("nearest", "rdo", "adaround")),
+        "rdo": Option(0.1, "weight of the rate term for rounding=rdo", float, check=_rdo_ok),
+        "adaround_iters": Option(2000, "AdaRound optimisation steps per layer", int,
+                                 check=_iters_ok, per_layer=False),
+        "adaround_lr": Option(1e-2, "AdaRound Adam learning rate", float, check=_lr_ok,
+                              per_layer=False),
     }
+    rate_option = "bits"
+    rates = (2, 3, 4, 5, 6, 7, 8)
 
     def compress_tensor(self, name: str, weight: torch.Tensor,
                         opts: dict[str, Any]) -> UniformTensor:
+        rdo = opts["rdo"] if opts.get("rounding") == "rdo" else 0.0
         return quantize_symmetric(weight, opts["bits"], opts["granularity"] == "channel",
-                                  opts["clip"], opts["step"], opts["rdo"])
+                                  opts["clip"], opts["step"], rdo)
+
+    def candidate_rates(self, job: CompressJob, name: str) -> list[int]:
+        if job.config.for_tensor(name)["step"] is not None:
+            raise ConfigError("uniform: step= fixes each layer's rate; remove it to use a "
+                              "size budget")
+        return list(self.rates)
+
+    def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
+        out = super().compress(job)
+        learn = [n for n in job.targets if job.config.for_tensor(n)["rounding"] == "adaround"]
+        self.report = {}
+        if learn:
+            if job.calib is None:
+                raise ConfigError("uniform rounding=adaround learns from calibration images: "
+                                  "pass --calib-data DIR")
+            opts = job.config.options
+            settings = AdaRoundSettings(iters=opts["adaround_iters"], lr=opts["adaround_lr"])
+            learned, self.report = adaround_model(job.model, out, learn,
+                                                  list(job.calib.batches()), settings,
+                                                  job.progress)
+            out.update(learned)
+        return out
+
+    def extra_report(self, job: CompressJob | None = None) -> dict[str, Any]:
+        return dict(getattr(self, "report", {}))
 
 
 class Int8Method(UniformMethod):
@@ -127,6 +173,11 @@ class Int8Method(UniformMethod):
         "clip": Option("max", "scale rule: max magnitude, or MSE-optimal clipping", str,
                        choices=("max", "mse")),
     }
+    rate_option = None  # one grid, no rate knob
+    rates = ()
+
+    def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
+        return PerTensorMethod.compress(self, job)
 
     def compress_tensor(self, name: str, weight: torch.Tensor,
                         opts: dict[str, Any]) -> UniformTensor:

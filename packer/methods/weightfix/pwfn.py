@@ -94,6 +94,10 @@ class PWFNMethod(Method):
     def extra_report(self, job: CompressJob | None = None) -> dict[str, Any]:
         return dict(self.report)
 
+    def post_training(self, job: CompressJob) -> bool:
+        opts = job.config.options
+        return opts["start_epochs"] == 0 and opts["rest_epochs"] == 0
+
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         opts = job.config.options
         rounds = list(opts["rounds"])

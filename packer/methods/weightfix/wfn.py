@@ -10,6 +10,7 @@ the result is a real file: one codebook (the values used) + entropy-coded indice
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Any
 
@@ -32,7 +33,13 @@ from packer.methods.weightfix.schedule import (
 from packer.training import TrainConfig, TrainHooks
 from runtime.tensors import CompressedTensor
 
+log = logging.getLogger(__name__)
+
 PERCENTAGES = [0.3, 0.6, 0.8, 0.9, 0.95, 0.975, 0.99, 0.9975, 0.999, 1.0]
+NO_DATA_WARNING = (
+    "wfn post-training (fixing_epochs=0) without data cannot re-estimate BatchNorm "
+    "statistics after fixing, and stale statistics cost accuracy: MEASURED; pass "
+    "--calib-data DIR (a few hundred training images) to re-estimate them")
 
 
 def _epochs(v: int) -> str | None:
@@ -95,10 +102,17 @@ class WFNMethod(Method):
     def extra_report(self, job: CompressJob | None = None) -> dict[str, Any]:
         return dict(self.report)
 
+    def post_training(self, job: CompressJob) -> bool:
+        opts = job.config.options
+        return not (opts["fixing_epochs"] > 0 and len(opts["percentages"]) > 1
+                    or opts["first_epoch"] > 0)
+
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         opts = job.config.options
         schedule = list(opts["percentages"])
-        trains = opts["fixing_epochs"] > 0 and len(schedule) > 1 or opts["first_epoch"] > 0
+        trains = not self.post_training(job)
+        if not trains and job.data is None and job.calib is None:
+            log.warning(NO_DATA_WARNING)
         fixed = FixedParams(job.model, fixable_names(job, opts["bn_inc"]))
         run = FixingRun(job, self.name, fixed, trains)
         n = len(schedule)
