@@ -308,7 +308,7 @@ def _budgeted(ctx: _Context) -> tuple[_Built, dict[str, Any]]:
     option = str(ctx.method.rate_option)
     job = _fresh_job(ctx, ctx.config)
     probe_method = ctx.method()
-    key = cache_key(ctx.checkpoint.sha256, req.method, ctx.config.to_json(),
+    key = cache_key(ctx.checkpoint.sha256, req.method, probe_method.candidate_key(ctx.config),
                     ctx.calib.fingerprint, req.sensitivity, req.coder, req.alignment, req.seed)
     measured = measure_layers(
         probe_method, job, req.sensitivity,

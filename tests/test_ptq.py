@@ -21,8 +21,8 @@ from packer.ptq.adaround import (
     rectified_sigmoid,
 )
 from packer.ptq.graph import following_norms
-from packer.ptq.repair import repair, reestimate_bn
-from packer.ptq.stats import Gram, fisher_stats, patches, quadratic, weight_rows
+from packer.ptq.repair import reestimate_bn, repair
+from packer.ptq.stats import Gram, fisher_quadratics, patches, quadratic, weight_rows
 
 
 def brute_force(layers, capacity):
@@ -98,19 +98,36 @@ def test_gram_quadratic_equals_output_error() -> None:
     assert torch.allclose(got, want, rtol=1e-4)
 
 
-def test_fisher_estimate_tracks_measured_kl() -> None:
-    torch.manual_seed(2)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(8, 4)).eval()
-    batches = [torch.randn(64, 3, 6, 6) for _ in range(4)]
-    stats = fisher_stats(model, {"0": model[0]}, batches, seed=0)["0"]
-    delta = torch.randn_like(model[0].weight) * 0.02
+def _measured_kl(model: nn.Module, layer: nn.Module, delta: torch.Tensor,
+                 batches: list[torch.Tensor]) -> float:
     with torch.no_grad():
-        ref = [torch.log_softmax(model(b), 1) for b in batches]
-        model[0].weight += delta
-        kl = sum(float((r.exp() * (r - torch.log_softmax(model(b), 1))).sum())
-                 for b, r in zip(batches, ref, strict=True)) / 256
-    assert stats.kl_increase(delta) == pytest.approx(kl, rel=0.5)
+        ref = [torch.log_softmax(model(b).double(), 1) for b in batches]
+        layer.weight += delta
+        kl = sum(float((r.exp() * (r - torch.log_softmax(model(b).double(), 1))).sum())
+                 for b, r in zip(batches, ref, strict=True))
+        layer.weight -= delta
+    return kl / sum(b.shape[0] for b in batches)
+
+
+def test_fisher_quadratic_is_the_second_order_kl() -> None:
+    torch.manual_seed(2)
+    # Smooth (tanh), so the second-order expansion is exact as the error shrinks.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 5)).eval()
+    batches = [torch.randn(32, 3, 6, 6) for _ in range(3)]
+    small = [torch.randn_like(model[0].weight) * s for s in (0.003, 0.01)]
+    lin = [torch.randn_like(model[4].weight) * 0.05]
+    stats: dict[str, float] = {}
+    exact = fisher_quadratics(model, {"0": small, "4": lin}, batches, stats, top=5)
+    assert stats["mass_left_out"] < 1e-9  # every class of 5
+    for delta, value in zip(small, exact["0"], strict=True):
+        assert value == pytest.approx(_measured_kl(model, model[0], delta, batches), rel=0.02)
+    assert exact["4"][0] == pytest.approx(_measured_kl(model, model[4], lin[0], batches),
+                                          rel=0.02)
+    # Fewer classes per image: less of the expectation, never more.
+    top2 = fisher_quadratics(model, {"0": small}, batches, stats, top=2)["0"]
+    assert all(a <= b * (1 + 1e-9) for a, b in zip(top2, exact["0"], strict=True))
+    assert stats["mass_left_out"] > 0
 
 
 def _problem(seed: int = 3) -> tuple[LayerProblem, torch.Tensor]:

@@ -63,6 +63,10 @@ class Method:
     def candidate_rates(self, job: CompressJob, name: str) -> list[int]:
         return list(self.rates)
 
+    def candidate_key(self, config: MethodConfig) -> str:
+        """What the candidates depend on (a cache key): by default every option."""
+        return config.to_json()
+
     def layer_candidate(self, job: CompressJob, name: str, rate: int) -> CompressedTensor:
         """`name` compressed alone at `rate`, exactly as compress() would store it."""
         raise NotImplementedError

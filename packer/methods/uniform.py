@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from packer.config import Option
+from packer.config import MethodConfig, Option
 from packer.methods.base import CompressJob, PerTensorMethod
 from packer.ptq.adaround import AdaRoundSettings, adaround_model
 from runtime.errors import ConfigError
@@ -144,6 +144,17 @@ class UniformMethod(PerTensorMethod):
             raise ConfigError("uniform: step= fixes each layer's rate; remove it to use a "
                               "size budget")
         return list(self.rates)
+
+    def candidate_key(self, config: MethodConfig) -> str:
+        """Candidates are rounded to nearest when rounding=adaround (AdaRound runs on the
+        chosen rates only), so its options do not change them."""
+        def neutral(opts: dict[str, Any]) -> dict[str, Any]:
+            out = {k: v for k, v in opts.items() if not k.startswith("adaround_")}
+            if out.get("rounding") == "adaround":
+                out["rounding"] = "nearest"
+            return out
+        return MethodConfig(config.method, neutral(config.options),
+                            [(g, neutral(v)) for g, v in config.layers]).to_json()
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         out = super().compress(job)

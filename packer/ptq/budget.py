@@ -138,7 +138,7 @@ def measure_layers(method: Method, job: CompressJob, measure: str, coder_for: Ca
     assert job.calib is not None
     distortion, timings = layer_sensitivities(
         job.model, rates, lambda n, r: method.layer_candidate(job, n, r), count,
-        list(job.calib.batches()), measure, job.seed, job.progress)
+        list(job.calib.batches()), measure, job.progress)
     layers = [LayerRates(n, job.state_dict[n].numel(), rates[n],
                          [sizes[n][r] for r in rates[n]], distortion[n], n in fixed)
               for n in names]

@@ -2,9 +2,9 @@
 against the uncompressed model) when one layer alone is compressed at one candidate rate.
 
 Two measures of the same quantity (ZeroQ's additive per-layer KL, Cai et al. 2020):
-- `fisher` (default): the second-order estimate 1/2 sum_c S_c dW_c A dW_c^T with the layer's
-  Kronecker-factored Fisher (packer.ptq.stats): one forward/backward pass over the
-  calibration images, then every candidate costs a few small matrix products.
+- `fisher` (default): its second-order expansion, the Fisher quadratic form
+  1/2 E[<dW, grad log p_y>^2] with y drawn from the model's own output (packer.ptq.stats):
+  one forward/backward pass over the calibration images for all candidates at once.
 - `kl`: measured, one forward pass over the calibration images per layer and rate (exact for
   that layer alone, and many times slower). Also used for layer types `fisher` does not cover.
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from packer.ptq.stats import fisher_stats, supported
+from packer.ptq.stats import fisher_quadratics, supported
 from runtime.tensors import CompressedTensor
 
 MEASURES = ("fisher", "kl")
@@ -45,7 +45,7 @@ def _kl(model: nn.Module, batches: Sequence[Tensor], reference: list[Tensor]) ->
 
 def layer_sensitivities(model: nn.Module, layers: dict[str, list[int]], candidate: CandidateFn,
                         on_candidate: Callable[[str, int, CompressedTensor], None],
-                        batches: Sequence[Tensor], measure: str, seed: int,
+                        batches: Sequence[Tensor], measure: str,
                         progress: bool) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Distortion of every (layer, rate) in `layers` (tensor name -> rates), and timings.
 
@@ -56,37 +56,37 @@ def layer_sensitivities(model: nn.Module, layers: dict[str, list[int]], candidat
     timings: dict[str, float] = {}
     model.eval()
     modules = {n: model.get_submodule(n.rsplit(".", 1)[0]) for n in layers}
-    fisher_layers = {n.rsplit(".", 1)[0]: m for n, m in modules.items()
-                     if measure == "fisher" and supported(m)}
-    stats = {}
-    if fisher_layers:
-        started = time.perf_counter()
-        stats = fisher_stats(model, fisher_layers, batches, seed)
-        timings["fisher_seconds"] = round(time.perf_counter() - started, 2)
-    reference = None
-    if any(n.rsplit(".", 1)[0] not in stats for n in layers):
-        reference = _logprobs(model, batches)
-    out: dict[str, list[float]] = {}
+    fisher = {n for n, m in modules.items() if measure == "fisher" and supported(m)}
+    reference = _logprobs(model, batches) if set(layers) - fisher else None
+    out: dict[str, list[float]] = {n: [] for n in layers}
+    deltas: dict[str, list[Tensor]] = {}
     started = time.perf_counter()
     work = [(n, r) for n, rates in layers.items() for r in rates]
-    bar = tqdm(work, desc=f"sensitivity ({measure})", unit="candidate", disable=not progress,
+    bar = tqdm(work, desc=f"candidates ({measure})", unit="candidate", disable=not progress,
                leave=False)
     for name, rate in bar:
         tensor = candidate(name, rate)
         on_candidate(name, rate, tensor)
         weight = modules[name].weight
-        layer = name.rsplit(".", 1)[0]
-        if layer in stats:
-            value = stats[layer].kl_increase(tensor.dequantize() - weight.detach())
-        else:
-            saved = weight.detach().clone()
+        if name in fisher:
+            deltas.setdefault(name, []).append(tensor.dequantize() - weight.detach())
+            continue
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight.copy_(tensor.dequantize())
+        try:
+            out[name].append(max(0.0, _kl(model, batches, reference)))
+        finally:
             with torch.no_grad():
-                weight.copy_(tensor.dequantize())
-            try:
-                value = _kl(model, batches, reference)
-            finally:
-                with torch.no_grad():
-                    weight.copy_(saved)
-        out.setdefault(name, []).append(max(0.0, value))
+                weight.copy_(saved)
     timings["candidates_seconds"] = round(time.perf_counter() - started, 2)
+    if deltas:
+        started = time.perf_counter()
+        by_layer = {n.rsplit(".", 1)[0]: d for n, d in deltas.items()}
+        extra: dict[str, float] = {}
+        quads = fisher_quadratics(model, by_layer, batches, extra)
+        timings["fisher_mass_left_out"] = float(f"{extra['mass_left_out']:.3g}")
+        for name in deltas:
+            out[name] = quads[name.rsplit(".", 1)[0]]
+        timings["fisher_seconds"] = round(time.perf_counter() - started, 2)
     return out, timings

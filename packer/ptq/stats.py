@@ -1,16 +1,16 @@
-"""Second moments of layer inputs and output gradients, gathered on calibration images.
+"""What the post-training steps measure on calibration images, per Conv/Linear layer.
 
 A Conv/Linear layer computes y_c = W_c . x at every output position, where x is the
-position's input patch (for a convolution: `F.unfold` of its input). Everything the
-post-training steps need about the data fits in small matrices:
+position's input patch (for a convolution: `F.unfold` of its input). So:
 
 - the input Gram matrix A = E[x x^T] (d x d per group, d = row length of W): the layer's
   output error for a weight error dW is E[(dW_c . x)^2] = dW_c A dW_c^T, so AdaRound can
   optimise the exact reconstruction error over all calibration images in O(C_out d^2) per
   step instead of a forward pass;
-- the output-gradient energy S_c = E_image[sum_positions (dL/dy_c)^2] under labels drawn from
-  the model's own prediction, which with A is the Kronecker-factored (K-FAC) Fisher of the
-  layer: the expected KL increase of the output for dW is ~ 1/2 sum_c S_c dW_c A dW_c^T.
+- per-sample weight gradients (sum over positions of g x^T, g the output gradient),
+  projected on candidate weight errors dW, give the Fisher quadratic form
+  1/2 E_x E_{y~p(x)}[<dW, grad log p_y>^2]: the second-order increase of the output KL
+  divergence when that layer alone changes by dW (`fisher_quadratics`).
 
 Conv1d, Conv2d and Linear are supported (any groups, padding mode, stride, dilation);
 rows longer than MAX_GRAM_DIM keep only the diagonal of A, to bound memory.
@@ -118,58 +118,92 @@ def hooks(handles: list) -> Iterator[None]:
             h.remove()
 
 
-@dataclass
-class FisherStats:
-    """K-FAC factors of one layer: input Gram A and per-channel output-gradient energy S."""
-
-    gram: Tensor  # [g, d, d] or [g, d]
-    grad_energy: Tensor  # [C_out]
-    groups: int
-
-    def kl_increase(self, delta: Tensor) -> float:
-        """Second-order estimate of the mean output KL (nats/image) for weight error delta."""
-        rows = weight_rows(delta.float())
-        return 0.5 * float((self.grad_energy * quadratic(rows, self.gram, self.groups)).sum())
+def sample_patches(module: nn.Module, x: Tensor) -> Tensor:
+    """The layer's input per sample: [groups, batch, positions, d]."""
+    batch = x.shape[0]
+    rows = patches(module, x)
+    return rows.reshape(rows.shape[0], batch, -1, rows.shape[-1])
 
 
-def fisher_stats(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Tensor],
-                 seed: int) -> dict[str, FisherStats]:
-    """K-FAC factors of every layer in `layers` from one forward/backward pass per batch, with
-    labels drawn from the model's own softmax (the true Fisher, not the empirical one)."""
-    grams = {n: Gram.empty(groups_of(m), weight_rows(m.weight).shape[1])
-             for n, m in layers.items()}
-    energy = {n: torch.zeros(m.weight.shape[0], dtype=torch.float64)
-              for n, m in layers.items()}
+def sample_grads(module: nn.Module, grad: Tensor) -> Tensor:
+    """The output gradient per sample: [groups, batch, positions, C_out / groups]."""
+    g = groups_of(module)
+    batch, c_out = grad.shape[0], grad.shape[1] if grad.dim() > 1 else 1
+    if isinstance(module, nn.Linear):
+        per = grad.reshape(batch, -1, grad.shape[-1])
+    else:
+        per = grad.reshape(batch, c_out, -1).transpose(1, 2)
+    return per.reshape(batch, per.shape[1], g, -1).permute(2, 0, 1, 3)
+
+
+TOP_CLASSES = 4  # per image, the expectation over labels runs over its most probable ones
+
+
+def fisher_quadratics(model: nn.Module, deltas: dict[str, list[Tensor]],
+                      batches: Iterable[Tensor], stats: dict[str, float] | None = None,
+                      top: int = TOP_CLASSES) -> dict[str, list[float]]:
+    """For every weight error dW of every layer (layer name -> errors):
+    1/2 E_x E_{y~p(x)} [<dW, d log p_y(x) / dW>^2], the Fisher quadratic form, which is the
+    second-order expansion of the output KL divergence when that layer alone changes by dW.
+
+    The Fisher in logit space is diag(p) - p p^T = sum_c u_c u_c^T with
+    u_c = sqrt(p_c) (e_c - p): one backward pass per class with output gradient u_c gives
+    E_y exactly. Passes run over each image's TOP_CLASSES most probable classes (rank by
+    rank); a class of probability p_c adds O(p_c), and the probability mass left out is
+    returned in `stats["mass_left_out"]`. (Drawing labels instead was far too noisy with
+    confident models.) Per-sample weight gradients (sum over positions of g x^T, so
+    spatially coherent errors count as in the output) are projected on every dW as they
+    come and never stored.
+    """
+    modules = {n: model.get_submodule(n) for n in deltas}
+    rows = {n: torch.stack([weight_rows(d.float()) for d in ds]) for n, ds in deltas.items()}
+    sums = {n: torch.zeros(len(ds), dtype=torch.float64) for n, ds in deltas.items()}
     inputs: dict[str, Tensor] = {}
-    generator = torch.Generator().manual_seed(seed)
     images = 0
+    left_out = 0.0
 
-    def forward_hook(name: str, module: nn.Module):
+    def forward_hook(name: str):
+        module = modules[name]
+
+        def project(grad: Tensor) -> None:
+            x = sample_patches(module, inputs[name])  # [g, B, L, d]
+            gy = sample_grads(module, grad)  # [g, B, L, C/g]
+            g, batch, d = x.shape[0], x.shape[1], x.shape[-1]
+            cand = rows[name].reshape(rows[name].shape[0], g, -1, d)  # [K, g, C/g, d]
+            # Per-sample gradients sum_t g_t x_t^T, a chunk of samples at a time.
+            step = max(1, (1 << 24) // max(1, g * cand.shape[2] * d))
+            for start in range(0, batch, step):
+                grads = torch.einsum("gbld,gblc->gbcd", x[:, start:start + step],
+                                     gy[:, start:start + step])
+                proj = torch.einsum("gbcd,kgcd->kb", grads, cand)  # <dW_k, grad> per sample
+                sums[name] += (proj.double() ** 2).sum(1)
+
         def hook(_m: nn.Module, args: tuple, out: Tensor) -> None:
             inputs[name] = args[0].detach()
-
-            def grad_hook(grad: Tensor) -> None:
-                channels = grad.transpose(0, 1).reshape(grad.shape[1], -1) \
-                    if grad.dim() > 2 else grad.t()
-                energy[name] += (channels.double() ** 2).sum(1)
-            out.register_hook(grad_hook)
+            out.register_hook(project)
         return hook
 
-    handles = [m.register_forward_hook(forward_hook(n, m)) for n, m in layers.items()]
+    handles = [m.register_forward_hook(forward_hook(n)) for n, m in modules.items()]
     was_training = model.training
     model.eval()
     with hooks(handles), torch.enable_grad():
         for batch in batches:
             x = batch.detach().requires_grad_(True)  # so every layer's output needs a grad
             logits = model(x)
-            probs = torch.softmax(logits.detach().double(), 1)
-            labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            loss = F.cross_entropy(logits, labels, reduction="sum")
-            torch.autograd.grad(loss, x)  # fires the output hooks; no parameter gradients
-            for name, module in layers.items():
-                rows = patches(module, inputs.pop(name))
-                grams[name].add(rows)
+            p = torch.softmax(logits.detach().double(), 1)
+            ranked = p.argsort(1, descending=True)[:, :top]
+            directions = []
+            for r in range(ranked.shape[1]):
+                c = ranked[:, r:r + 1]
+                onehot = torch.zeros_like(p).scatter_(1, c, 1.0)
+                directions.append(p.gather(1, c).sqrt() * (onehot - p))
+            left_out += float((1 - p.gather(1, ranked).sum(1)).sum())
+            for i, u in enumerate(directions):
+                torch.autograd.grad(logits, x, grad_outputs=u.to(logits.dtype),
+                                    retain_graph=i + 1 < len(directions))
+            inputs.clear()
             images += batch.shape[0]
     model.train(was_training)
-    return {n: FisherStats(grams[n].mean(), (energy[n] / max(1, images)).float(),
-                           groups_of(m)) for n, m in layers.items()}
+    if stats is not None:
+        stats["mass_left_out"] = left_out / max(1, images)
+    return {n: [0.5 * float(v) / max(1, images) for v in sums[n]] for n in deltas}

@@ -1,0 +1,336 @@
+"""Size budgets on the shared CIFAR ResNets: top-1 against true file bytes, beside NNCodec.
+
+    python tools/bench/budget.py validate   # choices, on held-out train images
+    python tools/bench/budget.py curve      # the reported curve, on the 10,000 test images
+
+`validate` packs ResNet-20 variants (clip rule, sensitivity measure, repairs, raw fp16,
+AdaRound step size and length, kmeans; `rdo` at fixed bit widths; post-training WFN with
+and without calibration data) and measures top-1 on HOLDOUT training images that are
+disjoint from the calibration images: every setting of the curve is chosen there
+(docs/results/budget-validation.md). `curve` packs each model at each target ratio with
+nearest rounding and with AdaRound using those settings and measures top-1 once on the
+10,000 test images (docs/results/budget.md and budget.png, with NNCodec's quoted ResNet-20
+points on the same axes). Calibration images always come from train/ (`--calib-data` is the
+CIFAR-10 root, whose train/ split the packer uses); each row states how many and the seconds
+they cost (loading, sensitivity, AdaRound, repair, summed over the budget's builds).
+"""
+
+from __future__ import annotations
+
+import packer  # noqa: F401  first: it sets the OpenMP wait policy, read when torch loads
+
+# isort: split
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import (
+    RESULTS_DIR,
+    checkpoint_path,
+    md_table,
+    refuse_dirty_tree,
+    setup_torch,
+    shared_dir,
+    verdict,
+    write_results,
+)
+from accuracy import TestSet, load_fp32, load_test_set, quoted_baselines, top1
+
+import runtime
+from packer.compress import PackRequest, pack
+from packer.ptq.calib import load_calibration
+from runtime import zoo
+
+RATIOS = (6.5, 8.5, 10.9, 13.0, 15.0, 20.0)
+BASELINE_R20 = 88.25
+BARS = ((10.9, 87.4), (15.0, 85.0))  # ResNet-20: at >= ratio, top-1 >= value
+# Settings of every curve point, chosen on the validation split (docs/results/
+# budget-validation.md): MSE clipping, raw tensors (BatchNorm, biases) at fp16.
+CURVE_SETS = ("clip=mse", "fp16=true")
+ADAROUND_SETS = ("rounding=adaround",)
+
+
+@dataclass
+class Point:
+    model: str
+    label: str
+    method: str = "uniform"
+    sets: tuple[str, ...] = ()
+    ratio: float | None = None
+    request: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSet:
+    """Images and labels the packed files are measured on, decoded once."""
+
+    name: str
+    data: TestSet
+
+
+def holdout_set(model: str, calib_images: int, holdout: int, seed: int) -> EvalSet:
+    """Training images disjoint from the calibration images the packer draws (same seed,
+    same draw: the first `calib_images` calibrate, the next `holdout` validate)."""
+    cal = load_calibration(shared_dir() / "data" / "cifar10", zoo.input_spec(f"cifar_{model}"),
+                           calib_images, holdout, seed)
+    assert cal.holdout is not None and cal.holdout_labels is not None
+    return EvalSet(f"{cal.holdout.shape[0]} held-out train images",
+                   TestSet(cal.holdout, cal.holdout_labels, cal.seconds))
+
+
+def run_point(point: Point, evalset: EvalSet, args: argparse.Namespace, cache: dict,
+              baseline: float) -> dict[str, Any]:
+    request = {"alignment": 8, "calib_data": shared_dir() / "data" / "cifar10",
+               "calib_images": args.calib_images, "seed": args.seed, **point.request}
+    if point.ratio is not None:
+        request["target_ratio"] = point.ratio
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "m.fb"
+        started = time.perf_counter()
+        report = pack(PackRequest(checkpoint_path(point.model), out, method=point.method,
+                                  overrides=list(point.sets), progress=False,
+                                  budget_cache=cache, **request))
+        seconds = time.perf_counter() - started
+        acc = top1(runtime.load(out), evalset.data)
+    cal = report.get("calibration", {})
+    budget = report.get("budget", {})
+    option = budget.get("option")
+    row = {"model": point.model, "label": point.label, "method": point.method,
+           "sets": list(point.sets), "target_ratio": point.ratio,
+           "request": {k: v for k, v in point.request.items()},
+           "file_bytes": report["file_bytes"], "ratio": round(report["ratio"], 3),
+           "top1": round(acc, 2), "delta": round(acc - baseline, 2),
+           "calib_images": cal.get("images", 0), "calib_seconds": cal.get("seconds", {}),
+           "builds": cal.get("builds"), "pack_seconds": round(seconds, 1),
+           "within_window": budget.get("within_window"),
+           "rates": [r[option] for r in budget.get("layers", [])] if option else None}
+    print(json.dumps(row, default=str), flush=True)
+    return row
+
+
+def baseline_of(model: str, evalset: EvalSet) -> float:
+    return top1(load_fp32(model), evalset.data)
+
+
+# --- validate ----------------------------------------------------------------------------
+
+
+def validation_points(ratios: Sequence[float]) -> list[Point]:
+    m = "resnet20"
+    pts: list[Point] = []
+    for r in ratios:
+        pts += [
+            Point(m, "nearest clip=max", sets=("clip=max",), ratio=r),
+            Point(m, "nearest clip=mse", sets=("clip=mse",), ratio=r),
+            Point(m, "nearest clip=mse fp16", sets=("clip=mse", "fp16=true"), ratio=r),
+            Point(m, "nearest clip=mse, sensitivity kl", sets=("clip=mse",), ratio=r,
+                  request={"sensitivity": "kl"}),
+            Point(m, "nearest clip=mse, no repair", sets=("clip=mse",), ratio=r,
+                  request={"repair": ()}),
+            Point(m, "nearest clip=mse, repair bn only", sets=("clip=mse",), ratio=r,
+                  request={"repair": ("bn",)}),
+            Point(m, "adaround clip=mse (2000 steps, lr 1e-2)",
+                  sets=("clip=mse", "rounding=adaround"), ratio=r),
+            Point(m, "adaround clip=mse (2000 steps, lr 1e-3: the paper's lr)",
+                  sets=("clip=mse", "rounding=adaround", "adaround_lr=0.001"), ratio=r),
+            Point(m, "adaround clip=mse (5000 steps, lr 1e-2)",
+                  sets=("clip=mse", "rounding=adaround", "adaround_iters=5000"), ratio=r),
+            Point(m, "kmeans", method="kmeans", ratio=r),
+        ]
+    for bits in (3, 4, 5):
+        for rounding in ("nearest", "rdo"):
+            pts.append(Point(m, f"uniform {bits}b clip=max rounding={rounding} (rdo 0.1), "
+                             f"no repair", sets=(f"bits={bits}", "clip=max",
+                                                 f"rounding={rounding}"),
+                             request={"repair": ()}))
+    for delta in (0.0075, 0.02):
+        for calib in (False, True):
+            pts.append(Point(m, f"wfn post-training delta={delta}, "
+                             f"{'--calib-data (BN re-estimated)' if calib else 'no data'}",
+                             method="wfn", sets=("fixing_epochs=0",
+                                                 f"distance_allowed={delta}"),
+                             request={} if calib else {"calib_data": None}))
+    return pts
+
+
+def validate(args: argparse.Namespace) -> None:
+    evalset = holdout_set("resnet20", args.calib_images, args.holdout, args.seed)
+    baseline = baseline_of("resnet20", evalset)
+    points = [p for p in validation_points(args.ratios)
+              if not args.only or any(s in p.label for s in args.only)]
+    cache: dict = {}
+    rows = [run_point(p, evalset, args, cache, baseline) for p in points]
+    if args.no_write:
+        return
+    body = [f"ResNet-20 (resnet20-cifar10jpg.pth), top-1 on {evalset.name} (seed "
+            f"{args.seed}; full precision: {baseline:.2f}), disjoint from the "
+            f"{args.calib_images} calibration images. Every row is a real packed file "
+            f"(alignment 8); `target` rows are sized by `--target-ratio`.", "",
+            table(rows, validation=True)]
+    write_results("budget-validation", "Size budgets: choices on a validation split",
+                  " ".join(["python tools/bench/budget.py", *sys.argv[1:]]), "\n".join(body))
+
+
+# --- curve -------------------------------------------------------------------------------
+
+
+def curve_points(models: Sequence[str], ratios: Sequence[float], kmeans: bool,
+                 iters: dict[str, int]) -> list[Point]:
+    pts = []
+    for m in models:
+        for r in ratios:
+            pts.append(Point(m, "uniform, nearest", sets=CURVE_SETS, ratio=r))
+            ada = (*CURVE_SETS, *ADAROUND_SETS)
+            if m in iters:
+                ada = (*ada, f"adaround_iters={iters[m]}")
+            pts.append(Point(m, "uniform, adaround", sets=ada, ratio=r))
+            if kmeans:
+                pts.append(Point(m, "kmeans", method="kmeans", sets=("fp16=true",), ratio=r))
+    return pts
+
+
+def curve(args: argparse.Namespace) -> None:
+    rows: list[dict[str, Any]] = []
+    baselines: dict[str, float] = {}
+    iters = dict(i.split("=") for i in args.adaround_iters)
+    for model in args.models:
+        test = EvalSet("10,000 test images", load_test_set(f"cifar_{model}"))
+        baselines[model] = baseline_of(model, test)
+        cache: dict = {}
+        for p in curve_points([model], args.ratios, args.kmeans,
+                              {k: int(v) for k, v in iters.items()}):
+            rows.append(run_point(p, test, args, cache, baselines[model]))
+    if args.no_write:
+        return
+    _, quoted = quoted_baselines()
+    png = RESULTS_DIR / "budget.png"
+    plot(rows, baselines, quoted, png)
+    bars = check_bars(rows)
+    lines = [f"Top-1 on the 10,000 CIFAR-10 test images against true file bytes (bytes on "
+             f"disk) for `packer compress --target-ratio R --calib-data <cifar10 root>` "
+             f"({args.calib_images} calibration images drawn from train/ with seed "
+             f"{args.seed}; settings `{' '.join(CURVE_SETS)}`, `--alignment 8`, chosen on a "
+             f"validation split: [budget-validation.md](budget-validation.md)). Full "
+             f"precision measured here: "
+             + ", ".join(f"{m} {v:.2f}" for m, v in baselines.items()) + ".", "",
+             "![top-1 against file bytes](budget.png)", "", "## Bars (ResNet-20)", ""]
+    lines += [f"- **{verdict(ok)}** {name}: {measured}" for name, measured, ok in bars]
+    lines += ["", "## Points", "", table(rows, validation=False), "",
+              "NNCodec rows are quoted from `shared/models/cifar10/BASELINES.md` (NNCodec 2.1.3, "
+              "its whole bitstream), not measured here.", "",
+              md_table(["NNCodec QP (quoted)", "bytes", "ratio", "top-1"],
+                       [[q.qp, f"{q.file_bytes:,}", q.ratio, q.top1] for q in quoted]), "",
+              "Calibration seconds = decoding the calibration images + sensitivity "
+              "(K-FAC statistics and every candidate's quantization and encoding) + AdaRound "
+              "+ BatchNorm re-estimation and bias correction, summed over the budget's builds "
+              "(`builds`: files built until one landed within 1% under the target). Pack s "
+              "is the whole `pack()` call; the sensitivity of a model is measured once and "
+              "reused across its points (`PackRequest.budget_cache`), so pack s of later "
+              "points excludes it while their calibration seconds include it."]
+    write_results("budget", "Size budgets: top-1 against file bytes",
+                  " ".join(["python tools/bench/budget.py", *sys.argv[1:]]), "\n".join(lines))
+
+
+def check_bars(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
+    out = []
+    r20 = [r for r in rows if r["model"] == "resnet20"]
+    for ratio, want in BARS:
+        over = [r for r in r20 if r["ratio"] >= ratio]
+        best = max(over, key=lambda r: r["top1"], default=None)
+        name = f"at >= {ratio}x top-1 >= {want}"
+        if best is None:
+            out.append((name, "no point at that ratio", False))
+        else:
+            out.append((name, f"best {best['top1']:.2f} ({best['label']}, "
+                        f"{best['file_bytes']:,} B, {best['ratio']:.2f}x)", best["top1"] >= want))
+    return out
+
+
+def table(rows: list[dict[str, Any]], validation: bool) -> str:
+    headers = ["model", "point", "target", "file bytes", "ratio", "top-1", "delta",
+               "calib images", "calib s", "builds", "pack s", "per-layer rates"]
+    body = []
+    for r in rows:
+        cal = r["calib_seconds"] or {}
+        body.append([r["model"], r["label"] + ("" if not r["sets"] else
+                                               f" (`{' '.join(r['sets'])}`)"),
+                     f"{r['target_ratio']}x" if r["target_ratio"] else "-",
+                     f"{r['file_bytes']:,}", f"{r['ratio']:.2f}", f"{r['top1']:.2f}",
+                     f"{r['delta']:+.2f}", r["calib_images"],
+                     f"{cal.get('total', 0):.0f}", r["builds"] or "-", f"{r['pack_seconds']:.0f}",
+                     " ".join(map(str, r["rates"])) if r["rates"] else "-"])
+    return md_table(headers, body)
+
+
+def plot(rows: list[dict[str, Any]], baselines: dict[str, float], quoted, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(baselines)
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
+    styles = {"uniform, nearest": ("o-", "C0"), "uniform, adaround": ("s-", "C1"),
+              "kmeans": ("^-", "C2")}
+    for ax, model in zip(axes[0], models, strict=True):
+        for label, (marker, colour) in styles.items():
+            pts = sorted((r["file_bytes"], r["top1"]) for r in rows
+                         if r["model"] == model and r["label"] == label)
+            if pts:
+                ax.plot([b / 1000 for b, _ in pts], [t for _, t in pts], marker, color=colour,
+                        label=f"weightpack {label}")
+        if model == "resnet20":
+            ax.plot([q.file_bytes / 1000 for q in quoted], [q.top1 for q in quoted], "x--",
+                    color="C3", label="NNCodec 2.1.3 (quoted)")
+        ax.axhline(baselines[model], color="grey", lw=0.8, ls=":",
+                   label=f"full precision {baselines[model]:.2f}")
+        ax.set_title(f"{model}-cifar10jpg.pth, 10,000 test images")
+        ax.set_xlabel("file bytes on disk (KB)")
+        ax.set_ylabel("top-1 (%)")
+        lows = [r["top1"] for r in rows if r["model"] == model]
+        ax.set_ylim(max(min(lows + [baselines[model]]) - 2, 60), baselines[model] + 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="choices on held-out train images")
+    v.add_argument("--ratios", type=float, nargs="+", default=[10.9, 15.0])
+    v.add_argument("--holdout", type=int, default=5000)
+    v.add_argument("--only", nargs="*", help="run the points whose label has one of these")
+    c = sub.add_parser("curve", help="the reported curve on the test images")
+    c.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
+    c.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    c.add_argument("--kmeans", action="store_true", help="also kmeans rows")
+    c.add_argument("--adaround-iters", nargs="*", default=[], metavar="MODEL=N",
+                   help="AdaRound steps per layer for a model (default: the option's)")
+    for p in (v, c):
+        p.add_argument("--calib-images", type=int, default=512)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--no-write", action="store_true",
+                       help="print rows only (sizing runs); no results file")
+        p.add_argument("--allow-dirty", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.no_write:
+        refuse_dirty_tree(args.allow_dirty)
+    setup_torch()
+    torch.manual_seed(0)
+    (validate if args.command == "validate" else curve)(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
