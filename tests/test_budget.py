@@ -31,12 +31,14 @@ def _pack(r20: Path, out: Path, cifar: Path, method: str = "uniform", sets=(), *
                             alignment=8, **kw))
 
 
-@pytest.mark.parametrize(("method", "ratio"), [("uniform", 10.9), ("uniform", 15.0),
-                                               ("kmeans", 8.5)])
+@pytest.mark.parametrize(("method", "ratio", "sets"), [
+    ("uniform", 10.9, ()), ("uniform", 15.0, ("fp16=true",)), ("kmeans", 8.5, ()),
+    ("pqf", 14.0, ("kmeans_iters=10", "sls_iterations=200")),
+])
 def test_budget_lands_within_one_percent_under(r20: Path, cifar: Path, tmp_path: Path,
-                                               method: str, ratio: float) -> None:
+                                               method: str, ratio: float, sets) -> None:
     out = tmp_path / "r20.fb"
-    report = _pack(r20, out, cifar, method, target_ratio=ratio)
+    report = _pack(r20, out, cifar, method, sets, target_ratio=ratio, calib_images=16)
     budget = report["budget"]
     target = int(report["fp32_bytes"] / ratio)
     size = os.path.getsize(out)
@@ -44,12 +46,13 @@ def test_budget_lands_within_one_percent_under(r20: Path, cifar: Path, tmp_path:
     assert 0.99 * target <= size <= target, budget["attempts"]
     option = "bits" if method == "uniform" else "k"
     chosen = {row["name"]: row[option] for row in budget["layers"]}
-    assert len(chosen) == 20 and len(set(chosen.values())) > 1  # really per layer
+    assert len(chosen) == (19 if method == "pqf" else 20)  # pqf keeps conv1
+    assert len(set(chosen.values())) > 1  # really per layer
     with open_packed(out) as packed:  # the chosen settings are recorded in the file
         config = json.loads(packed.model.method_config_json)
     assert {e["match"]: e[option] for e in config["layers"]} == chosen
     cal = report["calibration"]
-    assert cal["images"] == 32 and cal["seconds"]["sensitivity"] > 0
+    assert cal["images"] == 16 and cal["seconds"]["sensitivity"] > 0
     assert report["repair"]["bn_reestimated"] == 19
 
 

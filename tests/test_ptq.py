@@ -223,3 +223,20 @@ def test_repair_moves_stats_and_corrects_the_classifier_bias() -> None:
         fp = torch.cat([model(b) for b in batches]).mean(0)
         q = torch.cat([quant(b) for b in batches]).mean(0)
     assert torch.allclose(fp, q, atol=1e-4)
+
+
+def test_uniform_rounds_to_nearest_by_default_and_rdo_on_request() -> None:
+    from packer.methods.uniform import UniformMethod
+    from tests.packing import method_job
+
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3))
+    w = model[0].weight.detach()
+    method, job = method_job(UniformMethod, model, "bits=3")
+    plain = method.compress(job)["0.weight"]
+    assert torch.equal(plain.codes, quantize_symmetric(w, 3).codes)
+    method, job = method_job(UniformMethod, model, "bits=3", "rounding=rdo")
+    assert not torch.equal(method.compress(job)["0.weight"].codes, plain.codes)
+    method, job = method_job(UniformMethod, model, "rounding=adaround")
+    with pytest.raises(Exception, match="needs|--calib-data"):
+        method.compress(job)

@@ -204,12 +204,30 @@ def sensitivity_check(args: argparse.Namespace) -> tuple[str, list[list[Any]]]:
                                                                     strict=True))])
         print(json.dumps({"layer": layer, "fisher": fisher[layer], "kl": measured}), flush=True)
     kl_s = time.perf_counter() - started
+    block_s = block_step_seconds(model, batches[0][:32])
     note = (f"Per-layer sensitivity on {cal.images.shape[0]} calibration images: `fisher` "
             f"estimate / measured output KL (nats per image), each layer alone at 2, 3, 4 bits "
             f"(`clip=mse`). Fisher: {fisher_s:.0f} s for all 60 candidates (probability mass "
             f"outside each image's top-4 classes: {stats['mass_left_out']:.2g}); measured: "
-            f"{kl_s:.0f} s.")
+            f"{kl_s:.0f} s. For BRECQ-style block reconstruction: one forward and backward "
+            f"pass of ResNet-20's block layer1.0 on 32 images takes {1000 * block_s:.0f} ms "
+            f"here (median of 20), what each of its optimisation steps would cost.")
     return note, rows
+
+
+def block_step_seconds(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """Median time of one forward + backward pass through layer1.0 on `images`."""
+    import statistics
+
+    stem = torch.nn.functional.relu(model.bn1(model.conv1(images))).detach()
+    block = model.layer1[0]
+    times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        out = block(stem.requires_grad_(True))
+        out.square().mean().backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def validate(args: argparse.Namespace) -> None:
