@@ -48,8 +48,9 @@ def add_flags(c: argparse.ArgumentParser) -> None:
                       help="the smallest file whose top-1 on held-out calibration images is "
                       "at most POINTS below the uncompressed model's")
     budget.add_argument("--sensitivity", default="fisher", choices=MEASURES,
-                        help="per-layer sensitivity: fisher (K-FAC estimate of the output "
-                        "KL, one pass; default) or kl (measured, one pass per layer and rate)")
+                        help="per-layer sensitivity: fisher (second-order estimate of the "
+                        "output KL, one pass for all candidates; default) or kl (measured, one "
+                        "pass per layer and rate)")
     budget.add_argument("--calib-holdout", type=int, default=2000, metavar="N",
                         help="held-out calibration images --max-drop measures top-1 on "
                         "(default 2000; disjoint from the calibration images)")
