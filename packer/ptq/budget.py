@@ -185,8 +185,9 @@ def fit_size(layers: list[LayerRates], target: int, probe_size: int,
             choice = [0] * len(layers)
         key = tuple(choice)
         predicted = overhead + sum(costs[i][c] for i, c in enumerate(choice))
-        built = tried.get(key) or build({layers[i].name: layers[i].rates[c]
-                                         for i, c in enumerate(choice)})
+        if key in tried:
+            break  # the byte model is exact for this choice: nothing closer fits the window
+        built = build({layers[i].name: layers[i].rates[c] for i, c in enumerate(choice)})
         tried[key] = built
         attempts.append({"predicted_bytes": predicted, "file_bytes": built.size})
         if progress:
