@@ -11,6 +11,7 @@ from packer.encode import CODER_CHOICES
 from packer.methods import METHODS
 from packer.ptq import flags as ptq_flags
 from packer.ptq.budget import format_budget
+from packer.ptq.calib import format_cost
 from packer.training import DataSpec, launch_rank
 from runtime import cli as runtime_cli, zoo
 from runtime.cli_common import add_common_flags, print_json, progress_enabled, run
@@ -147,6 +148,8 @@ def _compress(args: argparse.Namespace) -> int:
         print(format_report(report, tensors=not args.quiet))
         if "budget" in report:
             print(format_budget(report["budget"], report["budget"]["option"]))
+        if "calibration" in report:
+            print(format_cost(report["calibration"]))
         if "reference_bits" in report:
             print(f"reference   {report['reference_bits']:,} bits = "
                   f"{report['reference_mib']:.3f} MiB by the PQF paper's size rule")

@@ -129,3 +129,11 @@ def load_calibration(root: str | Path, spec: Mapping[str, Any], images: int,
         out.skipped += more
     out.seconds = time.perf_counter() - started
     return out
+
+
+def format_cost(cost: dict[str, Any]) -> str:
+    """One line for `packer compress`: calibration images and where the seconds went."""
+    steps = ", ".join(f"{k} {v:.1f}" for k, v in cost["seconds"].items() if k != "total")
+    held = f" + {cost['holdout_images']} held out" if cost.get("holdout_images") else ""
+    return (f"calibration {cost['images']} images{held} from {cost['data']}: "
+            f"{cost['seconds']['total']:.1f} s ({steps}; {cost['builds']} build(s))")
