@@ -19,13 +19,22 @@ from typing import Any
 
 import torch
 
-from packer.config import MethodConfig, Option
+from packer.config import Option
 from packer.methods.base import CompressJob, PerTensorMethod
-from packer.ptq.adaround import AdaRoundSettings, adaround_model
+from packer.ptq.adaround import (
+    AdaRoundSettings,
+    adaround_model,
+    channel_weights,
+    learn_layer,
+)
+from packer.ptq.graph import following_norms
+from packer.ptq.stats import input_grams, supported
 from runtime.errors import ConfigError
 from runtime.tensors import CompressedTensor, UniformTensor
 
 MSE_RATIOS = torch.linspace(0.5, 1.0, 51)
+ADAROUND_CANDIDATE_ITERS = 500  # per budget candidate (at most adaround_iters)
+ADAROUND_CANDIDATE_MAX_BITS = 5  # above it nearest and learned rounding barely differ
 
 
 def _bits_ok(b: int) -> str | None:
@@ -129,6 +138,9 @@ class UniformMethod(PerTensorMethod):
                                  check=_iters_ok, per_layer=False),
         "adaround_lr": Option(1e-2, "AdaRound Adam learning rate", float, check=_lr_ok,
                               per_layer=False),
+        "adaround_candidates": Option(True, "under a size budget, measure each candidate "
+                                      "AdaRounded (else rounded to nearest)", bool,
+                                      per_layer=False),
     }
     rate_option = "bits"
     rates = (2, 3, 4, 5, 6, 7, 8)
@@ -145,16 +157,32 @@ class UniformMethod(PerTensorMethod):
                               "size budget")
         return list(self.rates)
 
-    def candidate_key(self, config: MethodConfig) -> str:
-        """Candidates are rounded to nearest when rounding=adaround (AdaRound runs on the
-        chosen rates only), so its options do not change them."""
-        def neutral(opts: dict[str, Any]) -> dict[str, Any]:
-            out = {k: v for k, v in opts.items() if not k.startswith("adaround_")}
-            if out.get("rounding") == "adaround":
-                out["rounding"] = "nearest"
-            return out
-        return MethodConfig(config.method, neutral(config.options),
-                            [(g, neutral(v)) for g, v in config.layers]).to_json()
+    def prepare_candidates(self, job: CompressJob) -> None:
+        """With rounding=adaround, budget candidates are AdaRounded too (each layer alone, on
+        full-precision inputs, ADAROUND_CANDIDATE_ITERS steps): learned rounding makes low
+        bit widths far cheaper, and sensitivities of nearest rounding would not see it."""
+        self._grams: dict[str, torch.Tensor] = {}
+        learn = {n.rsplit(".", 1)[0]: job.model.get_submodule(n.rsplit(".", 1)[0])
+                 for n in job.targets
+                 if job.config.for_tensor(n)["rounding"] == "adaround"}
+        learn = {n: m for n, m in learn.items() if supported(m)}
+        if learn and job.calib is not None and job.config.options["adaround_candidates"]:
+            self._grams = input_grams(job.model, learn, job.calib.batches())
+            self._norms = following_norms(job.model)
+
+    def layer_candidate(self, job: CompressJob, name: str, rate: int) -> CompressedTensor:
+        nearest = super().layer_candidate(job, name, rate)
+        layer = name.rsplit(".", 1)[0]
+        grams = getattr(self, "_grams", {})
+        if layer not in grams or rate > ADAROUND_CANDIDATE_MAX_BITS:
+            return nearest
+        g = grams[layer]
+        opts = job.config.options
+        settings = AdaRoundSettings(iters=min(ADAROUND_CANDIDATE_ITERS, opts["adaround_iters"]),
+                                    lr=opts["adaround_lr"])
+        learned, _ = learn_layer(job.model.get_submodule(layer), nearest, (g, g, g),
+                                 channel_weights(job.model, layer, self._norms), settings)
+        return learned
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         out = super().compress(job)

@@ -188,6 +188,21 @@ def channel_weights(model: nn.Module, layer: str, norms: dict[str, str]) -> Tens
     return gain ** 2
 
 
+def learn_layer(module: nn.Module, nearest: UniformTensor, grams: tuple[Tensor, Tensor, Tensor],
+                channel_weight: Tensor, settings: AdaRoundSettings
+                ) -> tuple[UniformTensor, dict[str, Any]]:
+    """AdaRound one layer on the grid of `nearest`, given its input Gram matrices
+    (E[x^ x^^T], E[x^ x^T], E[x x^T])."""
+    rows = weight_rows(module.weight.detach().float())
+    scales = nearest.scales.float().reshape(-1, 1)
+    problem = LayerProblem(rows, scales, (1 << (nearest.bits - 1)) - 1, *grams,
+                           groups_of(module), channel_weight)
+    codes, stats = reconstruct(problem, weight_rows(nearest.codes.float()), settings)
+    learned = UniformTensor(codes.reshape(nearest.codes.shape).to(torch.int32),
+                            nearest.scales, None, nearest.bits, nearest.axis, nearest.dtype)
+    return learned, stats
+
+
 def adaround_model(model: nn.Module, tensors: dict[str, UniformTensor],
                    learn: list[str], batches: list[Tensor], settings: AdaRoundSettings,
                    progress: bool = True) -> tuple[dict[str, UniformTensor], dict[str, Any]]:
@@ -214,14 +229,8 @@ def adaround_model(model: nn.Module, tensors: dict[str, UniformTensor],
             out[name] = nearest
             continue
         gq, cross, gf = pair_grams(fp, quant, layer, batches)
-        rows = weight_rows(module.weight.detach().float())
-        scales = nearest.scales.float().reshape(-1, 1)
-        problem = LayerProblem(rows, scales, (1 << (nearest.bits - 1)) - 1, gq, cross, gf,
-                               groups_of(module), channel_weights(fp, layer, norms))
-        codes, stats = reconstruct(problem, weight_rows(nearest.codes.float()), settings)
-        learned = UniformTensor(codes.reshape(nearest.codes.shape).to(torch.int32),
-                                nearest.scales, None, nearest.bits, nearest.axis,
-                                nearest.dtype)
+        learned, stats = learn_layer(module, nearest, (gq, cross, gf),
+                                     channel_weights(fp, layer, norms), settings)
         out[name] = learned
         with torch.no_grad():
             quant.get_parameter(name).copy_(learned.dequantize())

@@ -105,6 +105,24 @@ def quadratic(rows: Tensor, gram: Tensor, groups: int, other: Tensor | None = No
     return (torch.bmm(r, gram) * o).sum(-1).reshape(c_out)
 
 
+@torch.no_grad()
+def input_grams(model: nn.Module, layers: dict[str, nn.Module],
+                batches: Iterable[Tensor]) -> dict[str, Tensor]:
+    """E[x x^T] of every layer's input in one pass of the (unchanged) model."""
+    grams = {n: Gram.empty(groups_of(m), weight_rows(m.weight).shape[1])
+             for n, m in layers.items()}
+
+    def pre_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            grams[name].add(patches(module, args[0]))
+        return hook
+
+    with hooks([m.register_forward_pre_hook(pre_hook(n)) for n, m in layers.items()]):
+        for batch in batches:
+            model(batch)
+    return {n: g.mean() for n, g in grams.items()}
+
+
 class StopForward(Exception):
     """Raised by a hook once it has what it needs: the rest of the forward is skipped."""
 

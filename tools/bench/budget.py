@@ -142,6 +142,8 @@ def validation_points(ratios: Sequence[float]) -> list[Point]:
     pts += [
         Point(m, "adaround clip=mse (2000 steps, lr 1e-2)",
               sets=("clip=mse", "rounding=adaround"), ratio=r),
+        Point(m, "adaround clip=mse (2000 steps, lr 1e-2), candidates rounded to nearest",
+              sets=("clip=mse", "rounding=adaround", "adaround_candidates=false"), ratio=r),
         Point(m, "adaround clip=mse (2000 steps, lr 1e-3: the paper's lr)",
               sets=("clip=mse", "rounding=adaround", "adaround_lr=0.001"), ratio=r),
         Point(m, "adaround clip=mse (5000 steps, lr 1e-2)",
