@@ -53,8 +53,7 @@ BASELINE_R20 = 88.25
 BARS = ((10.9, 87.4), (15.0, 85.0))  # ResNet-20: at >= ratio, top-1 >= value
 # Settings of every curve point, chosen on the validation split (docs/results/
 # budget-validation.md): MSE clipping, raw tensors (BatchNorm, biases) at fp16.
-CURVE_SETS = ("clip=mse", "fp16=true")
-ADAROUND_SETS = ("rounding=adaround",)
+VALIDATION_JSON = RESULTS_DIR / "budget-validation.json"
 
 
 @dataclass
@@ -122,33 +121,37 @@ def baseline_of(model: str, evalset: EvalSet) -> float:
 # --- validate ----------------------------------------------------------------------------
 
 
+# Budget variants compared on validation; `choose` turns their rows into the curve's
+# settings. Each differs from the reference ("nearest clip=mse": fisher, repair bn,bias,
+# fp32 raw tensors) in one respect.
+NEAREST = {
+    "nearest clip=max": (("clip=max",), {}),
+    "nearest clip=mse": (("clip=mse",), {}),
+    "nearest clip=mse fp16": (("clip=mse", "fp16=true"), {}),
+    "nearest clip=mse, sensitivity kl": (("clip=mse",), {"sensitivity": "kl"}),
+    "nearest clip=mse, no repair": (("clip=mse",), {"repair": ()}),
+    "nearest clip=mse, repair bn only": (("clip=mse",), {"repair": ("bn",)}),
+}
+ADAROUND = {
+    "adaround (2000 steps, lr 1e-2)": ("rounding=adaround",),
+    "adaround (2000 steps, lr 1e-2), candidates rounded to nearest":
+        ("rounding=adaround", "adaround_candidates=false"),
+    "adaround (2000 steps, lr 1e-3: the paper's lr)":
+        ("rounding=adaround", "adaround_lr=0.001"),
+    "adaround (5000 steps, lr 1e-2)": ("rounding=adaround", "adaround_iters=5000"),
+}
+
+
 def validation_points(ratios: Sequence[float]) -> list[Point]:
     m = "resnet20"
     pts: list[Point] = []
     for r in ratios:
-        pts += [
-            Point(m, "nearest clip=max", sets=("clip=max",), ratio=r),
-            Point(m, "nearest clip=mse", sets=("clip=mse",), ratio=r),
-            Point(m, "nearest clip=mse fp16", sets=("clip=mse", "fp16=true"), ratio=r),
-            Point(m, "nearest clip=mse, sensitivity kl", sets=("clip=mse",), ratio=r,
-                  request={"sensitivity": "kl"}),
-            Point(m, "nearest clip=mse, no repair", sets=("clip=mse",), ratio=r,
-                  request={"repair": ()}),
-            Point(m, "nearest clip=mse, repair bn only", sets=("clip=mse",), ratio=r,
-                  request={"repair": ("bn",)}),
-            Point(m, "kmeans", method="kmeans", ratio=r),
-        ]
-    r = max(ratios)  # AdaRound's step size and length: at the hardest ratio only (cost)
-    pts += [
-        Point(m, "adaround clip=mse (2000 steps, lr 1e-2)",
-              sets=("clip=mse", "rounding=adaround"), ratio=r),
-        Point(m, "adaround clip=mse (2000 steps, lr 1e-2), candidates rounded to nearest",
-              sets=("clip=mse", "rounding=adaround", "adaround_candidates=false"), ratio=r),
-        Point(m, "adaround clip=mse (2000 steps, lr 1e-3: the paper's lr)",
-              sets=("clip=mse", "rounding=adaround", "adaround_lr=0.001"), ratio=r),
-        Point(m, "adaround clip=mse (5000 steps, lr 1e-2)",
-              sets=("clip=mse", "rounding=adaround", "adaround_iters=5000"), ratio=r),
-    ]
+        pts += [Point(m, label, sets=sets, ratio=r, request=dict(req))
+                for label, (sets, req) in NEAREST.items()]
+        pts.append(Point(m, "kmeans", method="kmeans", ratio=r))
+    r = max(ratios)  # AdaRound's settings: at the hardest ratio only (cost)
+    pts += [Point(m, label, sets=("clip=mse", *sets), ratio=r)
+            for label, sets in ADAROUND.items()]
     for bits in (3, 4, 5):
         for rounding in ("nearest", "rdo"):
             pts.append(Point(m, f"uniform {bits}b clip=max rounding={rounding} (rdo 0.1), "
@@ -253,6 +256,12 @@ def validate(args: argparse.Namespace) -> None:
     if sens is not None:
         body += ["", "## Sensitivity: Fisher estimate against measured KL", "", sens[0], "",
                  md_table(["layer", "2 bits", "3 bits", "4 bits"], sens[1])]
+    VALIDATION_JSON.write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    nearest, ada, request, why = choose(rows)
+    body += ["", "## What the curve uses (`choose()` in tools/bench/budget.py)", "",
+             f"- nearest rounding: `{' '.join(nearest)}`, request `{request}`",
+             f"- AdaRound: `{' '.join(ada)}`", *[f"- {w}" for w in why], "",
+             "The rows are also in budget-validation.json, which `budget.py curve` reads."]
     write_results("budget-validation", "Size budgets: choices on a validation split",
                   " ".join(["python tools/bench/budget.py", *sys.argv[1:]]), "\n".join(body))
 
@@ -260,18 +269,55 @@ def validate(args: argparse.Namespace) -> None:
 # --- curve -------------------------------------------------------------------------------
 
 
+def choose(rows: list[dict[str, Any]]
+           ) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, Any], list[str]]:
+    """The curve's settings from the validation rows: each choice is the variant with the
+    best mean held-out top-1 over the ratios it was measured at."""
+    def mean(label: str) -> float | None:
+        got = [r["top1"] for r in rows if r["label"] == label and r["target_ratio"]]
+        return sum(got) / len(got) if got else None
+
+    def best(labels: Sequence[str]) -> str:
+        scored = [(mean(lab), -i, lab) for i, lab in enumerate(labels) if mean(lab) is not None]
+        if not scored:
+            raise SystemExit("budget-validation.json lacks the rows to choose from; run "
+                             "`budget.py validate` first")
+        return max(scored)[2]
+
+    why = []
+    clip = best(["nearest clip=mse", "nearest clip=max"])
+    sets = list(NEAREST[clip][0])
+    fp16 = best(["nearest clip=mse", "nearest clip=mse fp16"])
+    if fp16.endswith("fp16"):
+        sets.append("fp16=true")
+    measure = best(["nearest clip=mse", "nearest clip=mse, sensitivity kl"])
+    repair = best(["nearest clip=mse", "nearest clip=mse, repair bn only",
+                   "nearest clip=mse, no repair"])
+    request = {**NEAREST[measure][1], **NEAREST[repair][1]}
+    for what, got in (("clip", clip), ("raw tensors", fp16), ("sensitivity", measure),
+                      ("repair", repair)):
+        why.append(f"{what}: `{got}` (mean held-out top-1 {mean(got):.2f})")
+    ada_label = best(list(ADAROUND))
+    why.append(f"AdaRound: `{ada_label}` (held-out top-1 {mean(ada_label):.2f})")
+    return tuple(sets), (*sets, *ADAROUND[ada_label]), request, why
+
+
 def curve_points(models: Sequence[str], ratios: Sequence[float], kmeans: bool,
-                 iters: dict[str, int]) -> list[Point]:
+                 iters: dict[str, int], chosen: tuple) -> list[Point]:
+    nearest, ada, request, _ = chosen
+    raw16 = ("fp16=true",) if "fp16=true" in nearest else ()
     pts = []
     for m in models:
         for r in ratios:
-            pts.append(Point(m, "uniform, nearest", sets=CURVE_SETS, ratio=r))
-            ada = (*CURVE_SETS, *ADAROUND_SETS)
+            pts.append(Point(m, "uniform, nearest", sets=nearest, ratio=r, request=request))
+            sets = tuple(s for s in ada if not s.startswith("adaround_iters="))
             if m in iters:
-                ada = (*ada, f"adaround_iters={iters[m]}")
-            pts.append(Point(m, "uniform, adaround", sets=ada, ratio=r))
+                sets = (*sets, f"adaround_iters={iters[m]}")
+            pts.append(Point(m, "uniform, adaround", sets=sets if m in iters else ada, ratio=r,
+                             request=request))
             if kmeans:
-                pts.append(Point(m, "kmeans", method="kmeans", sets=("fp16=true",), ratio=r))
+                pts.append(Point(m, "kmeans", method="kmeans", sets=raw16, ratio=r,
+                                 request=request))
     return pts
 
 
@@ -279,12 +325,15 @@ def curve(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = []
     baselines: dict[str, float] = {}
     iters = dict(i.split("=") for i in args.adaround_iters)
+    if not VALIDATION_JSON.is_file():
+        raise SystemExit(f"{VALIDATION_JSON} not found: run `budget.py validate` first")
+    chosen = choose(json.loads(VALIDATION_JSON.read_text()))
     for model in args.models:
         test = EvalSet("10,000 test images", load_test_set(f"cifar_{model}"))
         baselines[model] = baseline_of(model, test)
         cache: dict = {}
         for p in curve_points([model], args.ratios, args.kmeans,
-                              {k: int(v) for k, v in iters.items()}):
+                              {k: int(v) for k, v in iters.items()}, chosen):
             rows.append(run_point(p, test, args, cache, baselines[model]))
     if args.no_write:
         return
@@ -295,9 +344,13 @@ def curve(args: argparse.Namespace) -> None:
     lines = [f"Top-1 on the 10,000 CIFAR-10 test images against true file bytes (bytes on "
              f"disk) for `packer compress --target-ratio R --calib-data <cifar10 root>` "
              f"({args.calib_images} calibration images drawn from train/ with seed "
-             f"{args.seed}; settings `{' '.join(CURVE_SETS)}`, `--alignment 8`, chosen on a "
-             f"validation split: [budget-validation.md](budget-validation.md)). Full "
-             f"precision measured here: "
+             f"{args.seed}; `--alignment 8`; nearest `{' '.join(chosen[0])}`, AdaRound "
+             f"`{' '.join(chosen[1])}`"
+             + (f", {chosen[2]}" if chosen[2] else "")
+             + (f", AdaRound steps per layer {iters}" if iters else "")
+             + ", chosen on a validation split: [budget-validation.md]"
+             "(budget-validation.md)). Full "
+             "precision measured here: "
              + ", ".join(f"{m} {v:.2f}" for m, v in baselines.items()) + ".", "",
              "![top-1 against file bytes](budget.png)", "", "## Bars (ResNet-20)", ""]
     lines += [f"- **{verdict(ok)}** {name}: {measured}" for name, measured, ok in bars]
