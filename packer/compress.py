@@ -305,9 +305,9 @@ def _budgeted(ctx: _Context) -> tuple[_Built, dict[str, Any]]:
     """Choose each layer's rate for the size budget or the accuracy drop (packer.ptq.budget)."""
     req, goal = ctx.req, ctx.goal
     assert goal is not None and ctx.calib is not None
-    option = str(ctx.method.rate_option)
     job = _fresh_job(ctx, ctx.config)
     probe_method = ctx.method()
+    option = probe_method.knob(ctx.config)
     key = cache_key(ctx.checkpoint.sha256, req.method, probe_method.candidate_key(ctx.config),
                     ctx.calib.fingerprint, req.sensitivity, req.coder, req.alignment, req.seed)
     measured = measure_layers(
@@ -316,7 +316,7 @@ def _budgeted(ctx: _Context) -> tuple[_Built, dict[str, Any]]:
         req.alignment, req.budget_cache, key)
     probe = _assemble(ctx, ctx.config, job.state_dict, measured.lowest).size
 
-    def build(rates: dict[str, int]) -> _Built:
+    def build(rates: dict[str, float | None]) -> _Built:
         return _build(ctx, with_rates(ctx.config, option, rates))
 
     def say(line: str) -> None:

@@ -44,7 +44,7 @@ def test_budget_lands_within_one_percent_under(r20: Path, cifar: Path, tmp_path:
     size = os.path.getsize(out)
     assert budget["target_bytes"] == target and budget["file_bytes"] == size
     assert 0.99 * target <= size <= target, budget["attempts"]
-    option = "bits" if method == "uniform" else "k"
+    option = "step_rms" if method == "uniform" else "k"
     chosen = {row["name"]: row[option] for row in budget["layers"]}
     assert len(chosen) == (19 if method == "pqf" else 20)  # pqf keeps conv1
     assert len(set(chosen.values())) > 1  # really per layer
@@ -69,9 +69,12 @@ def test_budget_with_adaround_is_deterministic(r20: Path, cifar: Path, tmp_path:
 
 def test_user_set_layers_are_kept_out_of_the_search(r20: Path, cifar: Path,
                                                     tmp_path: Path) -> None:
-    report = _pack(r20, tmp_path / "m.fb", cifar, sets=["conv1.bits=3"], target_ratio=9)
+    report = _pack(r20, tmp_path / "m.fb", cifar, sets=["conv1.bits=3", "budget_knob=bits"],
+                   target_ratio=9)
     rows = {r["name"]: r for r in report["budget"]["layers"]}
-    assert rows["conv1.weight"]["bits"] == 3 and rows["conv1.weight"]["why"] == "set by the user"
+    assert rows["conv1.weight"]["bits"] == "bits=3"
+    assert rows["conv1.weight"]["why"] == "set by the user"
+    assert rows["conv1.weight"]["bytes"] < rows["layer1.0.conv1.weight"]["bytes"]
 
 
 def test_max_drop_picks_a_file_within_the_drop(r20: Path, cifar: Path, tmp_path: Path) -> None:
@@ -93,7 +96,7 @@ def test_budget_below_the_smallest_file_says_what_that_is(r20: Path, cifar: Path
     code, err = _compress(["--method", "uniform", str(r20), "-o", str(out), "--target-size",
                            "20k", "--calib-data", str(cifar), "--calib-images", "16"], capsys)
     assert code == 2 and "below the smallest possible file" in err
-    assert "bits: 2" in err and not out.exists()
+    assert "smallest step_rms" in err and not out.exists()
     smallest = int(err.split("file, ")[1].split(" bytes")[0].replace(",", ""))
     assert 20_000 < smallest < 60_000
 

@@ -240,3 +240,16 @@ def test_uniform_rounds_to_nearest_by_default_and_rdo_on_request() -> None:
     method, job = method_job(UniformMethod, model, "rounding=adaround")
     with pytest.raises(Exception, match="needs|--calib-data"):
         method.compress(job)
+
+
+def test_step_rms_grid_follows_the_channel_rms_and_sets_the_bit_width() -> None:
+    torch.manual_seed(9)
+    w = torch.randn(8, 4, 3, 3) * torch.linspace(0.1, 2.0, 8)[:, None, None, None]
+    q = quantize_symmetric(w, 5, step_rms=0.5)
+    rms = w.reshape(8, -1).pow(2).mean(1).sqrt()
+    assert torch.allclose(q.scales, 0.5 * rms)
+    peak = int((w.reshape(8, -1).abs() / q.scales[:, None]).round().max())
+    assert q.bits == peak.bit_length() + 1 and q.codes.abs().max() == peak  # no clipping
+    assert ((q.dequantize() - w).abs() <= q.scales[:, None, None, None] / 2 + 1e-6).all()
+    coarse = quantize_symmetric(w, 5, step_rms=2.0)
+    assert coarse.bits == 2 or coarse.codes.abs().max() <= (1 << (coarse.bits - 1)) - 1

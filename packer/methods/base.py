@@ -35,7 +35,9 @@ class Method:
     # A size budget (--target-size) sets this per-layer option, choosing among `rates`
     # (ascending); methods without one (None) cannot take a budget.
     rate_option: ClassVar[str | None] = None
-    rates: ClassVar[tuple[int, ...]] = ()
+    rates: ClassVar[tuple[float, ...]] = ()
+    # Per-layer options that, set by the user for a layer, fix its rate (default: the knob).
+    rate_settings: ClassVar[tuple[str, ...]] = ()
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         raise NotImplementedError
@@ -53,6 +55,10 @@ class Method:
 
     # --- the rate knob (size budgets) ------------------------------------------------------
 
+    def knob(self, config: MethodConfig) -> str:
+        """The option a size budget sets per layer under this configuration."""
+        return str(self.rate_option)
+
     def prepare_candidates(self, job: CompressJob) -> None:
         """Anything layer_candidate() needs first (on job.model, a scratch copy)."""
 
@@ -60,15 +66,17 @@ class Method:
         """Weight names whose rate a budget chooses."""
         return list(job.targets)
 
-    def candidate_rates(self, job: CompressJob, name: str) -> list[int]:
+    def candidate_rates(self, job: CompressJob, name: str) -> list[float]:
         return list(self.rates)
 
     def candidate_key(self, config: MethodConfig) -> str:
         """What the candidates depend on (a cache key): by default every option."""
         return config.to_json()
 
-    def layer_candidate(self, job: CompressJob, name: str, rate: int) -> CompressedTensor:
-        """`name` compressed alone at `rate`, exactly as compress() would store it."""
+    def layer_candidate(self, job: CompressJob, name: str, rate: float | None
+                        ) -> CompressedTensor:
+        """`name` compressed alone at `rate` (None: as configured), exactly as compress()
+        would store it."""
         raise NotImplementedError
 
 
@@ -88,6 +96,9 @@ class PerTensorMethod(Method):
                         opts: dict[str, Any]) -> CompressedTensor:
         raise NotImplementedError
 
-    def layer_candidate(self, job: CompressJob, name: str, rate: int) -> CompressedTensor:
-        opts = {**job.config.for_tensor(name), str(self.rate_option): rate}
+    def layer_candidate(self, job: CompressJob, name: str, rate: float | None
+                        ) -> CompressedTensor:
+        opts = job.config.for_tensor(name)
+        if rate is not None:
+            opts = {**opts, self.knob(job.config): rate}
         return self.compress_tensor(name, job.state_dict[name], opts)

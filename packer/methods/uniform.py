@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from packer.config import Option
+from packer.config import MethodConfig, Option
 from packer.methods.base import CompressJob, PerTensorMethod
 from packer.ptq.adaround import (
     AdaRoundSettings,
@@ -34,7 +34,14 @@ from runtime.tensors import CompressedTensor, UniformTensor
 
 MSE_RATIOS = torch.linspace(0.5, 1.0, 51)
 ADAROUND_CANDIDATE_ITERS = 500  # per budget candidate (at most adaround_iters)
-ADAROUND_CANDIDATE_MAX_BITS = 5  # above it nearest and learned rounding barely differ
+ADAROUND_CANDIDATE_LR = 1e-2
+# Budget candidates finer than these are rounded to nearest (learned rounding barely differs).
+ADAROUND_CANDIDATE_MAX_BITS = 5
+ADAROUND_CANDIDATE_MIN_STEP_RMS = 0.25
+# What a size budget chooses from: bit widths, or steps of half an octave (about half a bit)
+# from 4 (under half a bit per weight) to 1/64 of the channel RMS (about 8 bits).
+BITS_RATES = (2, 3, 4, 5, 6, 7, 8)
+STEP_RMS_RATES = tuple(round(2 ** (-k / 2), 4) for k in range(-4, 13))
 
 
 def _bits_ok(b: int) -> str | None:
@@ -43,6 +50,10 @@ def _bits_ok(b: int) -> str | None:
 
 def _step_ok(s: float | None) -> str | None:
     return None if s is None or s > 0 else "step must be positive"
+
+
+def _step_rms_ok(s: float | None) -> str | None:
+    return None if s is None or 1e-4 <= s <= 16 else "step_rms must be between 1e-4 and 16"
 
 
 def _rdo_ok(lam: float) -> str | None:
@@ -100,15 +111,22 @@ def rdo_round(scaled: torch.Tensor, codes: torch.Tensor, qmax: int, lam: float,
 
 def quantize_symmetric(weight: torch.Tensor, bits: int, per_channel: bool = True,
                        clip: str = "max", step: float | None = None,
-                       rdo: float = 0.0) -> UniformTensor:
+                       rdo: float = 0.0, step_rms: float | None = None) -> UniformTensor:
     rows = _channel_view(weight, per_channel)
     if step is not None:
         # A fixed step: the bit width follows from the largest code actually needed.
         peak_code = int(torch.round(rows.abs().max() / step).item())
         bits = max(2, min(16, peak_code.bit_length() + 1))
         scales = torch.full((rows.shape[0],), float(step))
+    elif step_rms is not None:
+        # A step per row relative to its RMS and (below 8 bits) no clipping: the grid entropy
+        # coding wants; the rate follows the step, the bit width only bounds the largest code.
+        scales = step_rms * rows.pow(2).mean(1).sqrt()
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        peak_code = int(torch.round((rows.abs() / scales[:, None]).max()).item())
+        bits = max(2, min(8, peak_code.bit_length() + 1))
     qmax = (1 << (bits - 1)) - 1
-    if step is None:
+    if step is None and step_rms is None:
         scales = _scales(rows, qmax, clip)
     scaled = rows / scales[:, None]
     codes = torch.clamp(torch.round(scaled), -qmax, qmax).to(torch.int32)
@@ -126,6 +144,9 @@ class UniformMethod(PerTensorMethod):
         "bits": Option(5, "bit width of the grid (2-8)", int, check=_bits_ok),
         "step": Option(None, "fixed step size instead of bits (bit width follows)", float,
                        check=_step_ok),
+        "step_rms": Option(None, "step per channel as a multiple of its RMS instead of bits "
+                           "(unclipped grid for entropy coding; bit width follows, at most 8)",
+                           float, check=_step_rms_ok),
         "granularity": Option("channel", "one scale per output channel or per layer", str,
                               choices=("channel", "layer")),
         "clip": Option("max", "scale rule: max magnitude, or MSE-optimal clipping", str,
@@ -141,21 +162,25 @@ class UniformMethod(PerTensorMethod):
         "adaround_candidates": Option(True, "under a size budget, measure each candidate "
                                       "AdaRounded (else rounded to nearest)", bool,
                                       per_layer=False),
+        "budget_knob": Option("step_rms", "what a size budget chooses per layer: step_rms "
+                              "(half-octave steps) or bits (2-8, with `clip`)", str,
+                              choices=("step_rms", "bits"), per_layer=False),
     }
-    rate_option = "bits"
-    rates = (2, 3, 4, 5, 6, 7, 8)
+    rate_option = "step_rms"
+    rate_settings = ("step_rms", "bits", "step")
+    rates = STEP_RMS_RATES
+
+    def knob(self, config: MethodConfig) -> str:
+        return str(config.options["budget_knob"])
 
     def compress_tensor(self, name: str, weight: torch.Tensor,
                         opts: dict[str, Any]) -> UniformTensor:
         rdo = opts["rdo"] if opts.get("rounding") == "rdo" else 0.0
         return quantize_symmetric(weight, opts["bits"], opts["granularity"] == "channel",
-                                  opts["clip"], opts["step"], rdo)
+                                  opts["clip"], opts["step"], rdo, opts["step_rms"])
 
-    def candidate_rates(self, job: CompressJob, name: str) -> list[int]:
-        if job.config.for_tensor(name)["step"] is not None:
-            raise ConfigError("uniform: step= fixes each layer's rate; remove it to use a "
-                              "size budget")
-        return list(self.rates)
+    def candidate_rates(self, job: CompressJob, name: str) -> list[float]:
+        return list(BITS_RATES if self.knob(job.config) == "bits" else STEP_RMS_RATES)
 
     def prepare_candidates(self, job: CompressJob) -> None:
         """With rounding=adaround, budget candidates are AdaRounded too (each layer alone, on
@@ -170,16 +195,33 @@ class UniformMethod(PerTensorMethod):
             self._grams = input_grams(job.model, learn, job.calib.batches())
             self._norms = following_norms(job.model)
 
-    def layer_candidate(self, job: CompressJob, name: str, rate: int) -> CompressedTensor:
-        nearest = super().layer_candidate(job, name, rate)
+    @staticmethod
+    def _candidate_iters(config: MethodConfig) -> int:
+        return min(ADAROUND_CANDIDATE_ITERS, int(config.options["adaround_iters"]))
+
+    def candidate_key(self, config: MethodConfig) -> str:
+        """Candidates depend on the AdaRound options only through _candidate_iters."""
+        options = {k: v for k, v in config.options.items() if not k.startswith("adaround_")}
+        options["adaround_candidates"] = config.options["adaround_candidates"]
+        options["candidate_iters"] = self._candidate_iters(config)
+        return MethodConfig(config.method, options, config.layers).to_json()
+
+    def layer_candidate(self, job: CompressJob, name: str, rate: float | None
+                        ) -> CompressedTensor:
+        opts = job.config.for_tensor(name)
+        if rate is not None:  # the knob's value; the other rate settings step aside
+            opts = {**opts, "step": None, "step_rms": None, self.knob(job.config): rate}
+        nearest = self.compress_tensor(name, job.state_dict[name], opts)
         layer = name.rsplit(".", 1)[0]
         grams = getattr(self, "_grams", {})
-        if layer not in grams or rate > ADAROUND_CANDIDATE_MAX_BITS:
+        coarse = (rate is not None and (rate >= ADAROUND_CANDIDATE_MIN_STEP_RMS
+                                        if self.knob(job.config) == "step_rms"
+                                        else rate <= ADAROUND_CANDIDATE_MAX_BITS))
+        if layer not in grams or not coarse:
             return nearest
         g = grams[layer]
-        opts = job.config.options
-        settings = AdaRoundSettings(iters=min(ADAROUND_CANDIDATE_ITERS, opts["adaround_iters"]),
-                                    lr=opts["adaround_lr"])
+        settings = AdaRoundSettings(iters=self._candidate_iters(job.config),
+                                    lr=ADAROUND_CANDIDATE_LR)
         learned, _ = learn_layer(job.model.get_submodule(layer), nearest, (g, g, g),
                                  channel_weights(job.model, layer, self._norms), settings)
         return learned

@@ -1,11 +1,11 @@
 """Size budgets: `--target-size BYTES`, `--target-ratio R` and `--max-drop POINTS`.
 
 1. Candidates: every budgeted layer compressed alone at each rate its method declares
-   (`Method.rate_option` / `candidate_rates`: uniform bits 2-8, kmeans and pqf k), each
+   (`Method.knob` / `candidate_rates`: uniform step_rms or bits, kmeans and pqf k), each
    encoded by the packer's own encoder: its true coded bytes (stream payload, coder tables,
    codebooks or scales).
 2. Sensitivity of each candidate on the calibration images (packer.ptq.sensitivity).
-3. A probe file with every layer at its lowest rate gives the smallest possible file and the
+3. A probe file with every layer at its smallest candidate gives the smallest file and the
    fixed bytes of everything else (raw tensors, index, padding).
 4. Exact multiple-choice knapsack (packer.ptq.knapsack): least total sensitivity within the
    bytes left, aiming inside [99%, 100%] of the budget. The file is then built for real
@@ -54,10 +54,10 @@ class LayerRates:
 
     name: str  # weight tensor name
     numel: int
-    rates: list[int]
+    rates: list[float | None]  # the knob's values, by bytes ascending (None: user's setting)
     bytes: list[int]
     distortion: list[float]
-    fixed: bool = False  # the user set its rate: not searched
+    fixed: str = ""  # the user's own setting for this layer (not searched), e.g. "bits=8"
 
     def options(self) -> list[knapsack.Option]:
         return [knapsack.Option(b, d) for b, d in zip(self.bytes, self.distortion,
@@ -76,19 +76,23 @@ def coded_bytes(name: str, tensor: CompressedTensor, coder: str, alignment: int)
     return sum(s.coded_bytes for s in encoded.streams) + encoded.array_bytes
 
 
-def user_rate(config: MethodConfig, option: str, name: str) -> int | None:
-    """The rate the user set for this layer with GLOB.option=..., if any."""
+def user_setting(config: MethodConfig, settings: tuple[str, ...], name: str) -> str:
+    """The rate setting the user gave this layer with GLOB.option=... ('' for none)."""
     module = name.rsplit(".", 1)[0]
+    opts = config.for_tensor(name)
     for glob, values in config.layers:
-        if option in values and (fnmatch.fnmatchcase(module, glob)
-                                 or fnmatch.fnmatchcase(name, glob)):
-            return int(config.for_tensor(name)[option])
-    return None
+        if fnmatch.fnmatchcase(module, glob) or fnmatch.fnmatchcase(name, glob):
+            for key in settings:
+                if key in values:
+                    return f"{key}={opts[key]}"
+    return ""
 
 
-def with_rates(config: MethodConfig, option: str, rates: dict[str, int]) -> MethodConfig:
-    """The configuration plus one exact per-layer setting per budgeted layer."""
-    layers = list(config.layers) + [(name, {option: rate}) for name, rate in rates.items()]
+def with_rates(config: MethodConfig, option: str,
+               rates: dict[str, float | None]) -> MethodConfig:
+    """The configuration plus one exact per-layer setting per searched layer."""
+    layers = list(config.layers) + [(name, {option: rate}) for name, rate in rates.items()
+                                    if rate is not None]
     return MethodConfig(config.method, dict(config.options), layers)
 
 
@@ -114,34 +118,36 @@ def measure_layers(method: Method, job: CompressJob, measure: str, coder_for: Ca
     if cache is not None and cache_key in cache:
         return cache[cache_key]
     started = time.perf_counter()
-    option = str(method.rate_option)
+    option = method.knob(job.config)
     method.prepare_candidates(job)
     names = method.budget_layers(job)
     if not names:
         raise ConfigError(f"{method.name}: no layer has a rate to choose")
-    rates: dict[str, list[int]] = {}
-    fixed: set[str] = set()
+    settings = method.rate_settings or (option,)
+    rates: dict[str, list[float | None]] = {}
+    fixed = {n: user_setting(job.config, settings, n) for n in names}
     for name in names:
-        chosen = user_rate(job.config, option, name)
-        if chosen is not None:
-            rates[name], _ = [chosen], fixed.add(name)
-        else:
-            rates[name] = sorted(method.candidate_rates(job, name))
-    sizes: dict[str, dict[int, int]] = {n: {} for n in names}
-    lowest: dict[str, CompressedTensor] = {}
+        rates[name] = [None] if fixed[name] else list(method.candidate_rates(job, name))
+    sizes: dict[str, dict[float | None, int]] = {n: {} for n in names}
+    smallest: dict[str, tuple[int, CompressedTensor]] = {}
 
-    def count(name: str, rate: int, tensor: CompressedTensor) -> None:
-        sizes[name][rate] = coded_bytes(name, tensor, coder_for(name), alignment)
-        if rate == rates[name][0]:
-            lowest[name] = tensor
+    def count(name: str, rate: float | None, tensor: CompressedTensor) -> None:
+        size = coded_bytes(name, tensor, coder_for(name), alignment)
+        sizes[name][rate] = size
+        if name not in smallest or size < smallest[name][0]:
+            smallest[name] = (size, tensor)
 
     assert job.calib is not None
     distortion, timings = layer_sensitivities(
         job.model, rates, lambda n, r: method.layer_candidate(job, n, r), count,
         list(job.calib.batches()), measure, job.progress)
-    layers = [LayerRates(n, job.state_dict[n].numel(), rates[n],
-                         [sizes[n][r] for r in rates[n]], distortion[n], n in fixed)
-              for n in names]
+    layers = []
+    for n in names:
+        order = sorted(range(len(rates[n])), key=lambda i, n=n: sizes[n][rates[n][i]])
+        layers.append(LayerRates(n, job.state_dict[n].numel(), [rates[n][i] for i in order],
+                                 [sizes[n][rates[n][i]] for i in order],
+                                 [distortion[n][i] for i in order], fixed[n]))
+    lowest = {n: t for n, (_, t) in smallest.items()}
     report = {"measure": measure, "images": int(job.calib.images.shape[0]),
               "seconds": round(time.perf_counter() - started, 2), **timings,
               "candidates": sum(len(r) for r in rates.values())}
@@ -169,8 +175,8 @@ def fit_size(layers: list[LayerRates], target: int, probe_size: int,
     if target < probe_size:
         raise ConfigError(
             f"the budget of {target:,} bytes is below the smallest possible file, "
-            f"{probe_size:,} bytes (every layer at its lowest {option}: "
-            f"{min(layer.rates[0] for layer in layers)}); ask for at least that")
+            f"{probe_size:,} bytes (every layer at its smallest {option}); ask for at "
+            f"least that")
     overhead = probe_size - lowest_sum
     costs = [list(layer.bytes) for layer in layers]
     attempts: list[dict[str, Any]] = []
@@ -283,7 +289,8 @@ def layer_table(layers: list[LayerRates], choice: list[int], built: Built,
     rows = []
     for layer, c in zip(layers, choice, strict=True):
         row: dict[str, Any] = {"name": layer.name, "numel": layer.numel,
-                               option: layer.rates[c], "bytes": built.layer_bytes(layer.name),
+                               option: layer.rates[c] if not layer.fixed else layer.fixed,
+                               "bytes": built.layer_bytes(layer.name),
                                "kl": float(f"{layer.distortion[c]:.4g}")}
         if layer.fixed:
             row["why"] = "set by the user"
@@ -326,21 +333,15 @@ def format_budget(report: dict[str, Any], option: str) -> str:
         lines.append(f"sensitivity {sens['measure']} on {sens['images']} calibration images, "
                      f"{sens['seconds']:.1f} s; kl = predicted output KL (nats/image) of "
                      f"that layer alone")
-    lines.append(f"{'layer':<28} {option:>5} {'bytes':>8} {'kl':>10}  why (one step up / down)")
+    lines.append(f"{'layer':<28} {option:>8} {'bytes':>8} {'kl':>10}  why (the next candidate "
+                 f"with fewer / more bytes)")
     for row in report["layers"]:
         why = row.get("why", "")
         if not why:
-            parts = []
-            if "up" in row:
-                up = row["up"]
-                parts.append(f"{option}={up[option]}: +{up['bytes']:,} B for -{abs(up['kl']):.2g} "
-                             f"({_per_kb(up)})")
-            if "down" in row:
-                down = row["down"]
-                parts.append(f"{option}={down[option]}: {down['bytes']:,} B for "
-                             f"+{abs(down['kl']):.2g} ({_per_kb(down)})")
+            parts = [f"{option}={step[option]}: {step['bytes']:+,} B, kl {step['kl']:+.2g} "
+                     f"({_per_kb(step)})" for step in (row.get("down"), row.get("up")) if step]
             why = "; ".join(parts)
-        lines.append(f"{row['name']:<28} {row[option]:>5} {row['bytes']:>8,} "
+        lines.append(f"{row['name']:<28} {row[option]!s:>8} {row['bytes']:>8,} "
                      f"{row['kl']:>10.3g}  {why}")
     return "\n".join(lines)
 

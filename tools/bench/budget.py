@@ -122,15 +122,15 @@ def baseline_of(model: str, evalset: EvalSet) -> float:
 
 
 # Budget variants compared on validation; `choose` turns their rows into the curve's
-# settings. Each differs from the reference ("nearest clip=mse": fisher, repair bn,bias,
-# fp32 raw tensors) in one respect.
+# settings. Each differs from the reference ("nearest": the step_rms knob, fisher
+# sensitivity, repair bn,bias, fp32 raw tensors) in one respect.
 NEAREST = {
-    "nearest clip=max": (("clip=max",), {}),
-    "nearest clip=mse": (("clip=mse",), {}),
-    "nearest clip=mse fp16": (("clip=mse", "fp16=true"), {}),
-    "nearest clip=mse, sensitivity kl": (("clip=mse",), {"sensitivity": "kl"}),
-    "nearest clip=mse, no repair": (("clip=mse",), {"repair": ()}),
-    "nearest clip=mse, repair bn only": (("clip=mse",), {"repair": ("bn",)}),
+    "nearest": ((), {}),
+    "nearest, bits knob clip=mse": (("budget_knob=bits", "clip=mse"), {}),
+    "nearest, bits knob clip=max": (("budget_knob=bits", "clip=max"), {}),
+    "nearest fp16": (("fp16=true",), {}),
+    "nearest, no repair": ((), {"repair": ()}),
+    "nearest, repair bn only": ((), {"repair": ("bn",)}),
 }
 ADAROUND = {
     "adaround (2000 steps, lr 1e-2)": ("rounding=adaround",),
@@ -150,8 +150,7 @@ def validation_points(ratios: Sequence[float]) -> list[Point]:
                 for label, (sets, req) in NEAREST.items()]
         pts.append(Point(m, "kmeans", method="kmeans", ratio=r))
     r = max(ratios)  # AdaRound's settings: at the hardest ratio only (cost)
-    pts += [Point(m, label, sets=("clip=mse", *sets), ratio=r)
-            for label, sets in ADAROUND.items()]
+    pts += [Point(m, label, sets=sets, ratio=r) for label, sets in ADAROUND.items()]
     for bits in (3, 4, 5):
         for rounding in ("nearest", "rdo"):
             pts.append(Point(m, f"uniform {bits}b clip=max rounding={rounding} (rdo 0.1), "
@@ -285,17 +284,13 @@ def choose(rows: list[dict[str, Any]]
         return max(scored)[2]
 
     why = []
-    clip = best(["nearest clip=mse", "nearest clip=max"])
-    sets = list(NEAREST[clip][0])
-    fp16 = best(["nearest clip=mse", "nearest clip=mse fp16"])
-    if fp16.endswith("fp16"):
-        sets.append("fp16=true")
-    measure = best(["nearest clip=mse", "nearest clip=mse, sensitivity kl"])
-    repair = best(["nearest clip=mse", "nearest clip=mse, repair bn only",
-                   "nearest clip=mse, no repair"])
-    request = {**NEAREST[measure][1], **NEAREST[repair][1]}
-    for what, got in (("clip", clip), ("raw tensors", fp16), ("sensitivity", measure),
-                      ("repair", repair)):
+    knob = best(["nearest", "nearest, bits knob clip=mse", "nearest, bits knob clip=max"])
+    sets = list(NEAREST[knob][0])
+    raw = best(["nearest", "nearest fp16"])
+    sets += NEAREST[raw][0]
+    repair = best(["nearest", "nearest, repair bn only", "nearest, no repair"])
+    request = dict(NEAREST[repair][1])
+    for what, got in (("rate knob", knob), ("raw tensors", raw), ("repair", repair)):
         why.append(f"{what}: `{got}` (mean held-out top-1 {mean(got):.2f})")
     ada_label = best(list(ADAROUND))
     why.append(f"AdaRound: `{ada_label}` (held-out top-1 {mean(ada_label):.2f})")

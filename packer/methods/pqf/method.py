@@ -143,9 +143,11 @@ class PQFMethod(Method):
         plan = self._candidate_plans[name][1]
         return sorted({codebook_size(k, plan.n) for k in self.rates} - {0, 1})
 
-    def layer_candidate(self, job: CompressJob, name: str, rate: int) -> CompressedTensor:
+    def layer_candidate(self, job: CompressJob, name: str, rate: float | None
+                        ) -> CompressedTensor:
         """k-means of this layer's sub-vectors at K=rate, with the seed compress() uses."""
         index, plan = self._candidate_plans[name]
+        rate = plan.k if rate is None else int(rate)
         module = job.model.get_submodule(plan.name)
         lopts = job.config.for_tensor(name)
         opts = job.config.options
