@@ -304,6 +304,13 @@ def choose(rows: list[dict[str, Any]]
     return tuple(sets), (*sets, *ADAROUND[ada_label]), request, why
 
 
+def kmeans_helps(rows: list[dict[str, Any]]) -> bool:
+    """Did kmeans beat the nearest-rounding reference at any ratio on validation?"""
+    ref = {r["target_ratio"]: r["top1"] for r in rows if r["label"] == "nearest"}
+    return any(r["top1"] > ref.get(r["target_ratio"], 101.0) for r in rows
+               if r["label"] == "kmeans")
+
+
 def curve_points(models: Sequence[str], ratios: Sequence[float], kmeans: bool,
                  iters: dict[str, int], chosen: tuple) -> list[Point]:
     nearest, ada, request, _ = chosen
@@ -330,12 +337,14 @@ def curve(args: argparse.Namespace) -> None:
     iters = dict(i.split("=") for i in args.adaround_iters)
     if not VALIDATION_JSON.is_file():
         raise SystemExit(f"{VALIDATION_JSON} not found: run `budget.py validate` first")
-    chosen = choose(json.loads(VALIDATION_JSON.read_text()))
+    validation = json.loads(VALIDATION_JSON.read_text())
+    chosen = choose(validation)
+    kmeans = args.kmeans == "yes" or (args.kmeans == "auto" and kmeans_helps(validation))
     for model in args.models:
         test = EvalSet("10,000 test images", load_test_set(f"cifar_{model}"))
         baselines[model] = baseline_of(model, test)
         cache: dict = {}
-        for p in curve_points([model], args.ratios, args.kmeans,
+        for p in curve_points([model], args.ratios, kmeans,
                               {k: int(v) for k, v in iters.items()}, chosen):
             row = run_point(p, test, args, cache, baselines[model])
             if row is None:
@@ -457,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("curve", help="the reported curve on the test images")
     c.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
     c.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
-    c.add_argument("--kmeans", action="store_true", help="also kmeans rows")
+    c.add_argument("--kmeans", choices=("auto", "yes", "no"), default="auto",
+                   help="kmeans rows too (auto: when kmeans beat uniform nearest rounding "
+                   "at some ratio on the validation split)")
     c.add_argument("--adaround-iters", nargs="*", default=[], metavar="MODEL=N",
                    help="AdaRound steps per layer for a model (default: the option's)")
     for p in (v, c):
