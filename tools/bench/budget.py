@@ -55,6 +55,7 @@ BARS = ((10.9, 87.4), (15.0, 85.0))  # ResNet-20: at >= ratio, top-1 >= value
 # Settings of every curve point, chosen on the validation split (docs/results/
 # budget-validation.md): MSE clipping, raw tensors (BatchNorm, biases) at fp16.
 VALIDATION_JSON = RESULTS_DIR / "budget-validation.json"
+CURVE_JSON = RESULTS_DIR / "budget-curve.json"
 
 
 @dataclass
@@ -331,61 +332,80 @@ def curve_points(models: Sequence[str], ratios: Sequence[float], kmeans: bool,
 
 
 def curve(args: argparse.Namespace) -> None:
-    rows: list[dict[str, Any]] = []
-    skipped: list[str] = []
-    baselines: dict[str, float] = {}
+    """Measure the points of `args.models` into budget-curve.json (other models' rows stay),
+    then render budget.md and budget.png from every model there."""
     iters = dict(i.split("=") for i in args.adaround_iters)
     if not VALIDATION_JSON.is_file():
         raise SystemExit(f"{VALIDATION_JSON} not found: run `budget.py validate` first")
     validation = json.loads(VALIDATION_JSON.read_text())
     chosen = choose(validation)
     kmeans = args.kmeans == "yes" or (args.kmeans == "auto" and kmeans_helps(validation))
+    store = json.loads(CURVE_JSON.read_text()) if CURVE_JSON.is_file() else {}
+    command = " ".join(["python tools/bench/budget.py", *sys.argv[1:]])
     for model in args.models:
         test = EvalSet("10,000 test images", load_test_set(f"cifar_{model}"))
-        baselines[model] = baseline_of(model, test)
+        baseline = baseline_of(model, test)
+        rows, skipped = [], []
         cache: dict = {}
         for p in curve_points([model], args.ratios, kmeans,
                               {k: int(v) for k, v in iters.items()}, chosen):
-            row = run_point(p, test, args, cache, baselines[model])
+            row = run_point(p, test, args, cache, baseline)
             if row is None:
                 skipped.append(f"{model} {p.label} at {p.ratio}x: not packed (the budget is "
                                f"below that method's smallest file)")
             else:
                 rows.append(row)
+        store[model] = {"command": command, "baseline": baseline, "rows": rows,
+                        "skipped": skipped, "calib_images": args.calib_images,
+                        "seed": args.seed, "adaround_iters": iters.get(model),
+                        "chosen": [list(chosen[0]), list(chosen[1]), chosen[2]]}
     if args.no_write:
         return
+    CURVE_JSON.write_text(json.dumps(store, indent=1, default=str) + "\n")
+    render(store)
+
+
+def render(store: dict[str, Any]) -> None:
+    models = [m for m in ("resnet20", "resnet56") if m in store]
+    rows = [r for m in models for r in store[m]["rows"]]
+    baselines = {m: store[m]["baseline"] for m in models}
     _, quoted = quoted_baselines()
-    png = RESULTS_DIR / "budget.png"
-    plot(rows, baselines, quoted, png)
+    plot(rows, baselines, quoted, RESULTS_DIR / "budget.png")
     bars = check_bars(rows)
-    lines = [f"Top-1 on the 10,000 CIFAR-10 test images against true file bytes (bytes on "
-             f"disk) for `packer compress --target-ratio R --calib-data <cifar10 root>` "
-             f"({args.calib_images} calibration images drawn from train/ with seed "
-             f"{args.seed}; `--alignment 8`; nearest `{' '.join(chosen[0])}`, AdaRound "
-             f"`{' '.join(chosen[1])}`"
-             + (f", {chosen[2]}" if chosen[2] else "")
-             + (f", AdaRound steps per layer {iters}" if iters else "")
-             + ", chosen on a validation split: [budget-validation.md]"
-             "(budget-validation.md)). Full "
-             "precision measured here: "
-             + ", ".join(f"{m} {v:.2f}" for m, v in baselines.items()) + ".", "",
+    setup = []
+    for m in models:
+        st = store[m]
+        nearest, ada, request = st["chosen"]
+        setup.append(f"- {m}: {st['calib_images']} calibration images drawn from train/ with "
+                     f"seed {st['seed']}; nearest `{' '.join(nearest)}`, AdaRound "
+                     f"`{' '.join(ada)}`" + (f", {request}" if request else "")
+                     + (f", AdaRound steps per layer {st['adaround_iters']} (CPU time)"
+                        if st["adaround_iters"] else "")
+                     + f"; full precision measured here {st['baseline']:.2f}; measured by "
+                     f"`{st['command']}`")
+    lines = ["Top-1 on the 10,000 CIFAR-10 test images against true file bytes (bytes on "
+             "disk) of `packer compress --method uniform --target-ratio R --calib-data "
+             "<cifar10 root> --alignment 8`, settings chosen on a validation split of train/ "
+             "([budget-validation.md](budget-validation.md)):", "", *setup, "",
              "![top-1 against file bytes](budget.png)", "", "## Bars (ResNet-20)", ""]
     lines += [f"- **{verdict(ok)}** {name}: {measured}" for name, measured, ok in bars]
     lines += ["", "## Points", "", table(rows, validation=False), "",
-              *[f"- {s}" for s in skipped], "",
+              *[f"- {s}" for m in models for s in store[m]["skipped"]], "",
               "NNCodec rows are quoted from `shared/models/cifar10/BASELINES.md` (NNCodec 2.1.3, "
               "its whole bitstream), not measured here.", "",
               md_table(["NNCodec QP (quoted)", "bytes", "ratio", "top-1"],
                        [[q.qp, f"{q.file_bytes:,}", q.ratio, q.top1] for q in quoted]), "",
               "Calibration seconds = decoding the calibration images + sensitivity "
-              "(K-FAC statistics and every candidate's quantization and encoding) + AdaRound "
-              "+ BatchNorm re-estimation and bias correction, summed over the budget's builds "
-              "(`builds`: files built until one landed within 1% under the target). Pack s "
-              "is the whole `pack()` call; the sensitivity of a model is measured once and "
-              "reused across its points (`PackRequest.budget_cache`), so pack s of later "
-              "points excludes it while their calibration seconds include it."]
-    write_results("budget", "Size budgets: top-1 against file bytes",
-                  " ".join(["python tools/bench/budget.py", *sys.argv[1:]]), "\n".join(lines))
+              "(every candidate's quantization, AdaRound for coarse AdaRound candidates, "
+              "encoding, and the Fisher pass) + AdaRound + BatchNorm re-estimation and bias "
+              "correction, summed over the budget's builds (`builds`: files built until one "
+              "landed within 1% under the target). A model's sensitivity is measured once and "
+              "reused by its later points (`PackRequest.budget_cache`), so their pack s "
+              "excludes it while their calibration seconds include it (what a single run "
+              "pays)."]
+    commands = "; ".join(dict.fromkeys(store[m]["command"] for m in models))
+    write_results("budget", "Size budgets: top-1 against file bytes", commands,
+                  "\n".join(lines))
 
 
 def check_bars(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
@@ -445,6 +465,8 @@ def plot(rows: list[dict[str, Any]], baselines: dict[str, float], quoted, path: 
         ax.set_xlabel("file bytes on disk (KB)")
         ax.set_ylabel("top-1 (%)")
         lows = [r["top1"] for r in rows if r["model"] == model]
+        if model == "resnet20":
+            lows += [q.top1 for q in quoted]
         ax.set_ylim(max(min(lows + [baselines[model]]) - 2, 60), baselines[model] + 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
