@@ -146,6 +146,7 @@ ADAROUND = {
     "adaround (2000 steps, lr 1e-3: the paper's lr)":
         ("rounding=adaround", "adaround_lr=0.001"),
     "adaround (5000 steps, lr 1e-2)": ("rounding=adaround", "adaround_iters=5000"),
+    "adaround (500 steps, lr 1e-2)": ("rounding=adaround", "adaround_iters=500"),
 }
 
 
