@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import json
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +21,16 @@ from torch import nn
 from packer import __version__
 from packer.architecture import GRAPH, ResolvedArchitecture, resolve
 from packer.checkpoint import Checkpoint, load_checkpoint
-from packer.config import MethodConfig, build_config, load_config_file
+from packer.class_names import class_names_for
+from packer.config import MethodConfig, collect_settings, load_config_file
 from packer.encode import DataSection, EncodedTensor, Encoder
-from packer.methods import METHODS, CompressJob, Method
+from packer.methods import METHODS, CompressJob, Method, resolve_method
 from packer.methods.none import raw_tensor
 from packer.ptq.budget import (
     BudgetGoal,
     cache_key,
     check_method,
+    encoded_bytes,
     fit_drop,
     fit_size,
     measure_layers,
@@ -34,17 +38,21 @@ from packer.ptq.budget import (
 )
 from packer.ptq.calib import CalibrationSet, load_calibration
 from packer.ptq.repair import REPAIRS, repair
-from packer.training import launch_rank
 from packer.writer import layout, write_packed
 from runtime import quant, zoo
+from runtime.atomic import check_output
+from runtime.data import calibration_root
 from runtime.decode import decode_state_dict
-from runtime.errors import ConfigError, WeightpackError
+from runtime.distributed import launch_rank
+from runtime.errors import ConfigError, DataError, WeightpackError
+from runtime.format.features import ACTIVATION_QUANT
 from runtime.format.preamble import DEFAULT_ALIGNMENT
 from runtime.format.reader import open_packed
-from runtime.format.records import ArchitectureRecord, InputSpec, ModelRecord
+from runtime.format.records import ActivationQuantRecord, ArchitectureRecord, InputSpec, ModelRecord
 from runtime.onnx.graph import export_module, weight_free
-from runtime.report import build_report
+from runtime.report import size_report
 from runtime.tensors import CompressedTensor
+from runtime.zoo.specs import IMAGENET_MEAN, IMAGENET_STD
 
 COMPRESSIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -70,6 +78,7 @@ class PackRequest:
     calib_images: int = 512  # budgets' sensitivity, AdaRound (packer.ptq)
     calib_method: str = "percentile"
     workers: int = 2
+    class_names_file: Path | None = None  # one class name per line (else from the data folder)
     target_size: int | None = None  # a size budget in bytes (packer.ptq.budget)
     target_ratio: float | None = None  # ... or as a compression ratio vs fp32
     max_drop: float | None = None  # ... or the smallest file within this top-1 loss
@@ -90,23 +99,24 @@ def compressible_weights(model: nn.Module) -> list[str]:
     return [f"{n}.weight" for n, m in model.named_modules() if _compressible(m)]
 
 
-def _input_spec(req: PackRequest, arch: str) -> InputSpec:
+def _input_spec(req: PackRequest, arch: str, traced_shape: tuple[int, ...] | None) -> InputSpec:
+    """The architecture's default spec (ImageNet statistics for a graph, the shape a traced
+    TorchScript file recorded), with the user's --input-size, --mean and --std on top."""
     if arch == GRAPH:
-        if req.input_size is None:
-            raise ConfigError("a model stored as a graph needs --input-size C,H,W")
-        spec = {"shape": list(req.input_size), "mean": [0.485, 0.456, 0.406][: req.input_size[0]],
-                "std": [0.229, 0.224, 0.225][: req.input_size[0]], "resize": None, "crop": None}
+        size = req.input_size or traced_shape
+        if size is None:
+            raise ConfigError("a model stored as a graph needs --input-size C,H,W (this "
+                              "checkpoint records no input shape; a torch.jit.trace file does)")
+        channels = size[0]
+        spec = InputSpec(tuple(size), IMAGENET_MEAN[:channels], IMAGENET_STD[:channels])
     else:
-        spec = dict(zoo.input_spec(arch))
-    if req.mean is not None:
-        spec["mean"] = list(req.mean)
-    if req.std is not None:
-        spec["std"] = list(req.std)
-    if req.input_size is not None:
-        spec["shape"] = list(req.input_size)
-    if not len(spec["mean"]) == len(spec["std"]) == spec["shape"][0]:
+        spec = zoo.input_spec(arch)
+    spec = replace(spec, **{k: tuple(v) for k, v in (("shape", req.input_size),
+                                                        ("mean", req.mean), ("std", req.std))
+                            if v is not None})
+    if not len(spec.mean) == len(spec.std) == spec.shape[0]:
         raise ConfigError("--mean and --std need one value per input channel")
-    return InputSpec.from_dict(spec)
+    return spec
 
 
 def _fp32_bytes(state_dict: dict[str, torch.Tensor]) -> int:
@@ -114,7 +124,10 @@ def _fp32_bytes(state_dict: dict[str, torch.Tensor]) -> int:
 
 
 def pack(req: PackRequest) -> dict[str, Any]:
-    """Run the whole pipeline; returns the size report of the written file."""
+    """Run the whole pipeline; returns the size report of the written file. Everything the
+    user can get wrong (output path, options, checkpoint, names, calibration images) is
+    checked before the method's work starts, which may be hours of training."""
+    check_output(req.output)
     started = time.perf_counter()
     ctx = _context(req)
     budget_report = None
@@ -123,14 +136,12 @@ def pack(req: PackRequest) -> dict[str, Any]:
     else:
         built = _build(ctx, ctx.config)
     with _own_output(req.output) as target:
-        write_packed(target, built.record, built.data)
+        written = write_packed(target, built.record, built.data)
         with open_packed(target) as packed:
             _verify_round_trip(packed, built.tensors)
-            report = build_report(packed)
+    report = size_report(built.record, written.preamble, written.index_raw_size, target)
     report["pack_seconds"] = round(time.perf_counter() - started, 3)
-    extra = getattr(built.method, "extra_report", None)
-    if callable(extra):
-        report.update(extra(built.job))
+    report.update(built.method.extra_report(built.job))
     report.update(built.extra)
     if budget_report is not None:
         report["budget"] = budget_report
@@ -156,12 +167,13 @@ class _Context:
     """What every build of one request shares (a budget builds several)."""
 
     req: PackRequest
-    method: type[Method]
     config: MethodConfig
     checkpoint: Checkpoint
     arch: ResolvedArchitecture
     targets: list[str]
     spec: InputSpec
+    num_classes: int
+    class_names: tuple[str, ...]
     calib: CalibrationSet | None
     repairs: tuple[str, ...]
     goal: BudgetGoal | None
@@ -177,29 +189,27 @@ class _Built:
     data: DataSection
     tensors: dict[str, CompressedTensor]
     encoded: list[EncodedTensor]
-    method: Method | None = None
-    job: CompressJob | None = None
+    method: Method
+    job: CompressJob
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
-        return sum(len(chunk) for chunk in layout(self.record, self.data))
+        return layout(self.record, self.data).preamble.file_size
 
     def layer_bytes(self, name: str) -> int:
         for e in self.encoded:
             if e.record.name == name:
-                return sum(s.coded_bytes for s in e.streams) + e.array_bytes
+                return encoded_bytes(e)
         raise KeyError(name)
 
 
 def _context(req: PackRequest) -> _Context:
     """Check the request and load everything a build needs, cheapest checks first."""
-    if req.method not in METHODS:
-        raise ConfigError(f"unknown method {req.method!r}; choose from {', '.join(METHODS)}")
-    method = METHODS[req.method]
+    method = resolve_method(req.method)
     asked = _budget_flag(req)
     if asked:
-        check_method(method, BudgetGoal(asked=asked))
+        check_method(method, req.method, asked)
         if req.calib_data is None:
             raise ConfigError(f"{asked} needs --calib-data DIR: each layer's sensitivity is "
                               f"measured on calibration images (a few hundred from train/)")
@@ -208,26 +218,38 @@ def _context(req: PackRequest) -> _Context:
         raise ConfigError(f"unknown repair {sorted(unknown)[0]!r}; choose from "
                           f"{', '.join(REPAIRS)} (or none)")
     file_doc = load_config_file(req.config_file) if req.config_file else {}
-    config = build_config(req.method, method.options, file_doc, req.overrides)
+    config = method.build_config(collect_settings(file_doc, req.overrides))
     checkpoint = load_checkpoint(req.source, trust_pickle=req.trust_pickle)
     arch = resolve(checkpoint.state_dict, req.arch, checkpoint.module)
-    targets = [n for n in compressible_weights(arch.model)
-               if config.for_tensor(n).get("method") != "none"]
+    state_dict = arch.model.state_dict()
+    weights = compressible_weights(arch.model)
+    _check_globs(config, state_dict, [n.rsplit(".", 1)[0] for n in weights])
+    targets = [n for n in weights if config.for_tensor(n).get("method") != "none"]
     if not targets and req.method != "none":
         raise WeightpackError("the model has no Conv or Linear weight left to compress")
-    spec = _input_spec(req, arch.name)
+    _check_features(req, arch, method.required_features(config))
+    spec = _input_spec(req, arch.name, checkpoint.input_shape)
+    num_classes = _num_classes(arch.model, spec)
+    if req.data is not None and not Path(req.data.root).is_dir():
+        raise DataError(f"training data folder not found: {req.data.root}")
+    _warn_unused_data(req, method)
     calib = None
     if req.calib_data is not None:
-        calib = load_calibration(req.calib_data, spec.as_dict(), req.calib_images,
+        if req.calib_images < 1:
+            raise ConfigError("--calib-images must be at least 1")
+        calibration_root(req.calib_data)  # the folder exists, or one line now, not after hours
+        calib = load_calibration(req.calib_data, spec, req.calib_images,
                                  req.calib_holdout if req.max_drop is not None else 0,
                                  req.seed)
+    class_names = class_names_for(req.class_names_file, req.data, req.calib_data, num_classes)
     goal = None
     if asked:
         size = req.target_size
         if req.target_ratio is not None:
-            size = int(_fp32_bytes(arch.model.state_dict()) / req.target_ratio)
+            size = int(_fp32_bytes(state_dict) / req.target_ratio)
         goal = BudgetGoal(size, req.max_drop, asked)
-    return _Context(req, method, config, checkpoint, arch, targets, spec, calib, repairs, goal)
+    return _Context(req, config, checkpoint, arch, targets, spec, num_classes, class_names,
+                    calib, repairs, goal)
 
 
 def _budget_flag(req: PackRequest) -> str:
@@ -261,11 +283,11 @@ def _build(ctx: _Context, config: MethodConfig) -> _Built:
     """Compress, repair, encode: one whole file in memory."""
     torch.manual_seed(ctx.req.seed)
     job = _fresh_job(ctx, config)
-    method = ctx.method()
+    method = resolve_method(ctx.req.method)
     compressed: dict[str, CompressedTensor] = method.compress(job)
     ctx.builds += 1
     extra: dict[str, Any] = {}
-    learned = getattr(method, "report", {}).get("adaround_seconds")
+    learned = method.extra_report(job).get("adaround_seconds")
     if learned is not None:
         ctx.spent["adaround"] = ctx.spent.get("adaround", 0.0) + learned
     if ctx.calib is not None and ctx.repairs and method.post_training(job):
@@ -273,17 +295,21 @@ def _build(ctx: _Context, config: MethodConfig) -> _Built:
         extra["repair"] = repair(job.model, reference, job.state_dict, compressed,
                                  list(ctx.calib.batches()), ctx.repairs)
         ctx.spent["repair"] = ctx.spent.get("repair", 0.0) + extra["repair"]["seconds"]
-    built = _assemble(ctx, config, job.state_dict, compressed)
-    built.method, built.job, built.extra = method, job, extra
+    act_quant = tuple(sorted(job.activation_quant, key=lambda q: q.module))
+    built = _assemble(ctx, config, job.state_dict, compressed, act_quant, method, job)
+    built.extra = extra
     return built
 
 
 def _assemble(ctx: _Context, config: MethodConfig, state_dict: dict[str, torch.Tensor],
-              compressed: dict[str, CompressedTensor]) -> _Built:
+              compressed: dict[str, CompressedTensor],
+              act_quant: tuple[ActivationQuantRecord, ...], method: Method,
+              job: CompressJob) -> _Built:
     """Records and data of a file holding `compressed` and the rest of `state_dict` raw."""
     req = ctx.req
     tensors = {name: compressed.get(name) or raw_tensor(value, config.for_tensor(name)["fp16"])
                for name, value in state_dict.items()}
+    features = {ACTIVATION_QUANT} if act_quant else set()  # what the file holds needs
     act_scales, calibration = _calibrate(ctx, tensors)
     data = DataSection(req.alignment)
     encoder = Encoder(data, req.coder)
@@ -294,11 +320,12 @@ def _assemble(ctx: _Context, config: MethodConfig, state_dict: dict[str, torch.T
         producer=f"weightpack {__version__}", method=req.method,
         method_config_json=config.to_json(), source_sha256=ctx.checkpoint.sha256,
         architecture=architecture,
-        input=ctx.spec, num_classes=_num_classes(ctx.arch.model, ctx.spec),
+        input=ctx.spec, num_classes=ctx.num_classes, class_names=ctx.class_names,
         tensors=tuple(e.record for e in encoded), fp32_bytes=_fp32_bytes(state_dict),
         activation_scales=act_scales, calibration_json=calibration,
+        required_features=tuple(sorted(features)), activation_quant=act_quant,
     )
-    return _Built(record, data, tensors, encoded)
+    return _Built(record, data, tensors, encoded, method, job)
 
 
 def _budgeted(ctx: _Context) -> tuple[_Built, dict[str, Any]]:
@@ -306,7 +333,7 @@ def _budgeted(ctx: _Context) -> tuple[_Built, dict[str, Any]]:
     req, goal = ctx.req, ctx.goal
     assert goal is not None and ctx.calib is not None
     job = _fresh_job(ctx, ctx.config)
-    probe_method = ctx.method()
+    probe_method = resolve_method(req.method)
     option = probe_method.knob(ctx.config)
     key = cache_key(ctx.checkpoint.sha256, req.method, probe_method.candidate_key(ctx.config),
                     ctx.calib.fingerprint, req.sensitivity, req.coder, req.alignment, req.seed)
@@ -314,7 +341,8 @@ def _budgeted(ctx: _Context) -> tuple[_Built, dict[str, Any]]:
         probe_method, job, req.sensitivity,
         lambda n: ctx.config.for_tensor(n).get("coder") or req.coder,
         req.alignment, req.budget_cache, key)
-    probe = _assemble(ctx, ctx.config, job.state_dict, measured.lowest).size
+    probe = _assemble(ctx, ctx.config, job.state_dict, measured.lowest, (), probe_method,
+                      job).size
 
     def build(rates: dict[str, float | None]) -> _Built:
         return _build(ctx, with_rates(ctx.config, option, rates))
@@ -353,6 +381,47 @@ def _holdout_top1(ctx: _Context, model: nn.Module) -> float:
         labels = ctx.calib.holdout_labels[start:start + 256]
         correct += int((model(images).argmax(1) == labels).sum())
     return 100.0 * correct / ctx.calib.holdout.shape[0]
+
+
+def _check_features(req: PackRequest, arch: ResolvedArchitecture,
+                    features: frozenset[str]) -> None:
+    """Refuse, before any work, a file whose required runtime features nothing could apply."""
+    if ACTIVATION_QUANT not in features:
+        return
+    if arch.kind != "builder":
+        raise ConfigError(f"{req.method}: activation quantization (bits_a) is applied by the "
+                          "runtime to zoo architectures by module name; this model would be "
+                          "stored as an ONNX graph, where it cannot be applied. Pack its "
+                          "state_dict with a zoo --arch, or leave bits_a unset")
+    if req.calib_data is not None:
+        raise ConfigError(f"{req.method}: --calib-data prepares int8 inference (the QDQ "
+                          "graph), which cannot apply the model's own activation "
+                          "quantization (bits_a); drop one of the two")
+
+
+def _check_globs(config: MethodConfig, state_dict: dict[str, torch.Tensor],
+                 layers: list[str]) -> None:
+    """A per-layer setting whose glob matches nothing would silently do nothing: refuse it,
+    naming the Conv/Linear `layers` it could have meant (the closest, then first and last)."""
+    unmatched = config.unmatched_globs(state_dict)
+    if not unmatched:
+        return
+    glob = unmatched[0]
+    near = difflib.get_close_matches(glob, layers, n=3, cutoff=0.6)
+    shown = list(dict.fromkeys([*near, *layers[:2], *layers[-2:]]))[:6]
+    raise ConfigError(f"layer glob {glob!r} (from --set or --config) matches no layer of "
+                      f"this model; its Conv/Linear layers are {', '.join(shown)}"
+                      f"{', ...' if len(layers) > len(shown) else ''} ({len(layers)} in all)")
+
+
+def _warn_unused_data(req: PackRequest, method: Method) -> None:
+    if req.data is None or method.trains:
+        return
+    flag = {"cifar10": "--cifar10", "imagenet": "--imagenet"}.get(req.data.kind, "--data")
+    warnings.warn(f"method {req.method} does not train: {flag} {req.data.root} gives the class "
+                  f"names only (methods that train: "
+                  f"{', '.join(n for n, m in METHODS.items() if m.trains)})",
+                  UserWarning, stacklevel=3)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,11 @@ from typing import Any
 
 import yaml
 
+from runtime.coders import CODERS
 from runtime.errors import ConfigError
+
+CODER_CHOICES = ("auto", *CODERS)
+"""What `--coder` and the per-layer `coder` option accept: a coder, or `auto` (the smallest)."""
 
 
 @dataclass(frozen=True)
@@ -29,12 +33,22 @@ class Option:
     per_layer: bool = True
 
 
+def closed_interval(lo: float, hi: float, what: str) -> Callable[[Any], str | None]:
+    """An `Option.check` for lo <= value <= hi."""
+    return lambda v: None if lo <= v <= hi else f"{what} must be between {lo} and {hi}"
+
+
+def open_interval(lo: float, hi: float, what: str) -> Callable[[Any], str | None]:
+    """An `Option.check` for lo < value < hi."""
+    return lambda v: None if lo < v < hi else f"{what} must be > {lo} and < {hi}"
+
+
 # Options every method understands, per layer.
 COMMON_OPTIONS: dict[str, Option] = {
     "method": Option(None, "per-layer: 'none' leaves matching layers uncompressed", str),
     "fp16": Option(False, "store tensors kept raw at float16", bool),
-    "coder": Option(None, "per-layer entropy coder (auto, raw, zstd, huffman, ans)", str,
-                    choices=("auto", "raw", "zstd", "huffman", "ans")),
+    "coder": Option(None, f"per-layer entropy coder ({', '.join(CODER_CHOICES)})", str,
+                    choices=CODER_CHOICES),
 }
 
 
@@ -90,6 +104,7 @@ class MethodConfig:
     method: str
     options: dict[str, Any]
     layers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    stages: list[MethodConfig] = field(default_factory=list)  # a chain's configs, in order
 
     def for_tensor(self, tensor_name: str) -> dict[str, Any]:
         module = tensor_name.rsplit(".", 1)[0]
@@ -99,9 +114,18 @@ class MethodConfig:
                 merged.update(values)
         return merged
 
+    def unmatched_globs(self, tensor_names: Iterable[str]) -> list[str]:
+        """Layer globs that match no tensor (nor its module): settings that would do nothing."""
+        names = list(tensor_names)
+        candidates = set(names) | {n.rsplit(".", 1)[0] for n in names}
+        return [glob for glob in dict.fromkeys(g for g, _ in self.layers)
+                if not any(fnmatch.fnmatchcase(c, glob) for c in candidates)]
+
     def to_json(self) -> str:
-        doc = {"method": self.method, "options": self.options,
-               "layers": [{"match": g, **v} for g, v in self.layers]}
+        doc: dict[str, Any] = {"method": self.method, "options": self.options,
+                               "layers": [{"match": g, **v} for g, v in self.layers]}
+        if self.stages:
+            doc["stages"] = [json.loads(stage.to_json()) for stage in self.stages]
         return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
@@ -122,29 +146,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def build_config(method: str, method_options: dict[str, Option], file_doc: dict[str, Any],
-                 overrides: Iterable[str]) -> MethodConfig:
-    known = {**COMMON_OPTIONS, **method_options}
-    options = {k: v.default for k, v in method_options.items()}
-    options["fp16"] = False
-    layers: list[tuple[str, dict[str, Any]]] = []
+Setting = tuple[str | None, str, Any]
+"""(layer glob or None for the whole model, option key, raw value), in the order given."""
 
-    def apply(key: str, value: Any, glob: str | None) -> None:
-        if key not in known:
-            raise ConfigError(f"unknown option {key!r} for method {method}; known: "
-                              f"{', '.join(sorted(known))}")
-        opt = known[key]
-        if glob is None:
-            if key == "method":
-                raise ConfigError("'method' is set per layer only, e.g. conv1.method=none")
-            options[key] = _coerce(key, value, opt)
-            return
-        if not opt.per_layer:
-            raise ConfigError(f"option {key} applies to the whole model, not per layer")
-        if key == "method" and value not in ("none", method):
-            raise ConfigError(f"{glob}.method: use 'none' (keep uncompressed) or {method!r}")
-        layers.append((glob, {key: _coerce(key, value, opt)}))
 
+def collect_settings(file_doc: dict[str, Any], overrides: Iterable[str]) -> list[Setting]:
+    """The user's settings from a config file then `--set` overrides (later ones win)."""
+    settings: list[Setting] = []
     for key, value in file_doc.items():
         if key == "layers":
             if not isinstance(value, dict):
@@ -152,14 +160,47 @@ def build_config(method: str, method_options: dict[str, Option], file_doc: dict[
             for glob, layer_opts in value.items():
                 if not isinstance(layer_opts, dict):
                     raise ConfigError(f"layers.{glob}: expected a mapping of options")
-                for k, v in layer_opts.items():
-                    apply(k, v, str(glob))
+                settings += [(str(glob), k, v) for k, v in layer_opts.items()]
         elif key != "method":
-            apply(key, value, None)
+            settings.append((None, key, value))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. k=16, conv1.method=none)")
         key, _, text = item.partition("=")
         glob, _, name = key.strip().rpartition(".")
-        apply(name, parse_value(text), glob or None)
+        settings.append((glob or None, name, parse_value(text)))
+    return settings
+
+
+def config_from_settings(method: str, method_options: dict[str, Option],
+                         settings: Iterable[Setting], owner: str | None = None) -> MethodConfig:
+    """One method's config: its defaults, then each setting in order. `owner` is the name
+    the user typed when this method is one stage of a chain (for `GLOB.method=` values)."""
+    owner = owner or method
+    known = {**COMMON_OPTIONS, **method_options}
+    options = {k: v.default for k, v in method_options.items()}
+    options["fp16"] = False
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for glob, key, value in settings:
+        if key not in known:
+            raise ConfigError(f"unknown option {key!r} for method {owner}; known: "
+                              f"{', '.join(sorted(known))}")
+        opt = known[key]
+        if glob is None:
+            if key == "method":
+                raise ConfigError("'method' is set per layer only, e.g. conv1.method=none")
+            options[key] = _coerce(key, value, opt)
+            continue
+        if not opt.per_layer:
+            raise ConfigError(f"option {key} applies to the whole model, not per layer")
+        if key == "method":
+            if value not in ("none", owner, method):
+                raise ConfigError(f"{glob}.method: use 'none' (keep uncompressed) or {owner!r}")
+            value = "none" if value == "none" else method
+        layers.append((glob, {key: _coerce(key, value, opt)}))
     return MethodConfig(method, options, layers)
+
+
+def build_config(method: str, method_options: dict[str, Option], file_doc: dict[str, Any],
+                 overrides: Iterable[str]) -> MethodConfig:
+    return config_from_settings(method, method_options, collect_settings(file_doc, overrides))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import flatbuffers
 import numpy as np
 
+from runtime.coders import CODERS
 from runtime.format.dtypes import code_of
 from runtime.format.generated.weightpack.fb import (
+    ActivationQuant as FbActQuant,
     ActivationScale as FbActScale,
     Architecture as FbArch,
     Array as FbArray,
@@ -19,8 +21,8 @@ from runtime.format.generated.weightpack.fb import (
 from runtime.format.preamble import INDEX_IDENTIFIER
 from runtime.format.records import (
     ARCH_KINDS,
-    CODER_NAMES,
     SCHEMES,
+    ActivationQuantRecord,
     ArchitectureRecord,
     ArrayRecord,
     BlobRef,
@@ -72,8 +74,8 @@ def _stream(b: flatbuffers.Builder, s: StreamRecord | None) -> int | None:
     blob = _blob(b, s.blob)
     FbStream.Start(b)
     FbStream.AddBlob(b, blob)
-    FbStream.AddCoder(b, CODER_NAMES.index(s.coder))
-    FbStream.AddCoderVersion(b, s.coder_version)
+    FbStream.AddCoder(b, CODERS.index(s.coder))
+    FbStream.AddCoderVersion(b, s.version)
     FbStream.AddAlphabetSize(b, s.alphabet_size)
     FbStream.AddCount(b, s.count)
     FbStream.AddBits(b, s.bits)
@@ -155,6 +157,24 @@ def _activation_scales(b: flatbuffers.Builder,
     return b.EndVector()
 
 
+def _activation_quant(b: flatbuffers.Builder,
+                      quantizers: tuple[ActivationQuantRecord, ...]) -> int | None:
+    if not quantizers:
+        return None
+    entries = []
+    for q in quantizers:
+        name = b.CreateString(q.module)
+        FbActQuant.Start(b)
+        FbActQuant.AddModule(b, name)
+        FbActQuant.AddBits(b, q.bits)
+        FbActQuant.AddClip(b, q.clip)
+        entries.append(FbActQuant.End(b))
+    FbModel.StartActivationQuantVector(b, len(entries))
+    for off in reversed(entries):
+        b.PrependUOffsetTRelative(off)
+    return b.EndVector()
+
+
 def build_index(model: ModelRecord) -> bytes:
     b = flatbuffers.Builder(4096)
     tensors = [_tensor(b, t) for t in model.tensors]
@@ -169,6 +189,9 @@ def build_index(model: ModelRecord) -> bytes:
     arch, spec = _architecture(b, model.architecture), _input(b, model.input)
     act_scales = _activation_scales(b, model.activation_scales)
     calibration = b.CreateString(model.calibration_json) if model.calibration_json else None
+    features = (_strings(b, list(model.required_features), FbModel.StartRequiredFeaturesVector)
+                if model.required_features else None)
+    act_quant = _activation_quant(b, model.activation_quant)
     FbModel.Start(b)
     FbModel.AddProducer(b, strings[0])
     FbModel.AddMethod(b, strings[1])
@@ -185,5 +208,9 @@ def build_index(model: ModelRecord) -> bytes:
         FbModel.AddActivationScales(b, act_scales)
     if calibration is not None:
         FbModel.AddCalibrationJson(b, calibration)
+    if features is not None:
+        FbModel.AddRequiredFeatures(b, features)
+    if act_quant is not None:
+        FbModel.AddActivationQuant(b, act_quant)
     b.Finish(FbModel.End(b), file_identifier=INDEX_IDENTIFIER)
     return bytes(b.Output())

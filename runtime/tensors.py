@@ -1,8 +1,9 @@
 """In-memory compressed tensors: what compression methods produce and the runtime decodes.
 
 Methods return these objects and know nothing of files or coders; the packer turns them
-into coded streams, and the runtime turns streams back into them. `dequantize()` is the one
-definition of each scheme's arithmetic, shared by both sides so they agree bit for bit.
+into coded streams, and the runtime turns streams back into them. `dequantize()` computes each
+scheme's arithmetic as docs/FORMAT.md specifies it, shared by both sides so they agree bit for
+bit.
 """
 
 from __future__ import annotations

@@ -8,14 +8,13 @@ from typing import Any
 from torch import nn
 
 from packer.compress import compressible_weights
-from packer.config import build_config
+from packer.config import collect_settings
 from packer.encode import DataSection, Encoder
 from packer.methods.base import CompressJob, Method
 from packer.writer import write_packed
-from runtime.format.records import ArchitectureRecord, InputSpec, ModelRecord
+from runtime.format.records import ArchitectureRecord, ModelRecord
 from runtime.tensors import CompressedTensor
-
-CIFAR_SPEC = InputSpec((3, 32, 32), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+from runtime.zoo.specs import CIFAR_SPEC
 
 
 def pack_tensors(path: Path, tensors: dict[str, CompressedTensor], coder: str = "auto",
@@ -37,6 +36,6 @@ def method_job(method_cls: type[Method], model: nn.Module, *sets: str,
                data: Any = None) -> tuple[Any, CompressJob]:
     """A method and the job `packer compress` would give it for `model` with `--set`s."""
     method = method_cls()
-    cfg = build_config(method.name, method.options, {}, list(sets))
+    cfg = method.build_config(collect_settings({}, list(sets)))
     return method, CompressJob(model, model.state_dict(), compressible_weights(model), cfg,
                                progress=False, data=data)

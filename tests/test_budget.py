@@ -15,16 +15,6 @@ from packer.compress import PackRequest, pack
 from runtime.format.reader import open_packed
 
 
-@pytest.fixture(scope="module")
-def r20(shared_dir: Path) -> Path:
-    return shared_dir / "models" / "cifar10" / "resnet20-cifar10jpg.pth"
-
-
-@pytest.fixture(scope="module")
-def cifar(shared_dir: Path) -> Path:
-    return shared_dir / "data" / "cifar10"
-
-
 def _pack(r20: Path, out: Path, cifar: Path, method: str = "uniform", sets=(), **kw) -> dict:
     return pack(PackRequest(r20, out, method=method, overrides=list(sets), progress=False,
                             calib_data=cifar, calib_images=kw.pop("calib_images", 32),
@@ -33,7 +23,7 @@ def _pack(r20: Path, out: Path, cifar: Path, method: str = "uniform", sets=(), *
 
 @pytest.mark.parametrize(("method", "ratio", "sets"), [
     ("uniform", 10.9, ()), ("uniform", 15.0, ("fp16=true",)), ("kmeans", 8.5, ()),
-    ("pqf", 14.0, ("kmeans_iters=10", "sls_iterations=200")),
+    ("pqf", 14.0, ("kmeans_iters=10", "sls_iterations=200", "finetune_epochs=0")),
 ])
 def test_budget_lands_within_one_percent_under(r20: Path, cifar: Path, tmp_path: Path,
                                                method: str, ratio: float, sets) -> None:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from packer.config import MethodConfig, Option
+from packer.config import MethodConfig, Option, Setting, config_from_settings
 from packer.ptq.calib import CalibrationSet
+from runtime.format.records import ActivationQuantRecord
 from runtime.tensors import CompressedTensor
 
 
@@ -26,6 +27,29 @@ class CompressJob:
     progress: bool = True
     data: Any = None  # data options for methods that calibrate or train
     calib: CalibrationSet | None = None  # --calib-data images (AdaRound, budgets, repair)
+    # In a chain (packer/methods/chain.py): what the earlier stages produced, by tensor name.
+    previous: dict[str, CompressedTensor] = field(default_factory=dict)
+    # Filled by methods whose model quantizes activations at inference (dorefa bits_a).
+    activation_quant: list[ActivationQuantRecord] = field(default_factory=list)
+
+    def settings(self) -> dict[str, Any]:
+        """What decides this job's result, for resume checkpoints: the method, its options
+        (not where checkpoints go or whether to resume), per-layer settings and the seed."""
+        options = {k: v for k, v in self.config.options.items() if k not in RUN_ONLY_OPTIONS}
+        return {"method": self.config.method, "options": options,
+                "layers": self.config.layers, "seed": self.seed}
+
+    def take_model_state(self) -> None:
+        """Copy the model's current values into `state_dict`. The packer stores every tensor
+        a method does not return from there, so a method that trained or permuted BatchNorm,
+        biases or uncompressed layers hands their new values over this way."""
+        final = self.model.state_dict()
+        for key in self.state_dict:
+            self.state_dict[key] = final[key].detach().clone()
+
+
+RUN_ONLY_OPTIONS = ("checkpoint", "resume")
+"""Method options that say where a run keeps its state, not what it computes."""
 
 
 class Method:
@@ -38,15 +62,36 @@ class Method:
     rates: ClassVar[tuple[float, ...]] = ()
     # Per-layer options that, set by the user for a layer, fix its rate (default: the knob).
     rate_settings: ClassVar[tuple[str, ...]] = ()
+    trains: ClassVar[bool] = False  # takes training data (--cifar10/--imagenet/--data)
+    # Position in a chain (packer/methods/chain.py RANK_NAMES): 0 structure, 1 sparsity,
+    # 2 weight representation, 3 grid snapping; None: the method is never a chain stage.
+    chain_rank: ClassVar[int | None] = None
+
+    def build_config(self, settings: list[Setting]) -> MethodConfig:
+        """This method's options from the user's settings (a chain splits them by stage)."""
+        return config_from_settings(self.name, self.options, settings)
+
+    def __init__(self) -> None:
+        self.report: dict[str, Any] = {}  # filled by `compress`
+
+    def extra_report(self, job: CompressJob | None = None) -> dict[str, Any]:
+        """What the packer adds to its JSON report after `compress` (per-layer notes, logs)."""
+        return dict(self.report)
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         raise NotImplementedError
 
+    def required_features(self, config: MethodConfig) -> frozenset[str]:
+        """Runtime features (runtime.format.features) the packed file will require with
+        this config; the packer checks before any work that the model can carry them."""
+        return frozenset()
+
     # --- what post-training steps ask of a method ------------------------------------------
 
     def post_training(self, job: CompressJob) -> bool:
-        """True when nothing is trained: data-aware repair (--calib-data) then applies."""
-        return True
+        """True when nothing is trained under this job's options: data-aware repair
+        (--calib-data) then applies. Methods that train only for some options say so."""
+        return not self.trains
 
     def reference_model(self) -> nn.Module | None:
         """The full-precision model in the layout of the compressed weights, when compress()

@@ -77,6 +77,7 @@ def kmeans_share(weight: torch.Tensor, k: int, iters: int) -> ScalarCodebookTens
 
 class KMeansMethod(PerTensorMethod):
     name = "kmeans"
+    chain_rank = 2
     summary = "per-layer k-means weight sharing (K centroids, linear init, Lloyd)"
     options = {
         "k": Option(32, "clusters per layer (32 = 5-bit indices)", int, check=_k_ok),

@@ -30,6 +30,7 @@ from packer.ptq.adaround import (
 from packer.ptq.graph import following_norms
 from packer.ptq.stats import input_grams, supported
 from runtime.errors import ConfigError
+from runtime.quant.grid import max_scales, round_to_grid
 from runtime.tensors import CompressedTensor, UniformTensor
 
 MSE_RATIOS = torch.linspace(0.5, 1.0, 51)
@@ -73,24 +74,20 @@ def _channel_view(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
     return w.reshape(w.shape[0], -1) if per_channel and w.dim() > 1 else w.reshape(1, -1)
 
 
-def _scales(rows: torch.Tensor, qmax: int, clip: str) -> torch.Tensor:
+def _mse_scales(rows: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Squared error of every candidate clipping ratio, per row; keep the best ratio.
+    Rows go in chunks so the rows x ratios x columns temporary stays near 64 MB."""
     peak = rows.abs().amax(dim=1)
-    if clip == "max":
-        scales = peak / qmax
-    else:
-        # Squared error of every candidate clipping ratio, per row; keep the best ratio.
-        # Rows go in chunks so the rows x ratios x columns temporary stays near 64 MB.
-        cands = peak[:, None] * MSE_RATIOS[None, :] / qmax  # rows x R
-        safe = torch.where(cands > 0, cands, torch.ones_like(cands))
-        best = torch.empty_like(peak)
-        chunk = max(1, (1 << 24) // (len(MSE_RATIOS) * rows.shape[1]))
-        for start in range(0, rows.shape[0], chunk):
-            r, c = rows[start : start + chunk], safe[start : start + chunk]
-            q = torch.clamp(torch.round(r[:, None, :] / c[:, :, None]), -qmax, qmax)
-            err = ((q * c[:, :, None] - r[:, None, :]) ** 2).sum(dim=2)
-            best[start : start + chunk] = c.gather(1, err.argmin(1, keepdim=True)).squeeze(1)
-        scales = torch.where(peak > 0, best, peak)
-    return torch.where(scales > 0, scales, torch.ones_like(scales))  # all-zero rows
+    cands = peak[:, None] * MSE_RATIOS[None, :] / qmax  # rows x R
+    safe = torch.where(cands > 0, cands, torch.ones_like(cands))
+    best = torch.empty_like(peak)
+    chunk = max(1, (1 << 24) // (len(MSE_RATIOS) * rows.shape[1]))
+    for start in range(0, rows.shape[0], chunk):
+        r, c = rows[start : start + chunk], safe[start : start + chunk]
+        q = torch.clamp(torch.round(r[:, None, :] / c[:, :, None]), -qmax, qmax)
+        err = ((q * c[:, :, None] - r[:, None, :]) ** 2).sum(dim=2)
+        best[start : start + chunk] = c.gather(1, err.argmin(1, keepdim=True)).squeeze(1)
+    return torch.where(peak > 0, best, torch.ones_like(best))  # all-zero rows: scale 1
 
 
 def rdo_round(scaled: torch.Tensor, codes: torch.Tensor, qmax: int, lam: float,
@@ -127,11 +124,10 @@ def quantize_symmetric(weight: torch.Tensor, bits: int, per_channel: bool = True
         bits = max(2, min(8, peak_code.bit_length() + 1))
     qmax = (1 << (bits - 1)) - 1
     if step is None and step_rms is None:
-        scales = _scales(rows, qmax, clip)
-    scaled = rows / scales[:, None]
-    codes = torch.clamp(torch.round(scaled), -qmax, qmax).to(torch.int32)
+        scales = max_scales(rows, qmax) if clip == "max" else _mse_scales(rows, qmax)
+    codes = round_to_grid(rows, scales, qmax)
     if rdo > 0:
-        codes = rdo_round(scaled, codes, qmax, rdo)
+        codes = rdo_round(rows / scales[:, None], codes, qmax, rdo)
     axis = 0 if per_channel and weight.dim() > 1 else None
     return UniformTensor(codes.reshape(weight.shape), scales.to(torch.float32), None, bits,
                          axis, weight.dtype)
@@ -139,6 +135,7 @@ def quantize_symmetric(weight: torch.Tensor, bits: int, per_channel: bool = True
 
 class UniformMethod(PerTensorMethod):
     name = "uniform"
+    chain_rank = 2
     summary = "symmetric uniform grid per output channel (or layer), entropy-coded"
     options = {
         "bits": Option(5, "bit width of the grid (2-8)", int, check=_bits_ok),
@@ -242,12 +239,10 @@ class UniformMethod(PerTensorMethod):
             out.update(learned)
         return out
 
-    def extra_report(self, job: CompressJob | None = None) -> dict[str, Any]:
-        return dict(getattr(self, "report", {}))
-
 
 class Int8Method(UniformMethod):
     name = "int8"
+    chain_rank = 3  # after a representation: snaps it to the int8 grid
     summary = "symmetric int8 per output channel, zero point 0 (TensorRT's grid)"
     options = {
         "granularity": UniformMethod.options["granularity"],

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from packer.config import MethodConfig
-from packer.encode import DataSection, Encoder
+from packer.encode import DataSection, EncodedTensor, Encoder
 from packer.methods.base import CompressJob, Method
 from packer.ptq import knapsack
 from packer.ptq.sensitivity import layer_sensitivities
@@ -70,10 +70,16 @@ class Built(Protocol):
     def layer_bytes(self, name: str) -> int: ...
 
 
+def encoded_bytes(encoded: EncodedTensor) -> int:
+    """What an encoded tensor costs in the file: coded streams (with coder tables) and
+    arrays (codebooks, scales)."""
+    return (sum(s.coded_bytes for s in encoded.streams)
+            + sum(a.blob.length for _, a in encoded.record.arrays()))
+
+
 def coded_bytes(name: str, tensor: CompressedTensor, coder: str, alignment: int) -> int:
-    """What the tensor costs in the file: coded streams (with coder tables) and arrays."""
-    encoded = Encoder(DataSection(alignment), coder).tensor(name, tensor)
-    return sum(s.coded_bytes for s in encoded.streams) + encoded.array_bytes
+    """What the tensor costs in the file, encoded alone by the packer's encoder."""
+    return encoded_bytes(Encoder(DataSection(alignment), coder).tensor(name, tensor))
 
 
 def user_setting(config: MethodConfig, settings: tuple[str, ...], name: str) -> str:
@@ -96,11 +102,12 @@ def with_rates(config: MethodConfig, option: str,
     return MethodConfig(config.method, dict(config.options), layers)
 
 
-def check_method(method: type[Method], goal: BudgetGoal) -> str:
+def check_method(method: Method, name: str, asked: str) -> str:
+    """The method's rate knob, or one clear error naming the methods that have one."""
     if method.rate_option is None:
         from packer.methods import METHODS
         knobs = ", ".join(n for n, m in METHODS.items() if m.rate_option)
-        raise ConfigError(f"{goal.asked}: method {method.name} has no per-layer rate knob to "
+        raise ConfigError(f"{asked}: method {name} has no per-layer rate knob to "
                           f"size; methods with one: {knobs}")
     return method.rate_option
 

@@ -9,7 +9,7 @@ never on the test set).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from torch import Tensor
 
 from runtime.data import calibration_dataset, collate_skipping
 from runtime.errors import DataError
+from runtime.format.records import InputSpec
 
 LOAD_BATCH = 256
 
@@ -64,14 +65,13 @@ def _native_size(path: str) -> tuple[int, int] | None:
         return None
 
 
-def _check_input_size(samples: list[tuple[str, int]], spec: Mapping[str, Any],
-                      root: Path) -> None:
+def _check_input_size(samples: list[tuple[str, int]], spec: InputSpec, root: Path) -> None:
     """A model whose input spec neither resizes nor crops takes images of its own size; a
     folder of other-sized images (ImageNet photos for a CIFAR model) would be squashed into
     it silently, and every measurement made on them would be meaningless."""
-    if spec.get("resize") is not None or spec.get("crop") is not None:
+    if spec.resize is not None or spec.crop is not None:
         return
-    want = (int(spec["shape"][1]), int(spec["shape"][2]))
+    want = (int(spec.shape[1]), int(spec.shape[2]))
     step = max(1, len(samples) // 16)
     sizes = [s for s in (_native_size(p) for p, _ in samples[::step][:16]) if s is not None]
     wrong = [s for s in sizes if s != want]
@@ -82,7 +82,7 @@ def _check_input_size(samples: list[tuple[str, int]], spec: Mapping[str, Any],
                         f"images of that size (e.g. the training set) or set --input-size")
 
 
-def load_calibration(root: str | Path, spec: Mapping[str, Any], images: int,
+def load_calibration(root: str | Path, spec: InputSpec, images: int,
                      holdout: int = 0, seed: int = 0) -> CalibrationSet:
     """Decode `images` calibration images (+ `holdout` held-out ones) drawn with `seed` from
     `root` (a CIFAR/ImageNet root, whose train/ split is used, or any <class>/<image> folder).

@@ -23,35 +23,41 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from packer.ptq.graph import NORMS, following_norms
 from packer.ptq.stats import StopForward, hooks
+from packer.training.batchnorm import recalibrate_batchnorm
 from runtime.tensors import CompressedTensor
 
 REPAIRS = ("bn", "bias")
 BN_BATCH = 128
 
 
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, batches: Iterable[Tensor]) -> int:
-    """Reset and re-measure every BatchNorm's running statistics (cumulative average over
-    the batches, everything else in eval mode); returns how many were re-estimated."""
-    norms = [m for m in model.modules() if isinstance(m, NORMS) and m.track_running_stats]
+class _Images(Dataset):
+    """Decoded calibration images as a data set (labels unused)."""
+
+    def __init__(self, images: Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i], 0
+
+
+def reestimate_bn(model: nn.Module, images: Tensor, seed: int = 0) -> int:
+    """Reset and re-measure every BatchNorm's running statistics on `images` with the
+    training package's recalibration (cumulative average over batches of BN_BATCH, all else
+    in eval mode); returns how many BatchNorms there are. The model stays on its device."""
+    norms = sum(isinstance(m, NORMS) and m.track_running_stats for m in model.modules())
     if not norms:
         return 0
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.eval()
-    for m in norms:
-        m.train()
-    for batch in batches:
-        model(batch)
-    model.eval()
-    for m, momentum in zip(norms, saved, strict=True):
-        m.momentum = momentum
-    return len(norms)
+    device = next(model.parameters()).device
+    recalibrate_batchnorm(model, _Images(images), int(images.shape[0]), BN_BATCH, 0, seed)
+    model.to(device).eval()
+    return norms
 
 
 @torch.no_grad()
@@ -126,7 +132,7 @@ def repair(model: nn.Module, reference: nn.Module, state_dict: dict[str, Tensor]
                               "images": int(sum(b.shape[0] for b in batches))}
     bn = 0
     if "bn" in repairs:
-        bn = reestimate_bn(quant, batches)
+        bn = reestimate_bn(quant, torch.cat(batches))
         report["bn_reestimated"] = bn
     if "bias" in repairs:
         layers = [n.rsplit(".", 1)[0] for n in compressed

@@ -10,12 +10,31 @@ from pathlib import Path
 
 import zstandard
 
-from runtime.errors import ChecksumMismatch, FormatError, LimitExceeded, WeightpackError
+from runtime.coders import MAX_ZSTD_EXPANSION
+from runtime.errors import (
+    ChecksumMismatch,
+    FormatError,
+    LayoutError,
+    LimitExceeded,
+    WeightpackError,
+)
+from runtime.format.features import check_features
 from runtime.format.index import parse_index
-from runtime.format.preamble import FLAG_INDEX_ZSTD, PREAMBLE_SIZE, Preamble, parse_preamble
+from runtime.format.preamble import (
+    FLAG_INDEX_ZSTD,
+    MAX_INDEX_BYTES,
+    PREAMBLE_SIZE,
+    Preamble,
+    parse_preamble,
+)
 from runtime.format.records import BlobRef, ModelRecord
 
-MAX_INDEX_BYTES = 256 << 20
+# A file may declare FREE_ELEMENTS decoded elements (any model up to 64 MiB of float32) plus
+# MAX_ELEMENTS_PER_BYTE per byte of file (0.03 bits per element: weights 99.8% pruned and
+# entropy-coded cost more), and never more than MAX_TOTAL_ELEMENTS (64 GiB of float32).
+FREE_ELEMENTS = 1 << 24
+MAX_ELEMENTS_PER_BYTE = 1 << 8
+MAX_TOTAL_ELEMENTS = 1 << 34
 
 
 class PackedFile:
@@ -43,6 +62,7 @@ class PackedFile:
             self.preamble: Preamble = parse_preamble(head, self.size)
             self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
             self.model: ModelRecord = self._read_index()
+            check_declared_size(self.model, self.size)
             self._check_layout()
         except WeightpackError as exc:
             self.close()
@@ -63,11 +83,6 @@ class PackedFile:
             self.blob(ref, what)
         return len(blobs)
 
-    def section_bytes(self) -> dict[str, int]:
-        p = self.preamble
-        return {"preamble": PREAMBLE_SIZE, "index": p.index_size,
-                "index_padding": p.data_offset - p.index_offset - p.index_size}
-
     # -- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
         if self._mm is not None:
@@ -85,64 +100,93 @@ class PackedFile:
 
     # -- validation ---------------------------------------------------------------------
     def _read_index(self) -> ModelRecord:
-        p = self.preamble
-        if p.index_size > MAX_INDEX_BYTES:
-            raise LimitExceeded(f"index is {p.index_size} bytes, over the cap {MAX_INDEX_BYTES}")
+        p = self.preamble  # parse_preamble has capped index_size
         index = self._mm[p.index_offset : p.index_offset + p.index_size]
         if zlib.crc32(index) != p.index_crc32:
             raise ChecksumMismatch("index fails its CRC-32 check (corrupt file)")
         padding = self._mm[p.index_offset + p.index_size : p.data_offset]
         if padding.count(0) != len(padding):
-            raise FormatError("non-zero bytes in the padding after the index")
+            raise LayoutError("non-zero bytes in the padding after the index")
         if p.flags & FLAG_INDEX_ZSTD:
             index = _inflate_index(index)
         self.index_raw_size = len(index)
-        return parse_index(index)
+        model = parse_index(index)
+        check_features(model, p)
+        return model
 
     def _check_layout(self) -> None:
         p = self.preamble
         cursor = 0
-        for what, ref in sorted(self.model.blobs(), key=lambda item: item[1].offset):
+        # (offset, length): a zero-length blob sorts before a blob starting at its offset, so
+        # the outcome never depends on the order of the index (docs/FORMAT.md, "Blobs").
+        for what, ref in sorted(self.model.blobs(),
+                                key=lambda item: (item[1].offset, item[1].length)):
             if ref.offset % p.alignment:
-                raise FormatError(f"{what} is not aligned to {p.alignment} bytes")
+                raise LayoutError(f"{what} is not aligned to {p.alignment} bytes")
             if ref.offset < cursor:
-                raise FormatError(f"{what} overlaps the previous blob or is out of order")
+                raise LayoutError(f"{what} overlaps the previous blob or is out of order")
             if ref.offset - cursor >= p.alignment:
-                raise FormatError(f"unreferenced bytes before {what}")
+                raise LayoutError(f"unreferenced bytes before {what}")
             if ref.offset + ref.length > p.data_size:
-                raise FormatError(f"{what} extends past the end of the data section")
+                raise LayoutError(f"{what} extends past the end of the data section")
             self._check_zero(cursor, ref.offset, what)
             cursor = ref.offset + ref.length
         if p.data_size - cursor >= p.alignment:
-            raise FormatError("unreferenced bytes at the end of the data section")
+            raise LayoutError("unreferenced bytes at the end of the data section")
         self._check_zero(cursor, p.data_size, "the end of the file")
 
     def _check_zero(self, start: int, stop: int, what: str) -> None:
         base = self.preamble.data_offset
         gap = self._mm[base + start : base + stop]
         if gap.count(0) != len(gap):
-            raise FormatError(f"non-zero padding before {what}")
+            raise LayoutError(f"non-zero padding before {what}")
 
     def _data_view(self, ref: BlobRef) -> memoryview:
         if self._mm is None:
             raise WeightpackError(f"{self.path}: file is closed")
         if ref.offset + ref.length > self.preamble.data_size:
-            raise FormatError("blob reference outside the data section")
+            raise LayoutError("blob reference outside the data section")
         start = self.preamble.data_offset + ref.offset
         return memoryview(self._mm)[start : start + ref.length]
 
 
 def _inflate_index(frame: bytes) -> bytes:
+    """One zstd frame, exactly: its declared size is checked before anything is allocated,
+    and bytes after it inside index_size (even zeros) are refused, so the index section can
+    hide nothing the layout rules would otherwise catch."""
     try:
         size = zstandard.frame_content_size(frame)
         if size < 0 or size > MAX_INDEX_BYTES:
             raise LimitExceeded(f"compressed index declares {size} bytes, over the cap")
-        index = zstandard.ZstdDecompressor().decompress(frame, max_output_size=MAX_INDEX_BYTES)
+        if size > MAX_ZSTD_EXPANSION * len(frame):
+            raise FormatError(f"compressed index of {len(frame)} bytes declares {size}, more "
+                              "than a zstd frame can hold")
+        index = zstandard.ZstdDecompressor().decompress(
+            frame, max_output_size=MAX_INDEX_BYTES, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise FormatError(f"compressed index does not decompress ({exc})") from None
+    except MemoryError:
+        raise LimitExceeded(f"not enough memory to inflate a {size}-byte index") from None
     if len(index) != size:
         raise FormatError("compressed index decompresses to the wrong size")
     return index
+
+
+def check_declared_size(model: ModelRecord, file_size: int) -> int:
+    """The decoded elements the file declares, checked against a bound on the whole model.
+
+    Per-tensor caps alone let a 440-byte file declare a model of 2^40 elements (one present
+    symbol codes any count in zero bytes). Beyond FREE_ELEMENTS, a real model costs more than
+    1 / MAX_ELEMENTS_PER_BYTE bytes per element (the best real codings spend 0.1 bits or more
+    per weight), so the memory and time spent decoding stay within a constant times the file
+    size. O(tensors), no pass over data.
+    """
+    total = sum(t.numel for t in model.tensors)
+    allowed = min(MAX_TOTAL_ELEMENTS, FREE_ELEMENTS + MAX_ELEMENTS_PER_BYTE * file_size)
+    if total > allowed:
+        raise LimitExceeded(f"the tensors declare {total:,} elements in total, over the "
+                            f"{allowed:,} a {file_size:,}-byte file may declare")
+    return total
 
 
 def open_packed(path: str | os.PathLike) -> PackedFile:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from runtime.activation_quant import activation_quantized
 from runtime.quant.errors import QuantError
 
 __all__ = ["QUANTIZED_TYPES", "QuantPlan", "build_plan", "insert_after"]
@@ -145,6 +146,14 @@ def _op_name(node: fx.Node) -> str:
 
 def build_plan(module: nn.Module) -> QuantPlan:
     """Trace an eval-mode copy of `module`, fold its BatchNorms and place the quantizers."""
+    stored = activation_quantized(module)
+    if stored:
+        # torch.fx drops forward hooks, and the plan's int8 grid would replace the stored
+        # one anyway: refuse rather than run a model other than the one that was trained.
+        raise QuantError(f"int8 inference (--int8: QDQ graph or fake-quant) cannot apply the "
+                         f"model's own activation quantization (feature 'activation_quant', "
+                         f"on the inputs of {stored[0]} and {len(stored) - 1} more layers); "
+                         f"run it without --int8")
     gm = _trace(copy.deepcopy(module).eval())
     folds = _fold_batchnorms(gm)
     gm.delete_all_unused_submodules()

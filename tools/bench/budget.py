@@ -21,7 +21,9 @@ import packer  # noqa: F401  first: it sets the OpenMP wait policy, read when to
 
 # isort: split
 import argparse
+import fnmatch
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -250,7 +252,7 @@ def validate(args: argparse.Namespace) -> None:
     evalset = holdout_set("resnet20", args.calib_images, args.holdout, args.seed)
     baseline = baseline_of("resnet20", evalset)
     points = [p for p in validation_points(args.ratios)
-              if not args.only or any(s in p.label for s in args.only)]
+              if not args.only or any(fnmatch.fnmatchcase(p.label, s) for s in args.only)]
     cache: dict = {}
     rows = [r for p in points if (r := run_point(p, evalset, args, cache, baseline))]
     sens = sensitivity_check(args) if args.sensitivity_check else None
@@ -343,27 +345,50 @@ def curve(args: argparse.Namespace) -> None:
     kmeans = args.kmeans == "yes" or (args.kmeans == "auto" and kmeans_helps(validation))
     store = json.loads(CURVE_JSON.read_text()) if CURVE_JSON.is_file() else {}
     command = " ".join(["python tools/bench/budget.py", *sys.argv[1:]])
+    commit = git_head()
     for model in args.models:
         test = EvalSet("10,000 test images", load_test_set(f"cifar_{model}"))
         baseline = baseline_of(model, test)
-        rows, skipped = [], []
+        settings = {"baseline": baseline, "calib_images": args.calib_images, "seed": args.seed,
+                    "adaround_iters": iters.get(model),
+                    "chosen": [list(chosen[0]), list(chosen[1]), chosen[2]]}
+        settings = json.loads(json.dumps(settings, default=str))  # as stored
+        old = store.get(model, {})
+        # Rows of other ratios or labels stay when they were measured under the same settings
+        # (a curve is measured a few ratios per locked job); a point measured again replaces
+        # its row.
+        same = {k: old.get(k) for k in settings} == settings
+        rows = [r for r in old.get("rows", []) if same]
+        skipped = [s for s in old.get("skipped", []) if same]
+        commands = [c for c in old.get("commands", []) if same]
         cache: dict = {}
         for p in curve_points([model], args.ratios, kmeans,
                               {k: int(v) for k, v in iters.items()}, chosen):
+            if args.labels and not any(fnmatch.fnmatchcase(p.label, s) for s in args.labels):
+                continue
+            rows = [r for r in rows if (r["label"], r["target_ratio"]) != (p.label, p.ratio)]
             row = run_point(p, test, args, cache, baseline)
             if row is None:
                 skipped.append(f"{model} {p.label} at {p.ratio}x: not packed (the budget is "
                                f"below that method's smallest file)")
             else:
-                rows.append(row)
-        store[model] = {"command": command, "baseline": baseline, "rows": rows,
-                        "skipped": skipped, "calib_images": args.calib_images,
-                        "seed": args.seed, "adaround_iters": iters.get(model),
-                        "chosen": [list(chosen[0]), list(chosen[1]), chosen[2]]}
+                rows.append({**row, "commit": commit})
+        rows.sort(key=lambda r: (r["label"], r["target_ratio"]))
+        store[model] = {**settings, "commands": list(dict.fromkeys([*commands, command])),
+                        "rows": rows, "skipped": list(dict.fromkeys(skipped))}
     if args.no_write:
         return
     CURVE_JSON.write_text(json.dumps(store, indent=1, default=str) + "\n")
     render(store)
+
+
+def git_head() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, timeout=30,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def render(store: dict[str, Any]) -> None:
@@ -404,7 +429,7 @@ def render(store: dict[str, Any]) -> None:
               "reused by its later points (`PackRequest.budget_cache`), so their pack s "
               "excludes it while their calibration seconds include it (what a single run "
               "pays)."]
-    commands = "; ".join(dict.fromkeys(store[m]["command"] for m in models))
+    commands = "; ".join(dict.fromkeys(c for m in models for c in store[m]["commands"]))
     write_results("budget", "Size budgets: top-1 against file bytes", commands,
                   "\n".join(lines))
 
@@ -483,7 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("validate", help="choices on held-out train images")
     v.add_argument("--ratios", type=float, nargs="+", default=[10.9, 15.0])
     v.add_argument("--holdout", type=int, default=5000)
-    v.add_argument("--only", nargs="*", help="run the points whose label has one of these")
+    v.add_argument("--only", nargs="*", metavar="LABEL",
+                   help="run only the points whose label matches one of these (shell "
+                   "wildcards: 'uniform *')")
     v.add_argument("--sensitivity-check", action="store_true",
                    help="also compare the Fisher estimate with the measured KL per layer")
     c = sub.add_parser("curve", help="the reported curve on the test images")
@@ -492,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--kmeans", choices=("auto", "yes", "no"), default="auto",
                    help="kmeans rows too (auto: when kmeans beat uniform nearest rounding "
                    "at some ratio on the validation split)")
+    c.add_argument("--labels", nargs="*", metavar="LABEL",
+                   help="measure only these curve points ('uniform, nearest', 'uniform, "
+                   "adaround', 'kmeans'; shell wildcards); rows measured before stay")
     c.add_argument("--adaround-iters", nargs="*", default=[], metavar="MODEL=N",
                    help="AdaRound steps per layer for a model (default: the option's)")
     for p in (v, c):

@@ -7,7 +7,8 @@ import flatbuffers
 from flatbuffers.compat import import_numpy
 np = import_numpy()
 
-# Per-tensor scale of one activation tensor the 8-bit QDQ graph quantizes.
+# Per-tensor scale of one activation tensor the 8-bit QDQ graph quantizes (docs/FORMAT.md,
+# "Activation scales": which tensors, label grammar).
 class ActivationScale(object):
     __slots__ = ['_tab']
 

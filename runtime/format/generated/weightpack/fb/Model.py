@@ -177,8 +177,53 @@ class Model(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
+    # Model
+    def RequiredFeatures(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(30))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.String(a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 4))
+        return ""
+
+    # Model
+    def RequiredFeaturesLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(30))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Model
+    def RequiredFeaturesIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(30))
+        return o == 0
+
+    # Model
+    def ActivationQuant(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(32))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            from runtime.format.generated.weightpack.fb.ActivationQuant import ActivationQuant
+            obj = ActivationQuant()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # Model
+    def ActivationQuantLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(32))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Model
+    def ActivationQuantIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(32))
+        return o == 0
+
 def ModelStart(builder):
-    builder.StartObject(13)
+    builder.StartObject(15)
 
 def Start(builder):
     ModelStart(builder)
@@ -278,6 +323,30 @@ def ModelAddCalibrationJson(builder, calibrationJson):
 
 def AddCalibrationJson(builder, calibrationJson):
     ModelAddCalibrationJson(builder, calibrationJson)
+
+def ModelAddRequiredFeatures(builder, requiredFeatures):
+    builder.PrependUOffsetTRelativeSlot(13, flatbuffers.number_types.UOffsetTFlags.py_type(requiredFeatures), 0)
+
+def AddRequiredFeatures(builder, requiredFeatures):
+    ModelAddRequiredFeatures(builder, requiredFeatures)
+
+def ModelStartRequiredFeaturesVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartRequiredFeaturesVector(builder, numElems):
+    return ModelStartRequiredFeaturesVector(builder, numElems)
+
+def ModelAddActivationQuant(builder, activationQuant):
+    builder.PrependUOffsetTRelativeSlot(14, flatbuffers.number_types.UOffsetTFlags.py_type(activationQuant), 0)
+
+def AddActivationQuant(builder, activationQuant):
+    ModelAddActivationQuant(builder, activationQuant)
+
+def ModelStartActivationQuantVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartActivationQuantVector(builder, numElems):
+    return ModelStartActivationQuantVector(builder, numElems)
 
 def ModelEnd(builder):
     return builder.EndObject()

@@ -3,7 +3,7 @@
 
 # namespace: fb
 
-# How a tensor is represented (see runtime/tensors.py for the in-memory forms).
+# How a tensor is represented (docs/FORMAT.md, "Tensor": fields read, decoded value).
 class Scheme(object):
     Raw = 0
     Uniform = 1
