@@ -254,10 +254,22 @@ def validate(args: argparse.Namespace) -> None:
     points = [p for p in validation_points(args.ratios)
               if not args.only or any(fnmatch.fnmatchcase(p.label, s) for s in args.only)]
     cache: dict = {}
-    rows = [r for p in points if (r := run_point(p, evalset, args, cache, baseline))]
+    rows = [{**r, "evalset": evalset.name, "commit": git_head()}
+            for p in points if (r := run_point(p, evalset, args, cache, baseline))]
     sens = sensitivity_check(args) if args.sensitivity_check else None
     if args.no_write:
         return
+    # Validation is measured a few labels per locked job: rows of points not run now stay,
+    # when they were measured on the same split.
+    if VALIDATION_JSON.is_file() and args.only:
+        done = {(r["label"], r["target_ratio"]) for r in rows}
+        kept = [r for r in json.loads(VALIDATION_JSON.read_text())
+                if (r["label"], r["target_ratio"]) not in done
+                and r.get("evalset") == evalset.name and r.get("calib_images") in (
+                    args.calib_images, 0)]
+        order = {p.label: i for i, p in enumerate(validation_points(args.ratios))}
+        rows = sorted(kept + rows, key=lambda r: (order.get(r["label"], 1 << 20),
+                                                 r["target_ratio"] or 0))
     body = [f"ResNet-20 (resnet20-cifar10jpg.pth), top-1 on {evalset.name} (seed "
             f"{args.seed}; full precision: {baseline:.2f}), disjoint from the "
             f"{args.calib_images} calibration images. Every row is a real packed file "
