@@ -420,7 +420,8 @@ def render(store: dict[str, Any]) -> None:
                      + (f", AdaRound steps per layer {st['adaround_iters']} (CPU time)"
                         if st["adaround_iters"] else "")
                      + f"; full precision measured here {st['baseline']:.2f}; measured by "
-                     f"`{st['command']}`")
+                     + "; ".join(f"`{c}`" for c in st["commands"])
+                     + " (each row's commit is in budget-curve.json)")
     lines = ["Top-1 on the 10,000 CIFAR-10 test images against true file bytes (bytes on "
              "disk) of `packer compress --method uniform --target-ratio R --calib-data "
              "<cifar10 root> --alignment 8`, settings chosen on a validation split of train/ "
