@@ -4,15 +4,20 @@ images, to stay fast), and the bad-input messages."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
 from packer import cli as packer_cli
 from packer.compress import PackRequest, pack
+from packer.methods.weightfix import WFNMethod
 from runtime.format.reader import open_packed
+from tests.packing import method_job
 
 
 def _pack(r20: Path, out: Path, cifar: Path, method: str = "uniform", sets=(), **kw) -> dict:
@@ -130,3 +135,15 @@ def test_post_training_wfn_re_estimates_bn_with_calibration_data(r20: Path, cifa
     sets = ["fixing_epochs=0", "percentages=[0.5,1.0]"]
     report = _pack(r20, tmp_path / "w.fb", cifar, "wfn", sets)
     assert report["repair"]["bn_reestimated"] == 19
+
+
+def test_post_training_wfn_without_data_says_what_stale_batchnorm_costs(caplog) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Flatten(),
+                          nn.LazyLinear(4))
+    model(torch.zeros(1, 3, 6, 6))
+    method, job = method_job(WFNMethod, model.eval(), "fixing_epochs=0", "first_epoch=0",
+                             "percentages=[1.0]")
+    with caplog.at_level(logging.WARNING, logger="packer.methods.weightfix.wfn"):
+        method.compress(job)
+    assert "cannot re-estimate BatchNorm" in caplog.text and "--calib-data" in caplog.text

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 PERCENTAGES = [0.3, 0.6, 0.8, 0.9, 0.95, 0.975, 0.99, 0.9975, 0.999, 1.0]
 NO_DATA_WARNING = (
     "wfn post-training (fixing_epochs=0) without data cannot re-estimate BatchNorm "
-    "statistics after fixing, and stale statistics cost accuracy: MEASURED; pass "
+    "statistics after fixing, and stale statistics cost accuracy (ResNet-56 on CIFAR-10 at "
+    "distance_allowed=0.02: 30.5% top-1 instead of 89.50%, as measured for issue 13); pass "
     "--calib-data DIR (a few hundred training images) to re-estimate them")
 
 
