@@ -34,16 +34,18 @@ from typing import Any
 
 import torch
 from _common import (
+    BAR_FAILED,
     RESULTS_DIR,
+    Bar,
     checkpoint_path,
     md_table,
     refuse_dirty_tree,
     setup_torch,
     shared_dir,
-    verdict,
     write_results,
 )
-from accuracy import TestSet, load_fp32, load_test_set, quoted_baselines, top1
+from _eval import ImageSet, load_fp32, test_set, top1
+from accuracy import quoted_baselines
 
 import runtime
 from packer.compress import PackRequest, pack
@@ -75,7 +77,7 @@ class EvalSet:
     """Images and labels the packed files are measured on, decoded once."""
 
     name: str
-    data: TestSet
+    data: ImageSet
 
 
 def holdout_set(model: str, calib_images: int, holdout: int, seed: int) -> EvalSet:
@@ -84,8 +86,8 @@ def holdout_set(model: str, calib_images: int, holdout: int, seed: int) -> EvalS
     cal = load_calibration(shared_dir() / "data" / "cifar10", zoo.input_spec(f"cifar_{model}"),
                            calib_images, holdout, seed)
     assert cal.holdout is not None and cal.holdout_labels is not None
-    return EvalSet(f"{cal.holdout.shape[0]} held-out train images",
-                   TestSet(cal.holdout, cal.holdout_labels, cal.seconds))
+    name = f"{cal.holdout.shape[0]} held-out train images"
+    return EvalSet(name, ImageSet(cal.holdout, cal.holdout_labels, cal.seconds, name))
 
 
 def run_point(point: Point, evalset: EvalSet, args: argparse.Namespace, cache: dict,
@@ -346,7 +348,7 @@ def curve_points(models: Sequence[str], ratios: Sequence[float], kmeans: bool,
     return pts
 
 
-def curve(args: argparse.Namespace) -> None:
+def curve(args: argparse.Namespace) -> bool:
     """Measure the points of `args.models` into budget-curve.json (other models' rows stay),
     then render budget.md and budget.png from every model there."""
     iters = dict(i.split("=") for i in args.adaround_iters)
@@ -359,7 +361,7 @@ def curve(args: argparse.Namespace) -> None:
     command = " ".join(["python tools/bench/budget.py", *sys.argv[1:]])
     commit = git_head()
     for model in args.models:
-        test = EvalSet("10,000 test images", load_test_set(f"cifar_{model}"))
+        test = EvalSet("10,000 test images", test_set(f"cifar_{model}"))
         baseline = baseline_of(model, test)
         settings = {"baseline": baseline, "calib_images": args.calib_images, "seed": args.seed,
                     "adaround_iters": iters.get(model),
@@ -389,9 +391,9 @@ def curve(args: argparse.Namespace) -> None:
         store[model] = {**settings, "commands": list(dict.fromkeys([*commands, command])),
                         "rows": rows, "skipped": list(dict.fromkeys(skipped))}
     if args.no_write:
-        return
+        return True
     CURVE_JSON.write_text(json.dumps(store, indent=1, default=str) + "\n")
-    render(store)
+    return render(store)
 
 
 def git_head() -> str:
@@ -403,7 +405,7 @@ def git_head() -> str:
         return "unknown"
 
 
-def render(store: dict[str, Any]) -> None:
+def render(store: dict[str, Any]) -> bool:
     models = [m for m in ("resnet20", "resnet56") if m in store]
     rows = [r for m in models for r in store[m]["rows"]]
     baselines = {m: store[m]["baseline"] for m in models}
@@ -426,9 +428,8 @@ def render(store: dict[str, Any]) -> None:
              "disk) of `packer compress --method uniform --target-ratio R --calib-data "
              "<cifar10 root> --alignment 8`, settings chosen on a validation split of train/ "
              "([budget-validation.md](budget-validation.md)):", "", *setup, "",
-             "![top-1 against file bytes](budget.png)", "", "## Bars (ResNet-20)", ""]
-    lines += [f"- **{verdict(ok)}** {name}: {measured}" for name, measured, ok in bars]
-    lines += ["", "## Points", "", table(rows, validation=False), "",
+             "![top-1 against file bytes](budget.png)", ""]
+    lines += ["## Points", "", table(rows, validation=False), "",
               *[f"- {s}" for m in models for s in store[m]["skipped"]], "",
               "NNCodec rows are quoted from `shared/models/cifar10/BASELINES.md` (NNCodec 2.1.3, "
               "its whole bitstream), not measured here.", "",
@@ -444,21 +445,24 @@ def render(store: dict[str, Any]) -> None:
               "pays)."]
     commands = "; ".join(dict.fromkeys(c for m in models for c in store[m]["commands"]))
     write_results("budget", "Size budgets: top-1 against file bytes", commands,
-                  "\n".join(lines))
+                  "\n".join(lines), bars)
+    return all(b.ok for b in bars)
 
 
-def check_bars(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
+def check_bars(rows: list[dict[str, Any]]) -> list[Bar]:
+    """Issue 13's ResNet-20 bars: the best measured point at or above each ratio."""
     out = []
     r20 = [r for r in rows if r["model"] == "resnet20"]
     for ratio, want in BARS:
         over = [r for r in r20 if r["ratio"] >= ratio]
         best = max(over, key=lambda r: r["top1"], default=None)
-        name = f"at >= {ratio}x top-1 >= {want}"
+        name = f"resnet20 budget at >= {ratio}x: top-1 >= {want} on 10,000 test images"
         if best is None:
-            out.append((name, "no point at that ratio", False))
+            out.append(Bar(name, False, "no point measured at that ratio"))
         else:
-            out.append((name, f"best {best['top1']:.2f} ({best['label']}, "
-                        f"{best['file_bytes']:,} B, {best['ratio']:.2f}x)", best["top1"] >= want))
+            out.append(Bar(name, best["top1"] >= want,
+                           f"best {best['top1']:.2f} ({best['label']}, "
+                           f"{best['file_bytes']:,} B, {best['ratio']:.2f}x)"))
     return out
 
 
@@ -548,8 +552,10 @@ def main(argv: list[str] | None = None) -> int:
         refuse_dirty_tree(args.allow_dirty)
     setup_torch()
     torch.manual_seed(0)
-    (validate if args.command == "validate" else curve)(args)
-    return 0
+    if args.command == "validate":
+        validate(args)
+        return 0
+    return 0 if curve(args) else BAR_FAILED
 
 
 if __name__ == "__main__":

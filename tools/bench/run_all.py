@@ -40,6 +40,8 @@ FULL: dict[str, list[str]] = {
     "lowbit-select": ["lowbit.py", "select", "--lock", ""],
     "lowbit": ["lowbit.py", "table", "--lock", ""],
     "report_time": ["report_time.py"],
+    "budget-validation": ["budget.py", "validate", "--sensitivity-check"],
+    "budget": ["budget.py", "curve"],
 }
 """Every benchmark with the arguments of its committed results file (`bar` reads the recipe
 `select` chose, so it runs after it). `lowbit.py` takes the CPU lock per point unless told
@@ -62,9 +64,12 @@ QUICK: dict[str, list[str]] = {
     "pqf-timing": ["pqf.py", "timing", "--kmeans-iters", "1", "--sls", "10"],
     "pqf-refsize": ["pqf.py", "refsize"],
     "wfn": ["wfn.py", "--only", "wfn d=0.01 post-training", "--limit", "500"],
+    "budget-validation": ["budget.py", "validate", "--only", "nearest", "--ratios", "15",
+                          "--holdout", "200", "--calib-images", "32", "--no-write"],
 }
 """Smoke settings: every code path of every benchmark, in minutes; nothing is written.
-`lowbit.py` and `report_time.py` have no `--no-write`, so the smoke run leaves them out."""
+`lowbit.py` and `report_time.py` have no `--no-write`, so the smoke run leaves them out, and
+`budget.py curve` reads the committed validation rows, so the smoke run checks `validate`."""
 
 
 def command_of(args: Sequence[str]) -> str:
