@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
