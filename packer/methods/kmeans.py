@@ -102,6 +102,8 @@ class KMeansMethod(PerTensorMethod):
         **finetune_options(DEFAULT_EPOCHS_WITH_DATA, lr=1e-4, optimizer="adam",
                            weight_decay=0.0),
     }
+    rate_option = "k"
+    rates = (4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
     def __init__(self) -> None:
         self.report: dict[str, Any] = {}
