@@ -115,6 +115,9 @@ class KMeansMethod(PerTensorMethod):
                         opts: dict[str, Any]) -> ScalarCodebookTensor:
         return kmeans_share(weight, opts["k"], opts["kmeans_iters"])
 
+    def post_training(self, job: CompressJob) -> bool:
+        return finetune_epochs(job, self.name, DEFAULT_EPOCHS_WITH_DATA) == 0
+
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         epochs = finetune_epochs(job, self.name, DEFAULT_EPOCHS_WITH_DATA)
         teacher = teacher_of(job, epochs)
