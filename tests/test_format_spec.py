@@ -144,6 +144,44 @@ def test_index_checks_come_before_layout_checks(tmp_path: Path) -> None:
         open_packed(path)
 
 
+def _layout_outcome(check) -> str:
+    try:
+        check()
+    except LayoutError as exc:
+        return str(exc)
+    return "ok"
+
+
+def test_the_vectorised_blob_walk_matches_the_walk_blob_by_blob(tmp_path: Path) -> None:
+    """reader._check_layout (array operations) reports exactly what the documented walk does,
+    blob by blob (_check_layout_slowly), on many random placements over one data section."""
+    records, data = encode({f"t{i}": RawTensor(torch.randn(40 + 7 * i), torch.float32)
+                            for i in range(6)}, coder="raw")
+    path = write(tmp_path / "m.fb", records, data)
+    blob = bytearray(path.read_bytes())
+    data_offset = struct.unpack_from("<Q", blob, 32)[0]
+    blob[data_offset + 200] = 7  # a non-zero byte for some placements to expose
+    path.write_bytes(bytes(blob))
+    rng = np.random.default_rng(0)
+    outcomes = set()
+    with open_packed(path) as packed:
+        model = packed.model
+        for _ in range(300):
+            tensors = []
+            for t in model.tensors:
+                ref = t.values.blob
+                offset = int(max(0, ref.offset + rng.choice([0, 0, 0, -64, 64, -8, 8, 1])))
+                length = int(max(0, ref.length + rng.choice([0, 0, 0, 64, -20, 300])))
+                tensors.append(replace(t, values=replace(t.values, blob=replace(
+                    ref, offset=offset, length=length))))
+            packed.model = replace(model, tensors=tuple(tensors))
+            fast, slow = _layout_outcome(packed._check_layout), _layout_outcome(
+                packed._check_layout_slowly)
+            assert fast == slow
+            outcomes.add(fast.split(" ")[0])
+    assert len(outcomes) >= 4  # the placements reach several different checks
+
+
 # --- zero-length and shared blobs -------------------------------------------------------------
 
 
@@ -349,6 +387,23 @@ def test_input_spec_over_64_channels_is_a_limit(tmp_path: Path) -> None:
     with pytest.raises(LimitExceeded, match="mean/std"):
         open_packed(path)
 
+
+
+@pytest.mark.parametrize("shape,resize,crop", [
+    ((3, 33554432, 32), 0, 0),  # fuzz campaign 10, case 85804: a 12.9 GB input
+    ((3, 32, 32), 1 << 14, 0),
+    ((3, 32, 32), 0, 1 << 14),
+])
+def test_input_spec_over_2_26_elements_is_a_limit(tmp_path: Path, shape, resize, crop) -> None:
+    records, data = encode({"x": RawTensor(torch.zeros(1), torch.float32)})
+    spec = replace(CIFAR_SPEC, shape=shape, resize=resize or None, crop=crop or None)
+    path = tmp_path / "m.fb"
+    record = ModelRecord(producer="t", method="t", method_config_json="{}", source_sha256="",
+                         architecture=builder_arch(), input=spec, num_classes=1,
+                         tensors=tuple(records), fp32_bytes=4)
+    write_packed(path, record, data)
+    with pytest.raises(LimitExceeded, match="input spec declares an image over 67,108,864"):
+        open_packed(path)
 
 # --- bytes and arithmetic ---------------------------------------------------------------------
 
