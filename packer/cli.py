@@ -12,6 +12,7 @@ from pathlib import Path
 
 from packer import __version__
 from packer.methods import METHODS
+from packer.ptq import flags as ptq_flags
 from packer.report.cli import add_parser as add_report_parser
 from runtime.cli_common import (
     Parser,
@@ -31,6 +32,7 @@ EPILOG = """examples:
   packer compress --method kmeans resnet20.pth -o r20.fb
   packer compress --method uniform --set bits=4 --set conv1.method=none model.pth -o m.fb
   packer compress --method pqf model.pth --cifar10 ../shared/data/cifar10 -o m.fb
+  packer compress --method uniform --target-ratio 10.9 --calib-data DATA model.pth -o m.fb
   packer inspect r20.fb --json
   packer methods            (every method and its options)
   packer archs              (every architecture, with its short name)
@@ -123,11 +125,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="allow unpickling a whole pickled model (runs code from the file: "
                    "only for files you trust)")
     c.add_argument("--calib-data", type=Path, metavar="DIR",
-                   help="calibrate 8-bit activation scales on these images (a CIFAR/ImageNet "
-                   "root, whose train/ split is used, or any <class>/<image> folder) and store "
-                   "them in the file for `runtime eval --int8`")
-    c.add_argument("--calib-images", type=int, default=512, help="images to calibrate on "
-                   "(default 512)")
+                   help="calibration images (a CIFAR/ImageNet root, whose train/ split is "
+                   "used, or any <class>/<image> folder): 8-bit activation scales stored for "
+                   "`runtime eval --int8`, BatchNorm re-estimation and bias correction after "
+                   "post-training methods, sensitivity for size budgets, AdaRound")
+    c.add_argument("--calib-images", type=int, default=512, help="images to calibrate on, "
+                   "drawn with --seed (default 512)")
     c.add_argument("--calib-method", default="percentile", choices=["minmax", "percentile", "mse"],
                    help="activation range rule (default percentile 99.99)")
     c.add_argument("--class-names", type=Path, metavar="FILE",
@@ -146,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--quiet", action="store_true", help="print totals only, no tensor table")
+    ptq_flags.add_flags(c)
     add_common_flags(c)
     c.set_defaults(func=_compress)
 
@@ -210,13 +214,22 @@ def _compress(args: argparse.Namespace) -> int:
         input_size=args.input_size, trust_pickle=args.trust_pickle, seed=args.seed,
         progress=progress_enabled(args), calib_data=args.calib_data,
         calib_images=args.calib_images, calib_method=args.calib_method, workers=args.workers,
-        data=data, alignment=args.alignment, class_names_file=args.class_names))
+        data=data, alignment=args.alignment, class_names_file=args.class_names,
+        **ptq_flags.request_fields(args)))
     if launch_rank() != 0:
         return 0  # under torchrun rank 0 reports; the file is its alone
     if args.json:
         print_json(report)
     else:
         print(format_report(report, tensors=not args.quiet))
+        if "budget" in report:
+            from packer.ptq.budget import format_budget
+
+            print(format_budget(report["budget"], report["budget"]["option"]))
+        if "calibration" in report:
+            from packer.ptq.calib import format_cost
+
+            print(format_cost(report["calibration"]))
         if "reference_bits" in report:
             print(f"reference   {report['reference_bits']:,} bits = "
                   f"{report['reference_mib']:.3f} MiB by the PQF paper's size rule")

@@ -72,6 +72,9 @@ class Encoder:
         symbols = np.ascontiguousarray(symbols.reshape(-1))
         if coder == "auto":
             coded, tried = coders.encode_best(symbols, alphabet)
+        elif not coders.applies(coder, symbols.size, alphabet):
+            raise ConfigError(f"{role}: coder {coder} cannot code {symbols.size} symbols over "
+                              f"{alphabet} letters (docs/CODERS.md); use auto or another")
         else:
             coded, tried = coders.encode(symbols, alphabet, coder), {}
         entropy = coders.entropy_bits(symbols, alphabet)

@@ -106,6 +106,7 @@ _CODER_FIELDS: dict[str, frozenset[str]] = {
     "zstd": frozenset({"bits"}),
     "huffman": frozenset({"code_lengths", "chunk_offsets", "chunk_size"}),
     "ans": frozenset({"frequencies", "precision"}),
+    "runs": frozenset(),  # everything is in the payload (docs/CODERS.md)
 }
 _STREAM_DEFAULTS = {"bits": 0, "code_lengths": None, "frequencies": None, "precision": 0,
                     "chunk_offsets": None, "chunk_size": 0}

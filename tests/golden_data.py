@@ -45,6 +45,29 @@ def golden_tensors() -> dict[str, CompressedTensor]:
     }
 
 
+# The second golden file, sparse-v1.fb: pruned tensors whose streams use the `runs` coder (added
+# after tiny-v1.fb, which must stay byte for byte as it was).
+SPARSE_CODERS = {"pruned_kmeans": "runs", "pruned_uniform": "runs", "pruned_raw": "runs",
+                 "dense_kmeans": "ans"}
+
+
+def sparse_tensors() -> dict[str, CompressedTensor]:
+    g = torch.Generator().manual_seed(4321)
+    keep = torch.rand(16, 8, 3, 3, generator=g) < 0.15
+    keep[3] = False  # a pruned filter: one long run
+    indices = torch.where(keep, torch.randint(1, 16, (16, 8, 3, 3), generator=g), 0)
+    codes = torch.where(keep, torch.randint(-7, 8, (16, 8, 3, 3), generator=g), 0)
+    values = torch.where(keep, torch.randn(16, 8, 3, 3, generator=g), 0.0)
+    book = torch.cat([torch.zeros(1), torch.linspace(-0.3, 0.3, 15)])
+    return {
+        "pruned_kmeans": ScalarCodebookTensor(book, indices),
+        "pruned_uniform": UniformTensor(codes.to(torch.int32), torch.linspace(0.01, 0.04, 16),
+                                        None, 4, 0),
+        "pruned_raw": RawTensor(values.half(), torch.float32),
+        "dense_kmeans": ScalarCodebookTensor(book, indices.flip(1)),
+    }
+
+
 def digest(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes: what the golden file must decode to."""
     raw = tensor.contiguous()

@@ -53,13 +53,15 @@ def coding_model(freq: np.ndarray, precision: int) -> tuple[np.ndarray, list[int
     return present, cdf, prob
 
 
-def encode(symbols: np.ndarray, alphabet_size: int) -> tuple[np.ndarray | None, bytes]:
-    """(stored frequencies, payload) exactly as the writer produces them."""
+def encode(symbols: np.ndarray, alphabet_size: int,
+           precision: int = 24) -> tuple[np.ndarray | None, bytes]:
+    """(stored frequencies, payload) exactly as the writer produces them (the `ans` writer
+    stores its table at precision 24; the `runs` coder's sub-streams at 15)."""
     symbols = np.asarray(symbols).reshape(-1)
     if symbols.size == 0:
         return None, b""
-    freq = quantize(np.bincount(symbols, minlength=alphabet_size), 24)
-    present, cdf, prob = coding_model(freq, 24)
+    freq = quantize(np.bincount(symbols, minlength=alphabet_size), precision)
+    present, cdf, prob = coding_model(freq, precision)
     if present.size == 1:
         return freq, b""
     sub = (np.cumsum(freq > 0) - 1)[symbols].tolist()

@@ -15,7 +15,7 @@ from packer.methods.chain import ChainMethod
 from runtime import load
 from runtime.errors import ConfigError
 from runtime.format.reader import open_packed
-from runtime.tensors import ScalarCodebookTensor, UniformTensor
+from runtime.tensors import ScalarCodebookTensor
 from runtime.zoo.cifar_resnet import cifar_resnet20
 
 
@@ -72,14 +72,18 @@ def test_each_stage_starts_from_the_model_the_previous_one_left() -> None:
     out = chain.compress(job)
     assert job.config is cfg  # restored after the stages ran
     for name in job.targets:
-        assert isinstance(out[name], UniformTensor) and out[name].bits == 8
-        values = out[name].dequantize()
-        # int8 snapped the 4-entry k-means weights: still at most 4 values per channel
-        per_channel = [torch.unique(c).numel() for c in values.reshape(values.shape[0], -1)]
-        assert max(per_channel) <= 4
         # the int8 stage saw the k-means result, both in `previous` and in the weights
-        assert isinstance(job.previous[name], ScalarCodebookTensor)
-        assert torch.equal(job.state_dict[name], job.previous[name].dequantize())
+        kmeans = job.previous[name]
+        assert isinstance(kmeans, ScalarCodebookTensor)
+        assert torch.equal(job.state_dict[name], kmeans.dequantize())
+        # and snapped its codebook to one int8 grid: same indices (up to merged entries),
+        # each entry q * s with |q| <= 127, within half a step of the k-means centroid
+        snapped = out[name]
+        assert isinstance(snapped, ScalarCodebookTensor) and snapped.codebook.numel() <= 4
+        step = float(kmeans.codebook.abs().max()) / 127
+        q = snapped.codebook / step
+        assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= 127.001
+        assert (snapped.dequantize() - kmeans.dequantize()).abs().max() <= step / 2 + 1e-7
 
 
 def test_a_chain_packs_end_to_end(tmp_path: Path, shared_dir: Path) -> None:
@@ -92,3 +96,38 @@ def test_a_chain_packs_end_to_end(tmp_path: Path, shared_dir: Path) -> None:
     model = load(out)
     weight = model.state_dict()["layer2.0.conv1.weight"]
     assert max(torch.unique(c).numel() for c in weight.reshape(weight.shape[0], -1)) <= 16
+
+
+@pytest.mark.parametrize(("chain", "sets"), [("prune+uniform", ["bits=4"]),
+                                             ("prune+kmeans", ["k=8"]), ("prune+int8", [])])
+def test_later_stages_keep_the_pruned_zeros(chain: str, sets: list[str]) -> None:
+    model = cifar_resnet20()
+    method = resolve_method(chain)
+    cfg = method.build_config(collect_settings({}, ["density=0.3", *sets]))
+    job = CompressJob(model, model.state_dict(), compressible_weights(model), cfg,
+                      progress=False)
+    out = method.compress(job)
+    pruned = job.previous
+    for name in job.targets:
+        zeros = pruned[name].dequantize() == 0
+        assert torch.equal(out[name].dequantize() == 0, zeros) or (
+            # a grid may round a few small kept weights to 0 as well, never the reverse
+            bool((out[name].dequantize()[zeros] == 0).all()))
+    kept = sum(int((pruned[n].dequantize() != 0).sum()) for n in job.targets)
+    assert kept == round(0.3 * sum(pruned[n].dequantize().numel() for n in job.targets))
+
+
+def test_int8_snaps_vector_codebooks_too() -> None:
+    from packer.methods.uniform import snap_codebook
+    from runtime.quant.weights import int8_weight
+    from runtime.tensors import VectorCodebookTensor
+
+    g = torch.Generator().manual_seed(0)
+    pq = VectorCodebookTensor(torch.randn(16, 9, generator=g) * 0.1,
+                              torch.randint(0, 16, (64,), generator=g), (8, 8, 3, 3))
+    snapped = snap_codebook(pq)
+    assert isinstance(snapped, VectorCodebookTensor) and snapped.codebook.shape == (16, 9)
+    weight = int8_weight(snapped.dequantize(), snapped)
+    assert weight.exact and len(set(weight.scales.tolist())) == 1
+    step = float(pq.codebook.abs().max()) / 127
+    assert (snapped.dequantize() - pq.dequantize()).abs().max() <= step / 2 + 1e-7

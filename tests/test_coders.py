@@ -18,6 +18,7 @@ from runtime.coders import (
     FAST_CODERS,
     SLOW_MARGIN_PERCENT,
     CodedStream,
+    _runs,
     decode,
     encode,
     encode_best,
@@ -86,7 +87,11 @@ def _stored_copy(stream: CodedStream) -> CodedStream:
     )
 
 
-def _roundtrip(symbols: np.ndarray, k: int, coder: str) -> CodedStream:
+def _roundtrip(symbols: np.ndarray, k: int, coder: str) -> CodedStream | None:
+    if not coders.applies(coder, np.asarray(symbols).size, k):
+        with pytest.raises(ValueError, match="at most 32768"):
+            encode(symbols, k, coder)
+        return None
     stream = encode(symbols, k, coder)
     assert stream.coder == coder and stream.version == 1
     out = decode(_stored_copy(stream), symbols.size, k)
@@ -107,6 +112,7 @@ def test_public_names() -> None:
             "FAST_CODERS",
             "FORMAT_VERSION",
             "CodedStream",
+            "applies",
             "CoderParams",
             "MAX_ZSTD_EXPANSION",
             "SLOW_MARGIN_PERCENT",
@@ -118,7 +124,7 @@ def test_public_names() -> None:
             "symbol_dtype",
         ]
     )
-    assert CODERS == ("raw", "zstd", "huffman", "ans")
+    assert CODERS == ("raw", "zstd", "huffman", "ans", "runs")
 
 
 @pytest.mark.parametrize(
@@ -255,10 +261,12 @@ def test_encode_best_rule_and_determinism(data: tuple[np.ndarray, int]) -> None:
     than SLOW_MARGIN_PERCENT smaller; never more than that margin over the smallest."""
     symbols, k = data
     best, sizes = encode_best(symbols, k)
+    usable = [c for c in CODERS if coders.applies(c, symbols.size, k)]
+    assert (k > 32768) == ("runs" not in usable)
     byte_wide = 1 <= min_bits(k) < 8
-    assert set(sizes) == set(CODERS) | ({BYTE_WIDE} if byte_wide else set())
-    singles = {c: encode(symbols, k, c) for c in CODERS}
-    assert {c: sizes[c] for c in CODERS} == {c: s.nbytes for c, s in singles.items()}
+    assert set(sizes) == set(usable) | ({BYTE_WIDE} if byte_wide else set())
+    singles = {c: encode(symbols, k, c) for c in usable}
+    assert {c: sizes[c] for c in usable} == {c: s.nbytes for c, s in singles.items()}
     smallest = min(sizes.values())
     fast = min(v for c, v in sizes.items() if c == BYTE_WIDE or c in FAST_CODERS)
     assert best.nbytes * 100 <= smallest * (100 + SLOW_MARGIN_PERCENT)
@@ -297,7 +305,8 @@ def test_encode_deterministic() -> None:
     for case in ("k16_70pct_zero", "skewed_pruned", "k65536_sparse"):
         symbols, k = CASES[case]
         for coder in CODERS:
-            assert encode(symbols, k, coder) == encode(symbols.copy(), k, coder)
+            if coders.applies(coder, symbols.size, k):
+                assert encode(symbols, k, coder) == encode(symbols.copy(), k, coder)
 
 
 ANS_BOUND_CASES = [
@@ -444,6 +453,11 @@ GOLDEN = {  # coder: (payload hex, digest of every stored field)
     ),
     "huffman": ("00000ab99b57336ae66d5ccdff4eee", "66f20e6975cd21c169eb907be3f912b2"),
     "ans": ("6f5378691ffc9ac147f53418856f505604050000", "6b21ecfe4d1db581535ae6c6333b012c"),
+    "runs": (
+        "0000020001250000001a00000002000000030000000ff159770398220000b113b1139e18b113b1130000"
+        "c50e0000d9092b71ce3bf42c210094cb4805eb5b053724fa2b15",
+        "fdac471c608d3d35a05ad5d69642eb66",
+    ),
 }
 
 
@@ -540,6 +554,8 @@ def _tampered(stream: CodedStream) -> list[CodedStream]:
     ]
     if stream.coder in ("raw", "zstd"):
         return out
+    if stream.coder == "runs":
+        return out + [r(stream, payload=p) for p in _runs_tampered(stream.payload)]
     if stream.coder == "huffman":
         lengths = stream.code_lengths
         offsets = stream.chunk_offsets
@@ -592,11 +608,43 @@ def _tampered(stream: CodedStream) -> list[CodedStream]:
     ]
 
 
+def _runs_tampered(payload: bytes) -> list[bytes]:
+    """Header and table damage the runs decoder must detect (docs/CODERS.md, `runs`)."""
+    fields = dict(zip(("z", "d", "j", "tokens", "m", "w_runs", "w_values", "p"),
+                      _runs.HEADER.unpack_from(payload), strict=True))
+    rest = payload[_runs.HEADER.size:]
+
+    def header(**change: int) -> bytes:
+        return _runs.HEADER.pack(*{**fields, **change}.values()) + rest
+
+    run_table = _runs.HEADER.size
+    value_table = run_table + 2 * (fields["d"] + fields["j"])
+    z_in_values = bytearray(payload)  # give the run symbol a value frequency, same sum
+    lowered = int.from_bytes(payload[value_table + 2:value_table + 4], "little")
+    assert lowered > 0 and fields["z"] == 0
+    z_in_values[value_table:value_table + 2] = (1).to_bytes(2, "little")
+    z_in_values[value_table + 2:value_table + 4] = (lowered - 1).to_bytes(2, "little")
+    bad_sum = bytearray(payload)
+    bad_sum[run_table] ^= 1
+    tokens, m = fields["tokens"], fields["m"]
+    return [
+        payload[: _runs.HEADER.size - 1],
+        header(z=CORRUPTION_K), header(d=0), header(p=0), header(p=16),
+        header(d=65535, j=2), header(d=1 << 14, j=20), header(j=fields["j"] + 1),
+        header(tokens=CORRUPTION_INPUT.size + 2), header(tokens=m), header(tokens=tokens + 1),
+        header(tokens=tokens - 1), header(m=CORRUPTION_INPUT.size), header(m=m - 1),
+        header(m=m + 1), header(w_runs=fields["w_runs"] + 1),
+        header(w_values=fields["w_values"] - 1),
+        header(w_runs=fields["w_runs"] + 1, w_values=fields["w_values"] - 1), header(m=0),
+        bytes(bad_sum), bytes(z_in_values),
+    ]
+
+
 @pytest.mark.parametrize("coder", CODERS)
 def test_tampered_params_raise(coder: str) -> None:
     stream = encode(CORRUPTION_INPUT, CORRUPTION_K, coder)
     for i, bad in enumerate(_tampered(stream)):
-        if coder in ("huffman", "ans") and bad.bits != stream.bits:
+        if coder in ("huffman", "ans", "runs") and bad.bits != stream.bits:
             continue  # bits is unused by these coders
         with pytest.raises(FILE_ERRORS):
             decode(bad, CORRUPTION_INPUT.size, CORRUPTION_K)
@@ -669,3 +717,75 @@ def test_huffman_small_stream_fast_path_equals_lockstep_loop(count: int, monkeyp
     monkeypatch.setattr(_huffman, "SMALL_STREAM_BITS", -1)
     slow = decode(stream, count, 41)
     assert np.array_equal(fast, symbols) and np.array_equal(slow, symbols)
+
+
+# --------------------------------------------------------------------------- runs (sparse)
+
+
+def _pruned_stream(seed: int, density: float, dead_rows: float, rows: int = 256,
+                   cols: int = 576) -> np.ndarray:
+    """A pruned conv's indices (ResNet-20's layer3 shape), zero = index 0, some rows (filters)
+    wholly pruned."""
+    rng = _rng(seed)
+    keep = rng.random((rows, cols)) < density
+    keep[rng.random(rows) < dead_rows] = False
+    return np.where(keep, rng.integers(1, 16, (rows, cols)), 0).reshape(-1)
+
+
+def test_runs_beats_order0_entropy_when_zeros_cluster() -> None:
+    symbols = _pruned_stream(0, 0.15, 0.1)
+    runs, ans = encode(symbols, 16, "runs"), encode(symbols, 16, "ans")
+    bound = entropy_bits(symbols, 16) * symbols.size / 8
+    assert runs.nbytes < 0.99 * bound  # header and tables included
+    assert runs.nbytes < 0.985 * ans.nbytes
+    best, sizes = encode_best(symbols, 16)
+    assert best.coder == "runs" and sizes["runs"] == min(sizes.values())
+
+
+def test_runs_costs_what_order0_costs_on_independent_zeros() -> None:
+    """A geometric run law is an i.i.d. mask: no gain, and no loss beyond a few bytes."""
+    symbols = _pruned_stream(1, 0.1, 0.0)
+    runs, ans = encode(symbols, 16, "runs"), encode(symbols, 16, "ans")
+    assert abs(runs.nbytes - ans.nbytes) <= 0.01 * ans.nbytes
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_auto_picks_runs_only_when_strictly_smaller(seed: int) -> None:
+    rng = _rng(seed)
+    density = float(rng.choice([0.02, 0.1, 0.3, 0.7, 1.0]))
+    symbols = _pruned_stream(seed, density, float(rng.choice([0.0, 0.3])))
+    best, sizes = encode_best(symbols, 16)
+    fast = min(v for c, v in sizes.items() if c == BYTE_WIDE or c in FAST_CODERS)
+    if best.coder == "runs":  # smaller than every other, and over 1% below raw/zstd
+        assert all(sizes["runs"] < v for c, v in sizes.items() if c != "runs")
+        assert fast * 100 > sizes["runs"] * (100 + SLOW_MARGIN_PERCENT)
+    else:  # not smaller, or a fast coder within the margin kept instead
+        assert best.nbytes <= sizes["runs"] or (
+            best.coder in FAST_CODERS
+            and best.nbytes * 100 <= sizes["runs"] * (100 + SLOW_MARGIN_PERCENT))
+    dense = _rng(seed).integers(0, 16, 20000)
+    assert encode_best(dense, 16)[0].coder != "runs"
+
+
+def test_runs_writer_rules() -> None:
+    """z is the most frequent symbol (ties: lowest), tokens and counts as the header says."""
+    symbols = np.array([5, 5, 2, 2, 7, 5, 2, 5, 2, 9], dtype=np.int64)  # 5 and 2 tie at 4
+    stream = encode(symbols, 10, "runs")
+    z, d, j, tokens, m, _, _, p = _runs.HEADER.unpack_from(stream.payload)
+    assert (z, m, p) == (2, 6, 15)
+    runs = _runs.run_lengths(symbols, 2)
+    assert runs.tolist() == [0, 0, 2, 0, 1, 1, 0]
+    assert tokens == _runs.run_tokens(runs, d, j).size
+    # D=4, J=3: steps 4, 8, 16 are tokens 4, 5, 6; 9 = 8 + 1, 40 = 16 + 16 + 8 + 0
+    assert _runs.run_tokens(np.array([0, 9, 3, 40, 1]), 4, 3).tolist() == [0, 5, 1, 3, 6, 6,
+                                                                            5, 0, 1]
+    assert _runs.token_steps(4, 3).tolist() == [1, 2, 3, 4, 4, 8, 16]
+
+
+def test_runs_gains_from_pruned_filters() -> None:
+    """Dead rows are a few tokens each: the gain over order-0 grows with them."""
+    def gain(dead: float) -> float:
+        symbols = _pruned_stream(3, 0.2, dead)
+        return 1 - encode(symbols, 16, "runs").nbytes / encode(symbols, 16, "ans").nbytes
+
+    assert gain(0.0) < 0.005 < 0.01 < gain(0.1) < gain(0.3)

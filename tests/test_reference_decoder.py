@@ -1,6 +1,6 @@
 """The coder spec is complete: implementations written from docs/CODERS.md alone
-(tests/reference_ans.py, tests/reference_huffman.py; no constriction, no runtime coder code)
-decode real streams and reproduce the writer's bytes."""
+(tests/reference_ans.py, tests/reference_huffman.py, tests/reference_runs.py; no constriction,
+no runtime coder code) decode real streams and reproduce the writer's bytes."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from runtime.coders._huffman import choose_chunk_size, code_lengths_for
 from runtime.decode import read_stream
 from runtime.errors import CorruptBlob
 from runtime.format.reader import PackedFile, open_packed
-from tests import reference_ans, reference_huffman
+from tests import reference_ans, reference_huffman, reference_runs
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny-v1.fb"
+SPARSE_GOLDEN = Path(__file__).parent / "golden" / "sparse-v1.fb"
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +182,54 @@ def test_chunk_size_table_matches_the_writer() -> None:
               *rng.integers(0, 1 << 26, 200).tolist()]
     for n in counts:
         assert reference_huffman.chunk_size(int(n)) == choose_chunk_size(int(n)), n
+
+
+def check_runs_file(path: Path) -> int:
+    """Reference-decode and reference-encode every runs stream; returns the streams checked."""
+    checked = 0
+    with open_packed(path) as packed:
+        for what, stream, payload, symbols in streams(packed):
+            if stream.coder != "runs":
+                continue
+            got = reference_runs.decode(payload, stream.count, stream.alphabet_size)
+            assert np.array_equal(got, symbols), what
+            assert reference_runs.encode(symbols, stream.alphabet_size) == payload, what
+            checked += 1
+    return checked
+
+
+def test_reference_runs_reproduces_the_sparse_golden_streams() -> None:
+    assert check_runs_file(SPARSE_GOLDEN) == 3
+
+
+def test_reference_and_runtime_agree_on_tampered_runs_streams() -> None:
+    rng = np.random.default_rng(3)
+    symbols = np.where(rng.random(6000) < 0.2, rng.integers(1, 16, 6000), 0)
+    symbols[1000:1600] = 0
+    payload = reference_runs.encode(symbols, 16)
+    words = len(payload) - 21
+    cases = [payload[:-4], payload + bytes(4), payload[:-1] + bytes([payload[-1] ^ 1]),
+             payload[:30] + bytes([payload[30] ^ 4]) + payload[31:],
+             payload[:21 + words // 2] + bytes(4) + payload[21 + words // 2 + 4:]]
+    for i, data in enumerate(cases):
+        try:
+            reference = reference_runs.decode(data, symbols.size, 16)
+        except reference_runs.RunsStreamError:
+            reference = None
+        try:
+            runtime = decode(CodedStream("runs", 1, payload=data), symbols.size, 16)
+        except CorruptBlob:
+            runtime = None
+        assert (reference is None) == (runtime is None), i
+        if reference is not None:
+            assert np.array_equal(reference, runtime), i
+
+
+def test_reference_runs_decodes_and_rewrites_a_pruned_resnet20(shared_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """Every weight stream of a pruned, k-means-shared ResNet-20, all coded with `runs`."""
+    source = shared_dir / "models" / "cifar10" / "resnet20-cifar10jpg.pth"
+    path = tmp_path / "pruned.fb"
+    pack(PackRequest(source, path, "prune+kmeans", coder="runs", progress=False,
+                     overrides=["density=0.1", "k=8"]))
+    assert check_runs_file(path) > 60  # 21 weights plus every raw tensor's bytes

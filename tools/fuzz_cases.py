@@ -118,6 +118,21 @@ def _scheme_tensors(scheme: str, g: torch.Generator) -> dict[str, CompressedTens
                 torch.randint(0, 256, (2304,), generator=g), large)}
 
 
+def _sparse_tensors(g: torch.Generator) -> dict[str, CompressedTensor]:
+    """Pruned tensors as `prune+kmeans` and `prune+uniform` leave them: ~90% one symbol, with
+    whole zero kernels and channels, so `runs` writes short and long-step run tokens."""
+    shape = (64, 16, 3, 3)
+    keep = torch.rand(shape, generator=g) < 0.1
+    keep[:, 8:] = False  # whole kernels of zeros: runs longer than any direct token
+    keep[40:] = False  # whole output channels
+    indices = torch.where(keep, torch.randint(1, 16, shape, generator=g), 0)
+    codes = torch.where(keep, torch.randint(-15, 16, shape, generator=g, dtype=torch.int32), 0)
+    return {"conv1.weight": ScalarCodebookTensor(
+                torch.cat([torch.zeros(1), torch.linspace(-1, 1, 15)]), indices),
+            "layer1.0.conv1.weight": UniformTensor(codes, torch.rand(64, generator=g) + 0.01,
+                                                   None, 5, 0)}
+
+
 def _write(tensors: dict[str, CompressedTensor], coder: str,
            architecture: ArchitectureRecord, spec: InputSpec, data: DataSection | None = None,
            num_classes: int = 10) -> bytes:
@@ -155,9 +170,10 @@ class _TinyNet(nn.Module):
 
 
 def build_seeds() -> dict[str, bytes]:
-    """Every scheme x coder (4 x 4 small onnx_graph files whose graph adds up each tensor, so
-    a file that decodes also loads and runs), a whole cifar_resnet20 builder file, and an
-    onnx_graph file exported from a small conv net. All load unmutated; deterministic."""
+    """Every scheme x coder (small onnx_graph files whose graph adds up each tensor, so a file
+    that decodes also loads and runs), pruned tensors coded with `runs`, a whole cifar_resnet20
+    builder file, and an onnx_graph file exported from a small conv net. All load unmutated;
+    deterministic."""
     seeds: dict[str, bytes] = {}
     for scheme in SCHEMES:
         for coder in CODERS:
@@ -168,6 +184,11 @@ def build_seeds() -> dict[str, bytes]:
             seeds[f"{scheme}-{coder}"] = _write(tensors, coder,
                                                 ArchitectureRecord("onnx_graph", graph=ref),
                                                 SUM_SPEC, data, num_classes=1)
+    sparse = _sparse_tensors(torch.Generator().manual_seed(len(seeds)))
+    data = DataSection(64)
+    ref = data.add(_sum_graph(sparse).SerializeToString())
+    seeds["sparse-runs"] = _write(sparse, "runs", ArchitectureRecord("onnx_graph", graph=ref),
+                                  SUM_SPEC, data, num_classes=1)
     torch.manual_seed(0)
     state = zoo.build("cifar_resnet20").state_dict()
     tensors = {n: _kmeans(v) if v.dim() > 1 else RawTensor(v, v.dtype) for n, v in state.items()}

@@ -25,6 +25,7 @@ from packer import index_builder  # noqa: E402
 from packer.encode import DataSection  # noqa: E402
 from packer.writer import layout  # noqa: E402
 from runtime.coders import CODERS  # noqa: E402
+from runtime.coders._runs import HEADER as RUNS_HEADER  # noqa: E402
 from runtime.format.index import parse_index  # noqa: E402
 from runtime.format.preamble import FLAG_INDEX_ZSTD, INDEX_IDENTIFIER, PREAMBLE_SIZE  # noqa: E402
 from runtime.format.records import (  # noqa: E402
@@ -39,6 +40,7 @@ from runtime.format.records import (  # noqa: E402
 )
 
 GOLDEN = ROOT / "tests" / "golden" / "tiny-v1.fb"
+SPARSE_GOLDEN = ROOT / "tests" / "golden" / "sparse-v1.fb"
 CORPUS = ROOT / "tests" / "corpus"
 _PRE = struct.Struct("<8sHHIQQQQQII")
 
@@ -111,10 +113,12 @@ def cases(golden: bytes) -> dict[str, tuple[bytes, str, str]]:
     bomb = zstandard.ZstdCompressor(level=3).compress(bytes(300 << 20))
     put("index_bomb", assemble_stored(fields, bomb, data), "LimitExceeded", "over the cap")
 
-    index_builder.CODERS = (*CODERS, "future1", "future2", "future3", "future4")
+    # Coder code 7, whichever coders exist below it (appending a coder keeps this file).
+    index_builder.CODERS = (*CODERS, *(f"future{i}" for i in range(8 - len(CODERS))))
     try:
         put("unknown_coder", with_model(golden, lambda m: swap_tensor(
-            m, "kmeans", indices=replace(first_tensor(m, "kmeans").indices, coder="future4"))),
+            m, "kmeans", indices=replace(first_tensor(m, "kmeans").indices,
+                                         coder=index_builder.CODERS[7]))),
             "UnsupportedVersion", "coder code 7")
     finally:
         index_builder.CODERS = CODERS
@@ -144,15 +148,9 @@ def cases(golden: bytes) -> dict[str, tuple[bytes, str, str]]:
         "LimitExceeded", "alphabet")
 
     # Payload corrupted but its checksum updated: the decoder itself must notice.
-    fields2, index2, data2 = split(golden)
-    model = parse_index(index2)
-    stream = first_tensor(model, "kmeans").indices
-    start, stop = stream.blob.offset, stream.blob.offset + stream.blob.length
-    bad = bytearray(data2)
-    bad[start:stop] = bytes(stop - start)
-    new_stream = replace(stream, blob=replace(stream.blob, crc32=zlib.crc32(bad[start:stop])))
-    put("ans_payload_zeroed", assemble(fields2, index_builder.build_index(
-        swap_tensor(model, "kmeans", indices=new_stream)), bytes(bad)), "CorruptBlob", "")
+    put("ans_payload_zeroed", with_payload(golden, "kmeans", lambda p: bytes(len(p))),
+        "CorruptBlob", "")
+    model = parse_index(index)
 
     # Issue 10: hostile files that cost memory, time or an untyped exception before.
     frame = zstandard.ZstdCompressor(level=19).compress(index)
@@ -172,6 +170,42 @@ def cases(golden: bytes) -> dict[str, tuple[bytes, str, str]]:
         "elements in total")
     put("zstd_declares_16mib", zstd_claim_file(fields, 1 << 22), "CorruptBlob", "cannot hold")
     return out
+
+
+def with_payload(blob: bytes, tensor: str, change: Callable[[bytes], bytes]) -> bytes:
+    """The file with `tensor`'s index payload changed in place (same length) and its CRC-32
+    updated, so only the coder can notice."""
+    fields, index, data = split(blob)
+    model = parse_index(index)
+    stream = first_tensor(model, tensor).indices
+    start, stop = stream.blob.offset, stream.blob.offset + stream.blob.length
+    bad = bytearray(data)
+    bad[start:stop] = change(bytes(bad[start:stop]))
+    assert len(bad) == len(data)
+    new_stream = replace(stream, blob=replace(stream.blob, crc32=zlib.crc32(bad[start:stop])))
+    return assemble(fields, index_builder.build_index(
+        swap_tensor(model, tensor, indices=new_stream)), bytes(bad))
+
+
+def sparse_cases(golden: bytes) -> dict[str, tuple[bytes, str, str]]:
+    """Malformed `runs` payloads (docs/CODERS.md), from the sparse golden file."""
+    def header(**change: Callable[[dict[str, int]], int]) -> Callable[[bytes], bytes]:
+        names = ("z", "d", "j", "tokens", "m", "w_runs", "w_values", "p")
+
+        def edit(payload: bytes) -> bytes:
+            fields = dict(zip(names, RUNS_HEADER.unpack_from(payload), strict=True))
+            fields.update({k: v(fields) for k, v in change.items()})
+            return RUNS_HEADER.pack(*fields.values()) + payload[RUNS_HEADER.size:]
+        return edit
+
+    return {
+        "runs_tokens_past_count": (with_payload(golden, "pruned_kmeans", header(
+            tokens=lambda f: 16 * 8 * 3 * 3 + 2)), "CorruptBlob", "tokens for a stream"),
+        "runs_step_overflow": (with_payload(golden, "pruned_kmeans", header(
+            d=lambda f: 1 << 15, j=lambda f: 18)), "CorruptBlob", "out of range"),
+        "runs_symbol_count_off": (with_payload(golden, "pruned_uniform", header(
+            m=lambda f: f["m"] - 1)), "CorruptBlob", "do not add up"),
+    }
 
 
 def assemble_stored(fields: list, stored: bytes, data: bytes) -> bytes:
@@ -271,7 +305,8 @@ def main() -> int:
     for old in CORPUS.glob("*.fb"):
         old.unlink()
     manifest = {}
-    for name, (blob, error, fragment) in cases(GOLDEN.read_bytes()).items():
+    every = {**cases(GOLDEN.read_bytes()), **sparse_cases(SPARSE_GOLDEN.read_bytes())}
+    for name, (blob, error, fragment) in every.items():
         (CORPUS / f"{name}.fb").write_bytes(blob)
         manifest[name] = {"error": error, "match": fragment}
     (CORPUS / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -1,7 +1,9 @@
-"""Write tests/golden/tiny-v1.fb and its expected digests.
+"""Write the golden files tests/golden/{tiny,sparse}-v1.fb and their expected digests.
 
-Run only on purpose (a new format minor or coder version): the committed file is what every
-future weightpack must keep reading. `python tools/make_golden.py [--check]`.
+Run only on purpose (a new format minor or coder version): the committed files are what every
+future weightpack must keep reading. `python tools/make_golden.py [--check]`. tiny-v1.fb holds
+every scheme and the first four coders; sparse-v1.fb (added with the `runs` coder) pruned
+tensors coded with `runs`.
 """
 
 from __future__ import annotations
@@ -18,17 +20,24 @@ from packer.encode import DataSection, Encoder  # noqa: E402
 from packer.writer import layout  # noqa: E402
 from runtime.format.records import ArchitectureRecord, ModelRecord  # noqa: E402
 from runtime.zoo.specs import CIFAR_SPEC  # noqa: E402
-from tests.golden_data import GOLDEN_CODERS, digest, golden_tensors  # noqa: E402
+from tests.golden_data import (  # noqa: E402
+    GOLDEN_CODERS,
+    SPARSE_CODERS,
+    digest,
+    golden_tensors,
+    sparse_tensors,
+)
 
-GOLDEN = ROOT / "tests" / "golden" / "tiny-v1.fb"
-EXPECTED = ROOT / "tests" / "golden" / "tiny-v1.json"
+GOLDEN_DIR = ROOT / "tests" / "golden"
+FILES = {"tiny-v1": (golden_tensors, GOLDEN_CODERS), "sparse-v1": (sparse_tensors, SPARSE_CODERS)}
 
 
-def golden_bytes() -> bytes:
+def golden_bytes(name: str = "tiny-v1") -> bytes:
+    make, coders = FILES[name]
     data = DataSection(64)
     encoder = Encoder(data)
-    tensors = golden_tensors()
-    records = tuple(encoder.tensor(n, t, GOLDEN_CODERS[n]).record for n, t in tensors.items())
+    tensors = make()
+    records = tuple(encoder.tensor(n, t, coders[n]).record for n, t in tensors.items())
     model = ModelRecord(
         producer="weightpack golden", method="golden", method_config_json='{"golden":true}',
         source_sha256="ab" * 32,
@@ -44,16 +53,20 @@ def main() -> int:
     parser.add_argument("--check", action="store_true",
                         help="only report whether the writer still reproduces the golden bytes")
     args = parser.parse_args()
-    blob = golden_bytes()
-    if args.check:
-        same = GOLDEN.read_bytes() == blob
-        print("identical" if same else "DIFFERENT")
-        return 0 if same else 1
-    GOLDEN.write_bytes(blob)
-    expected = {n: digest(t.dequantize()) for n, t in golden_tensors().items()}
-    EXPECTED.write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {GOLDEN.relative_to(ROOT)} ({len(blob)} bytes) and its digests")
-    return 0
+    status = 0
+    for name, (make, _) in FILES.items():
+        blob, path = golden_bytes(name), GOLDEN_DIR / f"{name}.fb"
+        if args.check:
+            same = path.is_file() and path.read_bytes() == blob
+            print(f"{name}: {'identical' if same else 'DIFFERENT'}")
+            status |= not same
+            continue
+        path.write_bytes(blob)
+        expected = {n: digest(t.dequantize()) for n, t in make().items()}
+        path.with_suffix(".json").write_text(json.dumps(expected, indent=1, sort_keys=True)
+                                             + "\n")
+        print(f"wrote {path.relative_to(ROOT)} ({len(blob)} bytes) and its digests")
+    return status
 
 
 if __name__ == "__main__":

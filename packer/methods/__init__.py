@@ -27,6 +27,7 @@ _CLASSES: dict[str, str] = {
     "ttq": "packer.methods.lowbit:TTQMethod",
     "bwn": "packer.methods.lowbit:BWNMethod",
     "dorefa": "packer.methods.lowbit:DoReFaMethod",
+    "prune": "packer.methods.prune:PruneMethod",
 }
 """Method name -> "module:class" of its implementation, in the order `packer methods` lists."""
 

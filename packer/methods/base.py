@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from packer.config import MethodConfig, Option, Setting, config_from_settings
+from packer.ptq.calib import CalibrationSet
 from runtime.format.records import ActivationQuantRecord
 from runtime.tensors import CompressedTensor
 
@@ -24,6 +26,7 @@ class CompressJob:
     seed: int = 0
     progress: bool = True
     data: Any = None  # data options for methods that calibrate or train
+    calib: CalibrationSet | None = None  # --calib-data images (AdaRound, budgets, repair)
     # In a chain (packer/methods/chain.py): what the earlier stages produced, by tensor name.
     previous: dict[str, CompressedTensor] = field(default_factory=dict)
     # Filled by methods whose model quantizes activations at inference (dorefa bits_a).
@@ -35,7 +38,6 @@ class CompressJob:
         options = {k: v for k, v in self.config.options.items() if k not in RUN_ONLY_OPTIONS}
         return {"method": self.config.method, "options": options,
                 "layers": self.config.layers, "seed": self.seed}
-
 
     def take_model_state(self) -> None:
         """Copy the model's current values into `state_dict`. The packer stores every tensor
@@ -54,6 +56,12 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
     options: ClassVar[dict[str, Option]] = {}
+    # A size budget (--target-size) sets this per-layer option, choosing among `rates`
+    # (ascending); methods without one (None) cannot take a budget.
+    rate_option: ClassVar[str | None] = None
+    rates: ClassVar[tuple[float, ...]] = ()
+    # Per-layer options that, set by the user for a layer, fix its rate (default: the knob).
+    rate_settings: ClassVar[tuple[str, ...]] = ()
     trains: ClassVar[bool] = False  # takes training data (--cifar10/--imagenet/--data)
     # Position in a chain (packer/methods/chain.py RANK_NAMES): 0 structure, 1 sparsity,
     # 2 weight representation, 3 grid snapping; None: the method is never a chain stage.
@@ -78,6 +86,44 @@ class Method:
         this config; the packer checks before any work that the model can carry them."""
         return frozenset()
 
+    # --- what post-training steps ask of a method ------------------------------------------
+
+    def post_training(self, job: CompressJob) -> bool:
+        """True when nothing is trained under this job's options: data-aware repair
+        (--calib-data) then applies. Methods that train only for some options say so."""
+        return not self.trains
+
+    def reference_model(self) -> nn.Module | None:
+        """The full-precision model in the layout of the compressed weights, when compress()
+        changed that layout (PQF permutes channels); None: the source model."""
+        return None
+
+    # --- the rate knob (size budgets) ------------------------------------------------------
+
+    def knob(self, config: MethodConfig) -> str:
+        """The option a size budget sets per layer under this configuration."""
+        return str(self.rate_option)
+
+    def prepare_candidates(self, job: CompressJob) -> None:
+        """Anything layer_candidate() needs first (on job.model, a scratch copy)."""
+
+    def budget_layers(self, job: CompressJob) -> list[str]:
+        """Weight names whose rate a budget chooses."""
+        return list(job.targets)
+
+    def candidate_rates(self, job: CompressJob, name: str) -> list[float]:
+        return list(self.rates)
+
+    def candidate_key(self, config: MethodConfig) -> str:
+        """What the candidates depend on (a cache key): by default every option."""
+        return config.to_json()
+
+    def layer_candidate(self, job: CompressJob, name: str, rate: float | None
+                        ) -> CompressedTensor:
+        """`name` compressed alone at `rate` (None: as configured), exactly as compress()
+        would store it."""
+        raise NotImplementedError
+
 
 class PerTensorMethod(Method):
     """A post-training method that treats each weight on its own."""
@@ -94,3 +140,10 @@ class PerTensorMethod(Method):
     def compress_tensor(self, name: str, weight: torch.Tensor,
                         opts: dict[str, Any]) -> CompressedTensor:
         raise NotImplementedError
+
+    def layer_candidate(self, job: CompressJob, name: str, rate: float | None
+                        ) -> CompressedTensor:
+        opts = job.config.for_tensor(name)
+        if rate is not None:
+            opts = {**opts, self.knob(job.config): rate}
+        return self.compress_tensor(name, job.state_dict[name], opts)

@@ -3,6 +3,11 @@
 K centroids initialised linearly between the layer's min and max (the paper's best init),
 refined by Lloyd iterations. Exact zeros in the input (pruned weights) keep a dedicated
 centroid of exactly 0 so sparsity survives; the other K-1 centroids cluster the rest.
+
+With `finetune_epochs` > 0 (and training data) the centroids are then trained by gradient
+sharing (Deep Compression section 3): each layer's weight is its codebook indexed by frozen
+assignments, so the gradient of a centroid is the sum of its members' gradients; the zero
+centroid is held at exactly 0. Biases, BatchNorm and uncompressed layers train along.
 """
 
 from __future__ import annotations
@@ -10,10 +15,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from packer.config import Option
-from packer.methods.base import PerTensorMethod
-from runtime.tensors import ScalarCodebookTensor
+from packer.methods.base import CompressJob, PerTensorMethod
+from packer.methods.finetune import (
+    finetune_epochs,
+    finetune_options,
+    run_finetune,
+    teacher_of,
+)
+from packer.methods.pqf.layers import attach_pq, detach_pq
+from runtime.tensors import CompressedTensor, ScalarCodebookTensor
+
+DEFAULT_EPOCHS_WITH_DATA = 1
 
 
 def _k_ok(k: int) -> str | None:
@@ -78,13 +93,80 @@ def kmeans_share(weight: torch.Tensor, k: int, iters: int) -> ScalarCodebookTens
 class KMeansMethod(PerTensorMethod):
     name = "kmeans"
     chain_rank = 2
-    summary = "per-layer k-means weight sharing (K centroids, linear init, Lloyd)"
+    trains = True  # with data, centroids are fine-tuned by gradient sharing
+    summary = "per-layer k-means weight sharing, centroids trained by gradient sharing"
     options = {
         "k": Option(32, "clusters per layer (32 = 5-bit indices)", int, check=_k_ok),
         "kmeans_iters": Option(30, "Lloyd iterations (stops early at convergence)", int,
                                check=_iters_ok),
+        **finetune_options(DEFAULT_EPOCHS_WITH_DATA, lr=1e-4, optimizer="adam",
+                           weight_decay=0.0),
     }
+    rate_option = "k"
+    rates = (4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+    def __init__(self) -> None:
+        self.report: dict[str, Any] = {}
+
+    def extra_report(self, job: CompressJob | None = None) -> dict[str, Any]:
+        return {"kmeans_finetune": dict(self.report)} if self.report else {}
 
     def compress_tensor(self, name: str, weight: torch.Tensor,
                         opts: dict[str, Any]) -> ScalarCodebookTensor:
         return kmeans_share(weight, opts["k"], opts["kmeans_iters"])
+
+    def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
+        epochs = finetune_epochs(job, self.name, DEFAULT_EPOCHS_WITH_DATA)
+        teacher = teacher_of(job, epochs)
+        shared = super().compress(job)
+        if epochs == 0:
+            return shared
+        model = job.model.cpu()
+        fixed_zero = {n: bool((job.state_dict[n] == 0).any()) for n in shared}
+        for name, tensor in shared.items():
+            attach_shared(model.get_submodule(name.rsplit(".", 1)[0]), tensor, fixed_zero[name])
+        for p in model.parameters():
+            p.requires_grad_(True)
+        self.report = run_finetune(job, self.name, epochs, teacher, after_step=zero_centroids)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        out = {n: detach_shared(model.cpu().get_submodule(n.rsplit(".", 1)[0]))
+               for n in shared}
+        job.model.cpu().eval()
+        job.take_model_state()
+        return out
+
+
+# --- gradient sharing ---------------------------------------------------------------------
+
+
+def _hold_zero(grad: Tensor) -> Tensor:
+    grad = grad.clone()
+    grad[0] = 0
+    return grad
+
+
+def attach_shared(module: nn.Module, tensor: ScalarCodebookTensor, fixed_zero: bool) -> None:
+    """The module's weight becomes codebook[indices], the codebook a trainable Parameter (a
+    product quantizer with sub-vectors of one value); with `fixed_zero`, entry 0 (the pruned
+    weights' cluster) gets no gradient."""
+    attach_pq(module, tensor.codebook.float().reshape(-1, 1), tensor.indices.reshape(-1))
+    module.weight_fixed_zero = fixed_zero
+    if fixed_zero:
+        module.weight_codebook.register_hook(_hold_zero)
+
+
+def zero_centroids(model: nn.Module) -> None:
+    """After every optimizer step: the pruned cluster's centroid back to exactly 0."""
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "weight_fixed_zero", False):
+                module.weight_codebook[0] = 0
+
+
+def detach_shared(module: nn.Module) -> ScalarCodebookTensor:
+    shape = tuple(module.weight_shape)
+    del module.weight_fixed_zero
+    vector = detach_pq(module, fp16=False)
+    return ScalarCodebookTensor(vector.codebook.reshape(-1).contiguous(),
+                                vector.indices.reshape(shape), torch.float32)

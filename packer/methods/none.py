@@ -21,6 +21,9 @@ class NoneMethod(PerTensorMethod):
     summary = "lossless baseline: raw fp32 (or --set fp16=true), entropy-coded"
     options = {}
 
+    def post_training(self, job) -> bool:
+        return False  # nothing was quantized: nothing to repair
+
     def compress_tensor(self, name: str, weight: torch.Tensor,
                         opts: dict[str, Any]) -> RawTensor:
         return raw_tensor(weight, opts["fp16"])

@@ -35,6 +35,7 @@ from runtime.coders._packed import (
     encode_raw,
     encode_zstd,
 )
+from runtime.coders._runs import applies as _runs_applies, decode_runs, encode_runs
 from runtime.errors import CorruptBlob
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "SLOW_MARGIN_PERCENT",
     "CodedStream",
     "CoderParams",
+    "applies",
     "decode",
     "encode",
     "encode_best",
@@ -62,20 +64,29 @@ _ENCODERS: dict[str, _Encoder] = {
     "zstd": encode_zstd,
     "huffman": encode_huffman,
     "ans": encode_ans,
+    "runs": encode_runs,
 }
 _DECODERS: dict[str, _Decoder] = {
     "raw": decode_raw,
     "zstd": decode_zstd,
     "huffman": decode_huffman,
     "ans": decode_ans,
+    "runs": decode_runs,
 }
+
+
+def applies(coder: str, count: int, alphabet_size: int) -> bool:
+    """Whether ``coder`` can code ``count`` symbols over ``alphabet_size`` letters (every coder
+    can, except ``runs`` above 32768 letters; see docs/CODERS.md)."""
+    return coder != "runs" or _runs_applies(count, alphabet_size)
 
 
 def encode(symbols: np.ndarray, alphabet_size: int, coder: str) -> CodedStream:
     """Code ``symbols`` (any shape, flattened in C order) with the named coder.
 
     Raises ``UnsupportedVersion`` for an unknown coder, ``LimitExceeded`` for an alphabet outside
-    1..65536 and ``ValueError`` for symbols outside the alphabet (a caller bug).
+    1..65536 and ``ValueError`` for symbols outside the alphabet or a stream the coder does not
+    apply to (see ``applies``; a caller bug).
     """
     check_version(coder, 1)
     flat = prepare_symbols(symbols, alphabet_size)
@@ -104,8 +115,8 @@ def decode(stream: CodedStream, count: int, alphabet_size: int) -> np.ndarray:
 
 FAST_CODERS: tuple[str, ...] = ("raw", "zstd")
 """Coders decoded by C code that releases the GIL, at hundreds of M symbols/s: bit-unpacking in
-numpy and libzstd. The others (``huffman``, ``ans``) decode at 5-60 M symbols/s here, 5-50x
-slower, and hold the GIL (docs/CODERS.md, "Measurements")."""
+numpy and libzstd. The others (``huffman``, ``ans``, ``runs``) decode at 5-60 M symbols/s here,
+5-50x slower, and hold the GIL (docs/CODERS.md, "Measurements")."""
 
 SLOW_MARGIN_PERCENT = 1
 """``encode_best`` takes a slow coder only when it is more than this many percent smaller than
@@ -145,7 +156,12 @@ def encode_best(
         check_version(name, 1)
     names.sort(key=CODERS.index)
     flat = prepare_symbols(symbols, alphabet_size)
-    streams = _candidates(flat, int(alphabet_size), names)
+    k = int(alphabet_size)
+    names = [name for name in names if applies(name, flat.size, k)]
+    if not names:
+        raise ValueError(f"none of the coders {', '.join(coders)} applies to {flat.size} "
+                         f"symbols over {k} letters")
+    streams = _candidates(flat, k, names)
     ordered = list(streams.values())  # CODERS order, byte-wide zstd right after zstd
     best = min(ordered, key=lambda s: s.nbytes)  # min keeps the first of equal sizes
     fast = [s for s in ordered if s.coder in FAST_CODERS]

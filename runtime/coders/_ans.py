@@ -66,22 +66,26 @@ def _words_to_bytes(words: np.ndarray) -> bytes:
     return words.astype("<u4", copy=False).tobytes()
 
 
-def encode_ans(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
-    """Quantize, remap to the present sub-alphabet, then code with constriction's AnsCoder."""
+def encode_ans(symbols: np.ndarray, alphabet_size: int,
+               precision: int = PRECISION) -> CodedStream:
+    """Quantize, remap to the present sub-alphabet, then code with constriction's AnsCoder.
+
+    `precision` is the stored table's (the `ans` coder writes 24; the `runs` coder stores its
+    tables at 15 bits); the coding model is built from the table the same way for any."""
     if symbols.size == 0:
         return CodedStream("ans", FORMAT_VERSION, payload=b"")
     counts = np.bincount(symbols, minlength=alphabet_size)
-    freq = quantize(counts, PRECISION)
+    freq = quantize(counts, precision)
     present = np.flatnonzero(freq)
     payload = b""
     if present.size > 1:
         remap = np.cumsum(freq > 0, dtype=np.int64) - 1
         sub = remap[symbols].astype(np.int32)
         coder = constriction.stream.stack.AnsCoder()
-        coder.encode_reverse(sub, _model(freq[present], PRECISION))
+        coder.encode_reverse(sub, _model(freq[present], precision))
         payload = _words_to_bytes(coder.get_compressed())
     return CodedStream("ans", FORMAT_VERSION, payload=payload, frequencies=freq,
-                       precision=PRECISION)
+                       precision=precision)
 
 
 def _check_count_fits(count: int, payload_bytes: int, top_frequency: int, precision: int) -> None:

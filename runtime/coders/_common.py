@@ -15,7 +15,7 @@ import numpy as np
 
 from runtime.errors import CorruptBlob, LimitExceeded, UnsupportedVersion
 
-CODERS: tuple[str, ...] = ("raw", "zstd", "huffman", "ans")
+CODERS: tuple[str, ...] = ("raw", "zstd", "huffman", "ans", "runs")
 """Coder names; a name's position is its code in the file index (the schema's `Coder` enum,
 checked by the tests) and the order breaks size ties in ``encode_best``."""
 

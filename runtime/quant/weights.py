@@ -1,9 +1,10 @@
 """Int8 weights: symmetric, per output channel (axis 0), zero point 0, codes in [-127, 127].
 
 This is TensorRT's weight grid. When the packed form of a weight already lies on such a grid
-(a Uniform tensor of <= 8 bits, a ternary or power-of-two codebook, a small codebook whose
-values are integer multiples of one step per channel) we find that grid, so converting to
-int8 adds no error; `Int8Weight.exact` reports it per layer.
+(a Uniform tensor of <= 8 bits, a ternary or power-of-two codebook, a codebook snapped to one
+int8 grid by the `int8` chain stage, a small codebook whose values are integer multiples of one
+step per channel) we find that grid, so converting to int8 adds no error; `Int8Weight.exact`
+reports it per layer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ import torch
 from torch import Tensor
 
 from runtime.quant.grid import max_scales, round_to_grid
-from runtime.tensors import CompressedTensor, UniformTensor
+from runtime.tensors import (
+    CompressedTensor,
+    ScalarCodebookTensor,
+    UniformTensor,
+    VectorCodebookTensor,
+)
 
 __all__ = ["QMAX", "Int8Weight", "int8_weight"]
 
@@ -109,11 +115,24 @@ def _own_uniform_scales(compressed: UniformTensor, channels: int) -> np.ndarray 
     return None
 
 
+def _codebook_scales(compressed: ScalarCodebookTensor | VectorCodebookTensor,
+                     channels: int) -> np.ndarray | None:
+    """One step for the whole tensor when its codebook lies on one int8 grid (what the
+    `int8` chain stage makes): O(K), and every channel gets the codebook's own scale."""
+    book = compressed.codebook.detach().to(torch.float32).cpu().numpy().reshape(-1)
+    step = _exact_channel_scale(book) if book.size else None
+    return None if step is None else np.full(channels, step, dtype=np.float32)
+
+
 def _exact_scales(rows: np.ndarray, compressed: CompressedTensor) -> np.ndarray | None:
     if isinstance(compressed, UniformTensor):
         own = _own_uniform_scales(compressed, rows.shape[0])
         if own is not None and _grid_codes(rows, own) is not None:
             return own
+    if isinstance(compressed, ScalarCodebookTensor | VectorCodebookTensor):
+        shared = _codebook_scales(compressed, rows.shape[0])
+        if shared is not None and _grid_codes(rows, shared) is not None:
+            return shared
     scales = np.empty(rows.shape[0], dtype=np.float32)
     for c, row in enumerate(rows):
         s = _exact_channel_scale(row)

@@ -44,6 +44,8 @@ FULL: dict[str, list[str]] = {
     "load_speed": ["load_speed.py"],
     "int8_export": ["int8_export.py"],
     "eval_speed": ["eval_speed.py"],
+    "budget-validation": ["budget.py", "validate", "--sensitivity-check"],
+    "budget": ["budget.py", "curve"],
 }
 """Every benchmark with the arguments of its committed results file (`bar` reads the recipe
 `select` chose, so it runs after it). `lowbit.py` takes the CPU lock per point unless told
@@ -70,9 +72,12 @@ QUICK: dict[str, list[str]] = {
     "load_speed": ["load_speed.py", "--models", "resnet20", "--rounds", "2"],
     "int8_export": ["int8_export.py", "--rounds", "2", "--limit", "250", "--calib-images", "64"],
     "eval_speed": ["eval_speed.py", "--limit", "256", "--rounds", "1"],
+    "budget-validation": ["budget.py", "validate", "--only", "nearest", "--ratios", "15",
+                          "--holdout", "200", "--calib-images", "32", "--no-write"],
 }
 """Smoke settings: every code path of every benchmark, in minutes; nothing is written.
-`lowbit.py` and `report_time.py` have no `--no-write`, so the smoke run leaves them out."""
+`lowbit.py` and `report_time.py` have no `--no-write`, so the smoke run leaves them out, and
+`budget.py curve` reads the committed validation rows, so the smoke run checks `validate`."""
 
 
 def command_of(args: Sequence[str]) -> str:

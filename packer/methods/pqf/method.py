@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
@@ -24,6 +25,7 @@ from packer.methods.pqf.layers import (
     PQ_LAYERS,
     LayerPlan,
     attach_pq,
+    codebook_size,
     detach_pq,
     plan_layer,
     subvectors,
@@ -34,7 +36,7 @@ from packer.training import DataSpec, build_datasets, training_data
 from packer.training.finetune import finetune
 from runtime.distributed import local_device
 from runtime.errors import ConfigError, DataError
-from runtime.tensors import CompressedTensor
+from runtime.tensors import CompressedTensor, VectorCodebookTensor
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,53 @@ class PQFMethod(Method):
                              "from if present", str, per_layer=False),
     }
 
+    rate_option = "k"
+    rates = (8, 16, 32, 64, 128, 256)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._reference: nn.Module | None = None
+        self._candidate_plans: dict[str, tuple[int, LayerPlan]] = {}
+
+    # --- post-training hooks (packer.ptq) --------------------------------------------------
+
+    def post_training(self, job: CompressJob) -> bool:
+        return self._training(job)[0] == 0
+
+    def reference_model(self) -> nn.Module | None:
+        return self._reference
+
+    def prepare_candidates(self, job: CompressJob) -> None:
+        """Permute job.model (a scratch copy) as compress() will, and plan every layer."""
+        plans, _ = self.plan(job)
+        if job.config.options["use_permutations"]:
+            permute_model(job.model, {n: p.d for n, p in plans.items()},
+                          job.config.options["sls_iterations"], job.seed)
+        self._candidate_plans = {p.weight: (i, p) for i, p in enumerate(plans.values())}
+
+    def budget_layers(self, job: CompressJob) -> list[str]:
+        return list(self._candidate_plans)
+
+    def candidate_rates(self, job: CompressJob, name: str) -> list[int]:
+        plan = self._candidate_plans[name][1]
+        return sorted({codebook_size(k, plan.n) for k in self.rates} - {0, 1})
+
+    def layer_candidate(self, job: CompressJob, name: str, rate: float | None
+                        ) -> CompressedTensor:
+        """k-means of this layer's sub-vectors at K=rate, with the seed compress() uses."""
+        index, plan = self._candidate_plans[name]
+        rate = plan.k if rate is None else int(rate)
+        module = job.model.get_submodule(plan.name)
+        lopts = job.config.for_tensor(name)
+        opts = job.config.options
+        res = kmeans(subvectors(module.weight, plan.d).to(local_device()), rate,
+                     int(lopts["kmeans_iters"]), kind=opts["kmeans_type"],
+                     init=opts["kmeans_init"], seed=job.seed * 7919 + index)
+        codebook = res.centroids.cpu()
+        codebook = codebook.half() if lopts["codebook_fp16"] else codebook.float()
+        return VectorCodebookTensor(codebook.contiguous(), res.codes.cpu().reshape(-1).clone(),
+                                    plan.shape, torch.float32)
+
     # --- steps ---------------------------------------------------------------------------
 
     def plan(self, job: CompressJob) -> tuple[dict[str, LayerPlan], list[str]]:
@@ -170,6 +219,7 @@ class PQFMethod(Method):
                                    opts["sls_iterations"], job.seed)
             self.report["pqf_permutations"] = groups
         timings["permutation_s"] = round(time.perf_counter() - started, 3)
+        self._reference = copy.deepcopy(model).eval()  # full precision, permuted layout
 
         teacher = copy.deepcopy(model).eval() if opts["distill"] and epochs > 0 else None
         started = time.perf_counter()

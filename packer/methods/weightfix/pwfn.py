@@ -77,6 +77,10 @@ class PWFNMethod(Method):
         **RUN_OPTIONS,
     }
 
+    def post_training(self, job: CompressJob) -> bool:
+        opts = job.config.options
+        return opts["start_epochs"] == 0 and opts["rest_epochs"] == 0
+
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         opts = job.config.options
         rounds = list(opts["rounds"])

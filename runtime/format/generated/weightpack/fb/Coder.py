@@ -8,3 +8,4 @@ class Coder(object):
     Zstd = 1
     Huffman = 2
     Ans = 3
+    Runs = 4

@@ -1,0 +1,111 @@
+"""Fine-tuning options and the one call into `packer.training.fit` that `prune` and `kmeans`
+share: which data, how many epochs, which optimizer, validation on a held-out split, a
+resumable checkpoint per stage, and optional distillation from the model the stage started
+from. The methods decide what is trainable and what each step must re-impose (`after_step`:
+the mask, the zero centroid), which `packer.training.finetune` has no hook for.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from packer.config import Option
+from packer.methods.base import CompressJob
+from packer.training import TrainConfig, TrainHooks, build_datasets, fit, training_data
+from packer.training.finetune import distillation_loss, validated_on
+from runtime.errors import DataError
+
+
+def _between(lo: float, hi: float, what: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None or lo <= v <= hi else f"{what} must be between {lo} and {hi}"
+
+
+def finetune_options(default_epochs: int, lr: float, optimizer: str,
+                     weight_decay: float) -> dict[str, Option]:
+    """The fine-tuning options of a method, with that method's defaults."""
+    return {
+        "finetune_epochs": Option(None, f"fine-tuning epochs (default: {default_epochs} with "
+                                  f"training data, 0 without)", int,
+                                  check=_between(0, 1000, "finetune_epochs"), per_layer=False),
+        "lr": Option(lr, "learning rate (cosine to lr_min, stepped per batch)", float,
+                     check=_between(1e-9, 10.0, "lr"), per_layer=False),
+        "lr_min": Option(0.0, "final learning rate of the cosine schedule", float,
+                         check=_between(0.0, 10.0, "lr_min"), per_layer=False),
+        "optimizer": Option(optimizer, "sgd (momentum 0.9) or adam", str,
+                            choices=("sgd", "adam"), per_layer=False),
+        "weight_decay": Option(weight_decay, "weight decay", float,
+                               check=_between(0.0, 1.0, "weight_decay"), per_layer=False),
+        "train_limit": Option(0, "training images per epoch, drawn at random (0: all)", int,
+                              check=_between(0, 10**9, "train_limit"), per_layer=False),
+        "val_limit": Option(0, "validation images (0: all)", int,
+                            check=_between(0, 10**9, "val_limit"), per_layer=False),
+        "holdout": Option(0, "training images held out (seeded) for the per-epoch validation "
+                          "that picks the best epoch; 0: validate on the test/val split", int,
+                          check=_between(0, 10**9, "holdout"), per_layer=False),
+        "distill": Option(False, "fine-tune against the outputs of the model this stage "
+                          "started from (knowledge distillation) instead of the labels", bool,
+                          per_layer=False),
+        "distill_temperature": Option(4.0, "softmax temperature of the distillation loss",
+                                      float, check=_between(0.05, 100.0, "distill_temperature"),
+                                      per_layer=False),
+        "checkpoint": Option(None, "fine-tuning checkpoint FILE: each stage writes and resumes "
+                             "from FILE with its name before the suffix (ft.prune.pt)", str,
+                             per_layer=False),
+    }
+
+
+def finetune_epochs(job: CompressJob, method: str, default: int) -> int:
+    """The epochs to run: `finetune_epochs`, or `default` when training data was given and 0
+    when not; asking for epochs without data is an error, not a silent skip."""
+    epochs = job.config.options["finetune_epochs"]
+    data = training_data(job.data, method)
+    if epochs is None:
+        return default if data is not None else 0
+    if epochs > 0 and data is None:
+        raise DataError(f"{method}: finetune_epochs={epochs} needs training data: pass "
+                        f"--cifar10 DIR, --imagenet DIR or --data DIR, or set "
+                        f"finetune_epochs=0")
+    return epochs
+
+
+def stage_checkpoint(path: str | None, method: str) -> Path | None:
+    """`ft.pt` -> `ft.prune.pt`: chained stages fine-tune different parameters."""
+    if not path:
+        return None
+    p = Path(path)
+    return p.with_name(f"{p.stem}.{method}{p.suffix or '.pt'}")
+
+
+def teacher_of(job: CompressJob, epochs: int) -> nn.Module | None:
+    """A frozen copy of the model as the stage received it, when distillation is asked."""
+    if not (job.config.options["distill"] and epochs > 0):
+        return None
+    return copy.deepcopy(job.model).eval()
+
+
+def run_finetune(job: CompressJob, method: str, epochs: int, teacher: nn.Module | None,
+                 after_step: Callable[[nn.Module], None] | None = None) -> dict[str, Any]:
+    """Train `job.model`'s trainable parameters for `epochs` through `fit`; returns its
+    report. The model holds the best epoch's state (chosen on `holdout` when set)."""
+    opts = job.config.options
+    data = training_data(job.data, method)
+    assert data is not None and epochs > 0
+    train_set, val_set = build_datasets(data, opts["holdout"], job.seed)
+    cfg = TrainConfig(epochs=epochs, lr=opts["lr"], lr_min=opts["lr_min"],
+                      weight_decay=opts["weight_decay"], batch_size=data.batch_size,
+                      workers=data.workers, train_limit=opts["train_limit"] or None,
+                      val_limit=opts["val_limit"] or None, seed=job.seed,
+                      checkpoint=stage_checkpoint(opts["checkpoint"], method),
+                      progress=job.progress, optimizer=opts["optimizer"],
+                      method_settings=job.settings())
+    loss = (distillation_loss(teacher, opts["distill_temperature"]) if teacher is not None
+            else None)
+    result = fit(job.model, train_set, val_set, cfg, TrainHooks(loss=loss, after_step=after_step))
+    return {**result.as_dict(), "validated_on": validated_on(opts["holdout"]),
+            "optimizer": opts["optimizer"],
+            "lr": opts["lr"], "distill": teacher is not None}
