@@ -37,7 +37,8 @@ from packer.ptq.budget import (
     with_rates,
 )
 from packer.ptq.calib import CalibrationSet, load_calibration
-from packer.ptq.repair import REPAIRS, repair
+from packer.ptq.flags import REPAIRS
+from packer.ptq.repair import repair
 from packer.writer import layout, write_packed
 from runtime import quant, zoo
 from runtime.atomic import check_output
