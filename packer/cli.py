@@ -139,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
                    "--data, else of --calib-data)")
     data = c.add_mutually_exclusive_group()
     data.add_argument("--cifar10", type=Path, metavar="DIR",
-                      help="training data for methods that train (pqf, wfn, pwfn): "
+                      help="training data for methods that train (pqf, wfn, pwfn, ttq, bwn, "
+                      "dorefa): "
                       "train/<class>/ images; for any method, the class names")
     data.add_argument("--imagenet", type=Path, metavar="DIR", help="ImageNet root (train/, val/)")
     data.add_argument("--data", type=Path, metavar="DIR", help="any image folder with train/, val/")

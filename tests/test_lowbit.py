@@ -425,3 +425,8 @@ def test_two_process_ddp_trains_identically_on_both_ranks(tmp_path: Path) -> Non
     assert set(r0["tensors"]) == {"0.weight", "3.weight", "8.weight"}
     for k in r0["tensors"]:
         assert torch.equal(r0["tensors"][k], r1["tensors"][k]), k
+
+
+def test_lowbit_methods_take_training_data() -> None:
+    # `trains` decides whether --cifar10 is used or warned about as class names only.
+    assert all(METHODS[name].trains for name in ("ttq", "bwn", "dorefa"))

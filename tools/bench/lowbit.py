@@ -2,6 +2,8 @@
 
     python tools/bench/lowbit.py select      # docs/results/lowbit-select.md (held-out only)
     python tools/bench/lowbit.py table       # docs/results/lowbit.md (test, once per row)
+    python tools/bench/lowbit.py table --epochs ttq=8 bwn=8 --train-limit 15000 \
+        --state /tmp/lowbit-state             # resumable: rerun the same command after a kill
 
 `select` packs candidate settings and scores each packed file on 5,000 training images held
 out of training (the same seeded split `holdout=5000` trains without); it never reads the
@@ -18,6 +20,11 @@ Every point is a real packed file (packer.compress.pack): `file bytes` are bytes
 
 Each point takes the shared CPU lock on its own (`--lock`, default /tmp/wp-heavy.lock) and
 releases it between points, so a long table does not hold other jobs off for its whole run.
+Under an outer `flock` on the same file pass `--lock ''` (a second flock would wait forever).
+
+`--state DIR` makes `table` resumable: each finished row (and the baseline) is kept in DIR as
+JSON and reused when the same command runs again, and trained rows checkpoint every epoch
+there (the method's `checkpoint=` setting), so a killed run loses at most one epoch.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +76,16 @@ class Point:
     method: str
     sets: tuple[str, ...]
     epochs: int
+    train_limit: int | None = None  # training images drawn per epoch (None: all)
 
     def overrides(self) -> list[str]:
-        return [f"epochs={self.epochs}", f"holdout={HOLDOUT}", *self.sets]
+        limit = [f"train_limit={self.train_limit}"] if self.epochs and self.train_limit else []
+        return [f"epochs={self.epochs}", f"holdout={HOLDOUT}", *limit, *self.sets]
+
+    def slug(self) -> str:
+        """A file name for this point's state (row JSON, training checkpoint)."""
+        return "-".join([self.label.replace(" ", "_"), f"e{self.epochs}",
+                         f"n{self.train_limit or 'all'}"])
 
 
 # Chosen on the held-out split by `select` (docs/results/lowbit-select.md: t = 0.15, the
@@ -82,8 +96,8 @@ RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ttq": ("ttq", ("threshold=0.15", "fp16=true")),
     "bwn": ("bwn", ("fp16=true",)),
     "bwn-f": ("bwn", ("granularity=channel", "fp16=true")),
-    "dorefa W2": ("dorefa", ("bits_w=2", "fp16=true")),
     "dorefa W2 A4": ("dorefa", ("bits_w=2", "bits_a=4", "fp16=true")),
+    "dorefa W2": ("dorefa", ("bits_w=2", "fp16=true")),
 }
 
 # Candidates `select` compares (held-out top-1, bits per weight).
@@ -136,15 +150,44 @@ def sizes(report: dict[str, Any], method: str) -> dict[str, Any]:
     }
 
 
-def run_point(point: Point, workers: int, lock: str | None, evaluate_on: str) -> dict[str, Any]:
+def kept(state: Path | None, name: str, key: Any, compute: Callable[[], Any]) -> Any:
+    """`compute()`, or the value kept under `name` in the `state` folder by an earlier run
+    with the same `key` (the point's settings); a new value is kept there atomically."""
+    if state is None:
+        return compute()
+    path = state / f"{name}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            print(f"kept: {path}", file=sys.stderr, flush=True)
+            return saved["value"]
+    value = compute()
+    state.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "value": value}), encoding="utf-8")
+    tmp.replace(path)
+    return value
+
+
+def run_point(point: Point, workers: int, lock: str | None, evaluate_on: str,
+              state: Path | None = None) -> dict[str, Any]:
     """Pack `point` (training on train/ minus the held-out images) and score the file on
-    the held-out images (`evaluate_on="holdout"`) or the test set ("test")."""
+    the held-out images (`evaluate_on="holdout"`) or the test set ("test"). With a `state`
+    folder, training checkpoints there every epoch and resumes from it."""
+    return kept(state, point.slug(), [point.method, point.overrides(), evaluate_on],
+                lambda: _run_point(point, workers, lock, evaluate_on, state))
+
+
+def _run_point(point: Point, workers: int, lock: str | None, evaluate_on: str,
+               state: Path | None) -> dict[str, Any]:
+    resume = ([f"checkpoint={state / (point.slug() + '.ckpt')}"]
+              if state is not None and point.epochs else [])
     with cpu_lock(lock), tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         out = Path(tmp) / "m.fb"
         report = pack(PackRequest(checkpoint_path("resnet20"), out, method=point.method,
-                                  overrides=point.overrides(), data=data_spec(workers),
-                                  seed=SEED, progress=False))
+                                  overrides=[*point.overrides(), *resume],
+                                  data=data_spec(workers), seed=SEED, progress=False))
         pack_s = time.perf_counter() - started
         if evaluate_on == "test":
             dataset = cifar10_dataset(shared_dir() / "data" / "cifar10", "test")
@@ -160,6 +203,7 @@ def run_point(point: Point, workers: int, lock: str | None, evaluate_on: str) ->
               + [round(h["top1"], 2) for h in training.get("history", [])]
               if training else None,
               "images_per_s": [h["images_per_s"] for h in training.get("history", [])],
+              "resumed_from": training.get("resumed_from"),
               "schedule": training.get("schedule")}
     print(json.dumps(result), file=sys.stderr, flush=True)
     return result
@@ -223,16 +267,23 @@ def select(args: argparse.Namespace) -> str:
 
 def table(args: argparse.Namespace) -> str:
     epochs = dict(args.epochs)
+    state = args.state
     with cpu_lock(args.lock):  # the baseline and the untrained rows: one short hold
-        base = baseline(args.workers, None)
-        untrained = {label: run_point(Point(label, method, sets, 0), args.workers, None, "test")
+        base = kept(state, "baseline", [str(checkpoint_path("resnet20").name)],
+                    lambda: baseline(args.workers, None))
+        untrained = {label: run_point(Point(label, method, sets, 0), args.workers, None,
+                                      "test", state)
                      for label, (method, sets) in RECIPES.items()}
     results = []
+    # Trained rows in RECIPES order (the bars' methods first, then activation quantization),
+    # so a run cut short has the rows that matter most.
     for label, (method, sets) in RECIPES.items():
-        results.append(untrained[label])
         if epochs.get(label):
-            results.append(run_point(Point(label, method, sets, epochs[label]), args.workers,
-                                     args.lock, "test"))
+            results.append(run_point(Point(label, method, sets, epochs[label],
+                                           args.train_limit), args.workers, args.lock,
+                                     "test", state))
+    results = [r for label in RECIPES
+               for r in [untrained[label], *(t for t in results if t["label"] == label)]]
     rows = []
     for r in results:
         bar = BARS.get(r["label"]) if r["epochs"] else None
@@ -244,6 +295,8 @@ def table(args: argparse.Namespace) -> str:
                      "" if r["zero_fraction"] is None else f"{r['zero_fraction']:.3f}",
                      r["format"], " ".join(s for s in r["overrides"] if not
                                            s.startswith(("epochs=", "holdout="))), ok])
+    limit = (f"{args.train_limit:,} training images drawn afresh each epoch"
+             if args.train_limit else "all training images each epoch")
     detail = [[r["label"], r["epochs"], r["best_epoch"] if r["epochs"] else "-",
                " / ".join(f"{v:.2f}" for v in r["holdout_by_epoch"] or []) or "-",
                f"{min(r['images_per_s']):.0f}-{max(r['images_per_s']):.0f}"
@@ -254,7 +307,8 @@ def table(args: argparse.Namespace) -> str:
         f"ResNet-20 on CIFAR-10 (`{checkpoint_path('resnet20').name}`), uncompressed baseline "
         f"**{base:.2f}%** top-1 on the 10,000 test images, measured in this run. Every row is "
         "a packed file evaluated once on the test images with `runtime.load`. Trained rows "
-        f"train on train/ minus {HOLDOUT} held-out images (seed {SEED}) and keep the epoch "
+        f"train on train/ minus {HOLDOUT} held-out images (seed {SEED}; {limit}) and keep "
+        "the epoch "
         "with the best held-out top-1 (epoch 0 = the quantized start); recipes were chosen "
         "on the held-out split (lowbit-select.md). First and last layers are int8.",
         md_table(["method", "epochs", "top-1", "vs baseline", "file bytes", "ratio",
@@ -289,6 +343,11 @@ def main() -> int:
     t = sub.add_parser("table", help="the recipes, trained, on the test set")
     t.add_argument("--epochs", type=_epochs, nargs="*", default=[], metavar="RECIPE=N",
                    help="training epochs per recipe (every recipe also gets an epochs=0 row)")
+    t.add_argument("--train-limit", type=int, default=None, metavar="N",
+                   help="training images drawn per epoch (default: all 45,000)")
+    t.add_argument("--state", type=Path, default=None, metavar="DIR",
+                   help="keep finished rows and training checkpoints in DIR; rerunning the "
+                        "same command resumes")
     for p in (s, t):
         p.add_argument("--workers", type=int, default=2)
         p.add_argument("--threads", type=int, default=2)

@@ -93,6 +93,7 @@ COMMON_OPTIONS: dict[str, Option] = {
 class LowBitMethod(Method):
     """What the three methods share; subclasses choose the low-bit quantizer."""
 
+    trains = True
     method_options: ClassVar[dict[str, Option]] = {}
 
     def __init__(self) -> None:
