@@ -28,7 +28,7 @@ from runtime import quant, zoo
 from runtime.data import calibration_dataset, make_loader
 from runtime.decode import decode_state_dict
 from runtime.errors import ConfigError, WeightpackError
-from runtime.format.features import ACTIVATION_QUANT
+from runtime.format.features import ACTIVATION_QUANT, CHANNEL_GATING
 from runtime.format.preamble import DEFAULT_ALIGNMENT
 from runtime.format.reader import open_packed
 from runtime.format.records import ArchitectureRecord, InputSpec, ModelRecord
@@ -111,16 +111,21 @@ def pack(req: PackRequest) -> dict[str, Any]:
         raise WeightpackError("the model has no Conv or Linear weight left to compress")
     _check_features(req, arch, method.required_features(config))
 
+    source_fp32_bytes = _fp32_bytes(state_dict)  # the ratio's denominator: the source alone
+
     torch.manual_seed(req.seed)
     job = CompressJob(arch.model, state_dict, targets, config, req.seed, req.progress, req.data)
     compressed: dict[str, CompressedTensor] = method.compress(job)
+    # A stage may have changed the model (fbs: gates), adding tensors to job.state_dict.
     tensors = {name: compressed.get(name) or raw_tensor(value, config.for_tensor(name)["fp16"])
-               for name, value in state_dict.items()}
+               for name, value in job.state_dict.items()}
     act_quant = tuple(sorted(job.activation_quant, key=lambda q: q.module))
-    features = {ACTIVATION_QUANT} if act_quant else set()  # what the file holds needs
+    gates = tuple(job.channel_gates)
+    features = ({ACTIVATION_QUANT} if act_quant else set()) | (
+        {CHANNEL_GATING} if gates else set())  # what the file holds needs
 
     spec = _input_spec(req, arch.name)
-    act_scales, calibration = _calibrate(req, arch, tensors, spec)
+    act_scales, calibration = _calibrate(req, job.model, tensors, spec)
     data = DataSection(req.alignment)
     encoder = Encoder(data, req.coder)
     encoded = [encoder.tensor(name, t, config.for_tensor(name).get("coder"))
@@ -130,10 +135,11 @@ def pack(req: PackRequest) -> dict[str, Any]:
         producer=f"weightpack {__version__}", method=req.method,
         method_config_json=config.to_json(), source_sha256=checkpoint.sha256,
         architecture=architecture,
-        input=spec, num_classes=_num_classes(arch.model, spec),
-        tensors=tuple(e.record for e in encoded), fp32_bytes=_fp32_bytes(state_dict),
+        input=spec, num_classes=_num_classes(job.model, spec),
+        tensors=tuple(e.record for e in encoded), fp32_bytes=source_fp32_bytes,
         activation_scales=act_scales, calibration_json=calibration,
         required_features=tuple(sorted(features)), activation_quant=act_quant,
+        channel_gates=gates,
     )
     with _own_output(req.output) as target:
         write_packed(target, record, data)
@@ -151,6 +157,11 @@ def pack(req: PackRequest) -> dict[str, Any]:
 def _check_features(req: PackRequest, arch: ResolvedArchitecture,
                     features: frozenset[str]) -> None:
     """Refuse, before any work, a file whose required runtime features nothing could apply."""
+    if CHANNEL_GATING in features and arch.kind != "builder":
+        raise ConfigError(f"{req.method}: channel gating is applied by the runtime to zoo "
+                          "architectures by module name; this model would be stored as an "
+                          "ONNX graph, where it cannot be applied. Pack its state_dict with a "
+                          "zoo --arch")
     if ACTIVATION_QUANT not in features:
         return
     if arch.kind != "builder":
@@ -175,16 +186,15 @@ def _own_output(output: Path) -> Iterator[Path]:
         yield Path(scratch) / output.name
 
 
-def _calibrate(req: PackRequest, arch: ResolvedArchitecture,
-               tensors: dict[str, CompressedTensor],
+def _calibrate(req: PackRequest, model: nn.Module, tensors: dict[str, CompressedTensor],
                spec: InputSpec) -> tuple[tuple[tuple[str, float], ...], str]:
     """Activation scales for 8-bit inference, measured on the weights being packed."""
     if req.calib_data is None:
         return (), ""
     if req.calib_images < 1:
         raise ConfigError("--calib-images must be at least 1")
-    # A copy of the source module (zoo or graph alike) holding the weights being packed.
-    module = copy.deepcopy(arch.model)
+    # A copy of the packed module (zoo, graph or gated alike) holding the weights packed.
+    module = copy.deepcopy(model)
     module.load_state_dict({n: t.dequantize() for n, t in tensors.items()})
     dataset = calibration_dataset(req.calib_data, spec.as_dict())
     loader = make_loader(dataset, 64, req.workers, limit=min(req.calib_images, len(dataset)))

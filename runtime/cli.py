@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from runtime.data import (
 from runtime.errors import DataError
 from runtime.evaluate import evaluate
 from runtime.format.reader import open_packed
+from runtime.gating import MacCounter
 from runtime.loader import load
 from runtime.onnx import export_onnx, session
 from runtime.report import build_report, format_report, inspect_file
@@ -199,8 +201,12 @@ def _eval(args: argparse.Namespace) -> int:
         model, provider = _model_for_eval(args, device, report["input"])
         loader = make_loader(dataset, args.batch_size, args.workers, args.limit,
                              distributed=distributed, pin_memory=device.type == "cuda")
-        result = evaluate(model, loader, device if args.backend == "torch" else "cpu",
-                          progress=progress_enabled(args))
+        counting = isinstance(model, torch.nn.Module) and args.backend == "torch" and not args.int8
+        with MacCounter(model) if counting else contextlib.nullcontext() as counter:
+            result = evaluate(model, loader, device if args.backend == "torch" else "cpu",
+                              progress=progress_enabled(args))
+        macs = _macs(counter, distributed) if counting else {
+            "macs": "counted on the fp32 torch backend only"}
         rank = torch.distributed.get_rank() if distributed else 0
         world = torch.distributed.get_world_size() if distributed else 1
     finally:
@@ -211,14 +217,33 @@ def _eval(args: argparse.Namespace) -> int:
     out = {**result.as_dict(), "backend": args.backend, "provider": provider,
            "precision": "int8" if args.int8 else "fp32", "processes": world,
            "file": str(args.file),
-           "file_bytes": report["file_bytes"], "ratio": report["ratio"]}
+           "file_bytes": report["file_bytes"], "ratio": report["ratio"], **macs}
     if args.json:
         print_json(out)
         return 0
     print(f"top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%  on {out['images']:,} images "
           f"({out['images_per_s']:.0f} images/s, {out['skipped']} skipped)")
     print(f"file  {out['file_bytes']:,} bytes, ratio {out['ratio']:.2f}x vs fp32")
+    if "macs_dense" in out and out.get("gated_layers"):
+        print(f"MACs  {out['macs_executed'] / 1e6:,.2f}M executed per image of "
+              f"{out['macs_dense'] / 1e6:,.2f}M dense ({out['macs_ratio']:.3f}x; "
+              f"{out['gated_layers']} gated convolutions)")
     return 0
+
+
+def _macs(counter: MacCounter, distributed: bool) -> dict[str, Any]:
+    """The counter's summary; under torchrun, over every process's images."""
+    summary = counter.summary()
+    if distributed:
+        totals = torch.tensor([summary["macs_executed"] * summary["macs_images"],
+                               summary["gate_other_ops"] * summary["macs_images"],
+                               summary["macs_images"]], dtype=torch.float64)
+        torch.distributed.all_reduce(totals)
+        images = max(int(totals[2]), 1)
+        summary.update(macs_executed=round(float(totals[0]) / images, 1),
+                       gate_other_ops=round(float(totals[1]) / images, 1), macs_images=images)
+        summary["macs_ratio"] = round(summary["macs_executed"] / summary["macs_dense"], 6)
+    return summary
 
 
 def print_inspect(path: Path, as_json: bool, verify: bool = False) -> int:

@@ -15,6 +15,7 @@ from runtime.decode import decode_state_dict
 from runtime.errors import ArchitectureError, ConfigError, UnsupportedVersion
 from runtime.format.reader import open_packed
 from runtime.format.records import ModelRecord
+from runtime.gating import apply_gates
 
 
 def build_module(model: ModelRecord) -> nn.Module:
@@ -36,7 +37,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     Safe on untrusted files: no Python object is deserialised or imported by name; every size is
     checked before allocation. Each call opens the file on its own, so concurrent loads
     from threads or processes do not share state. Activation quantizers stored in the file
-    (DoReFa's bits_a) are installed on the module, so it computes what was trained.
+    (DoReFa's bits_a) are installed on the module, and so are channel gates (FBS), so it
+    computes what was trained.
     """
     if backend == "onnx":
         from runtime.onnx.graph import fp32_graph  # the ONNX backend imports this module
@@ -46,10 +48,15 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise ConfigError(f"unknown backend {backend!r}; choose torch or onnx")
     with open_packed(path) as packed:
         if packed.model.architecture.kind == "onnx_graph":
+            if packed.model.channel_gates:
+                raise ArchitectureError(
+                    f"{path}: the file gates channels (feature 'channel_gating'), which the "
+                    "runtime applies to zoo architectures only, not to a model stored as an "
+                    "ONNX graph")
             from runtime.onnx.module import load_graph_module
 
             return load_graph_module(path, torch.device(device))
-        module = build_module(packed.model)
+        module = apply_gates(build_module(packed.model), packed.model.channel_gates)
         state_dict = decode_state_dict(packed)
         activation_quant = packed.model.activation_quant
     expected = module.state_dict()

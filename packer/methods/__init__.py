@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from packer.methods.base import CompressJob, Method
 from packer.methods.chain import SEPARATOR, ChainMethod, split_chain
+from packer.methods.fbs import FBSMethod
 from packer.methods.kmeans import KMeansMethod
 from packer.methods.lowbit import BWNMethod, DoReFaMethod, TTQMethod
 from packer.methods.none import NoneMethod
@@ -14,7 +15,8 @@ from runtime.errors import ConfigError
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (NoneMethod, UniformMethod, Int8Method, KMeansMethod, PQFMethod,
-                                   WFNMethod, PWFNMethod, TTQMethod, BWNMethod, DoReFaMethod)
+                                   WFNMethod, PWFNMethod, TTQMethod, BWNMethod, DoReFaMethod,
+                                   FBSMethod)
 }
 
 

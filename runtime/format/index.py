@@ -25,6 +25,7 @@ from runtime.format.records import (
     ArchitectureRecord,
     ArrayRecord,
     BlobRef,
+    ChannelGateRecord,
     InputSpec,
     ModelRecord,
     StreamRecord,
@@ -224,6 +225,7 @@ def _model(fb: Model) -> ModelRecord:
         else "",
         required_features=_required_features(fb),
         activation_quant=_activation_quant(fb),
+        channel_gates=_channel_gates(fb),
     )
 
 
@@ -252,6 +254,24 @@ def _activation_quant(fb: Model) -> tuple[ActivationQuantRecord, ...]:
         out.append(ActivationQuantRecord(module, bits, clip))
     if len({q.module for q in out}) != len(out):
         raise FormatError("two activation quantizers name the same module")
+    return tuple(out)
+
+
+def _channel_gates(fb: Model) -> tuple[ChannelGateRecord, ...]:
+    n = fb.ChannelGatesLength()
+    if n > MAX_TENSORS:
+        raise LimitExceeded(f"{n} channel gates, over the cap of {MAX_TENSORS}")
+    out = []
+    for i in range(n):
+        entry = fb.ChannelGates(i)
+        module = _text(entry.Module(), "channel gate module")
+        keep = int(entry.Keep())
+        if not module or keep < 1:
+            raise FormatError(f"channel gate {i} ({module!r}) needs a module name and keep >= 1, "
+                              f"not {keep}")
+        out.append(ChannelGateRecord(module, keep))
+    if len({g.module for g in out}) != len(out):
+        raise FormatError("two channel gates name the same module")
     return tuple(out)
 
 
