@@ -100,6 +100,7 @@ def build_report(packed: PackedFile) -> dict[str, Any]:
         "required_features": list(m.required_features),
         "activation_quant": [{"module": q.module, "bits": q.bits, "clip": q.clip}
                              for q in m.activation_quant],
+        "channel_gates": [{"module": g.module, "keep": g.keep} for g in m.channel_gates],
         "sections": sections, "tensors": rows,
     }
 
@@ -149,7 +150,9 @@ def format_report(report: dict[str, Any], tensors: bool = True) -> str:
     if report.get("required_features"):
         acts = report.get("activation_quant") or []
         bits = sorted({q["bits"] for q in acts})
+        gates = report.get("channel_gates") or []
+        notes = ([f"{len(acts)} layer inputs at {'/'.join(map(str, bits))} bits"] if acts
+                 else []) + ([f"{len(gates)} gated convolutions"] if gates else [])
         lines.append("needs       " + ", ".join(report["required_features"])
-                     + (f" ({len(acts)} layer inputs at {'/'.join(map(str, bits))} bits)"
-                        if acts else ""))
+                     + (f" ({'; '.join(notes)})" if notes else ""))
     return "\n".join(lines)

@@ -50,6 +50,7 @@ class LayerCount:
     kept: list[Tensor] = field(default_factory=list)  # gated: kept outputs per image
     live_inputs: list[Tensor] = field(default_factory=list)  # gated: non-zero inputs per image
     per_image: list[Tensor] = field(default_factory=list)  # gated: executed MACs per image
+    kept_by_channel: Tensor | None = None  # gated: images in which each channel was kept
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"macs_dense": self.dense,
@@ -123,6 +124,9 @@ class MacCounter:
         layer.kept.append(kept)
         layer.live_inputs.append(live)
         layer.per_image.append(per_image)
+        hits = (mask != 0).sum(dim=0).cpu()
+        layer.kept_by_channel = hits if layer.kept_by_channel is None else (
+            layer.kept_by_channel + hits)
 
     # -- results ---------------------------------------------------------------------------
 
