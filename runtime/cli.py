@@ -206,7 +206,7 @@ def _eval(args: argparse.Namespace) -> int:
             result = evaluate(model, loader, device if args.backend == "torch" else "cpu",
                               progress=progress_enabled(args))
         macs = _macs(counter, distributed) if counting else {
-            "macs": "counted on the fp32 torch backend only"}
+            "macs_note": "MACs are counted on the fp32 torch backend only"}
         rank = torch.distributed.get_rank() if distributed else 0
         world = torch.distributed.get_world_size() if distributed else 1
     finally:

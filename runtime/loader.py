@@ -19,14 +19,15 @@ from runtime.gating import apply_gates
 
 
 def build_module(model: ModelRecord) -> nn.Module:
-    """Instantiate the file's architecture from the allow-list (never importing by name)."""
+    """Instantiate the file's architecture from the allow-list (never importing by name),
+    with the file's channel gates installed: the module its tensors bind to."""
     arch = model.architecture
     if arch.kind != "builder":
         raise UnsupportedVersion(f"architecture kind {arch.kind!r} has no torch builder")
     kwargs = json.loads(arch.kwargs_json)
     if not isinstance(kwargs, dict):
         raise ArchitectureError("builder kwargs in the file are not a JSON object")
-    return zoo.build(arch.builder, kwargs)
+    return apply_gates(zoo.build(arch.builder, kwargs), model.channel_gates)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -56,7 +57,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
             from runtime.onnx.module import load_graph_module
 
             return load_graph_module(path, torch.device(device))
-        module = apply_gates(build_module(packed.model), packed.model.channel_gates)
+        module = build_module(packed.model)
         state_dict = decode_state_dict(packed)
         activation_quant = packed.model.activation_quant
     expected = module.state_dict()

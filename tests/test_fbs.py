@@ -151,6 +151,33 @@ def test_fbs_kmeans_file_runs_the_same_in_torch_and_exported_onnx(kmeans_file, t
     assert np.abs(got - expected).max() < 1e-4
 
 
+def test_calibrated_fbs_file_exports_int8_and_evaluates(tmp_path: Path, shared_dir: Path,
+                                                        capsys) -> None:
+    import onnxruntime as ort
+
+    from runtime import quant
+
+    out, onnx_path = tmp_path / "m.fb", tmp_path / "m.onnx"
+    pack(PackRequest(_r20(shared_dir), out, method="fbs", progress=False,
+                     overrides=["epochs=0"], calib_data=shared_dir / "data" / "cifar10" / "test",
+                     calib_images=16, workers=0))
+    with open_packed(out) as packed:
+        labels = dict(packed.model.activation_scales)
+    assert "layer1.0/mul" in labels and "layer1.0.conv2" in labels  # gated, then quantized
+    assert runtime_main(["export", str(out), "--onnx", str(onnx_path), "--int8"]) == 0
+    x = torch.randn(4, 3, 32, 32)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        expected = quant.int8_model(out, backend="torch")(x).numpy()
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    capsys.readouterr()
+    assert runtime_main(["eval", str(out), "--cifar10", str(shared_dir / "data" / "cifar10"),
+                         "--int8", "--limit", "8", "--workers", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["precision"] == "int8" and "fp32 torch backend only" in result["macs_note"]
+
+
 @pytest.mark.parametrize(("chain", "form"), [("fbs+int8", UniformTensor),
                                              ("fbs+uniform", UniformTensor),
                                              ("fbs+kmeans+int8", UniformTensor)])
