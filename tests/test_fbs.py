@@ -136,6 +136,16 @@ def test_epochs_zero_fbs_kmeans_packs_gates_and_codebooks_in_one_file(kmeans_fil
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_same_seed_same_bytes_another_seed_other_predictors(kmeans_file, tmp_path: Path,
+                                                            shared_dir: Path) -> None:
+    out, _ = kmeans_file
+    for seed, same in ((0, True), (1, False)):
+        again = tmp_path / f"again{seed}.fb"
+        pack(PackRequest(_r20(shared_dir), again, method="fbs+kmeans", progress=False,
+                         overrides=["epochs=0", "ratio=0.5"], seed=seed))
+        assert (again.read_bytes() == out.read_bytes()) is same
+
+
 def test_fbs_kmeans_file_runs_the_same_in_torch_and_exported_onnx(kmeans_file, tmp_path: Path,
                                                                    capsys) -> None:
     import onnxruntime as ort
