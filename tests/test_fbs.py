@@ -103,6 +103,16 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path, shared_dir: Pa
     assert "not a convolution" in err and "needs training data" in err
 
 
+def test_a_model_stored_as_an_onnx_graph_cannot_be_gated(tmp_path: Path) -> None:
+    scripted, out = tmp_path / "r20.ts", tmp_path / "x.fb"
+    torch.jit.script(cifar_resnet20().eval()).save(str(scripted))
+    for method in ("fbs", "fbs+kmeans"):
+        with pytest.raises(ConfigError, match="channel gating .* ONNX graph"):
+            pack(PackRequest(scripted, out, method=method, arch="graph",
+                             input_size=(3, 32, 32), progress=False, overrides=["epochs=0"]))
+    assert not out.exists()
+
+
 # --- end to end on the shared ResNet-20 ---------------------------------------------------------
 
 
