@@ -230,6 +230,9 @@ def test_skip_path_computes_what_the_masked_model_computes() -> None:
         assert torch.allclose(skipping(x[:1]), expected[:1], atol=1e-4)
     with MacCounter(model) as counter, torch.no_grad():
         model(x)
+    with MacCounter(skipping) as skip_counter, torch.no_grad():
+        skipping(x)
+    assert skip_counter.summary() == counter.summary()
     # conv2 of every block reads a gated, ReLU'd input: at most k of C channels are live.
     for name, layer in counter.gated_layers().items():
         if name.endswith("conv2"):

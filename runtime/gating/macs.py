@@ -152,6 +152,10 @@ class MacCounter:
     def summary(self) -> dict[str, Any]:
         """macs_dense, macs_executed (mean per image), their ratio, and the gates' share."""
         images = self.images
+        silent = [name for name, _ in self._gates.values() if name not in self.layers]
+        if images and silent:
+            raise RuntimeError(f"the gate of {silent[0]} never ran as a module (a traced "
+                               "copy?); count MACs on the module runtime.load returns")
         dense = sum(layer.dense for layer in self.layers.values())
         executed = sum(layer.executed for layer in self.layers.values()) / max(images, 1)
         predictors = sum(conv.in_channels * conv.out_channels

@@ -49,6 +49,8 @@ class SkipConv(nn.Module):
         # A stable descending sort keeps, of equal saliencies, the lower channel first: the
         # same k channels as the rank rule (keep_top_k), in one operation per image.
         order = torch.sort(saliencies, dim=1, descending=True, stable=True).indices
+        if self.gate.observer is not None:  # a MAC counter: show it the mask it counts
+            self.gate.observer(self.gate, x, pooled, self.gate.mask(pooled))
         conv = self.conv
         height, width = conv_output_size(conv, x.shape[2], x.shape[3])
         rows = []
