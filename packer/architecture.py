@@ -30,9 +30,15 @@ def _last_linear(model: nn.Module) -> str | None:
     return names[-1] if names else None
 
 
+# BatchNorm buffer added in PyTorch 0.4.1: older checkpoints (the original CIFAR ResNets) lack
+# it, and torch's own strict load_state_dict fills it in, so its absence is no mismatch.
+_OPTIONAL_SUFFIX = ".num_batches_tracked"
+
+
 def _mismatches(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
     expected = model.state_dict()
-    problems = [f"missing {k}" for k in expected if k not in state_dict]
+    problems = [f"missing {k}" for k in expected
+                if k not in state_dict and not k.endswith(_OPTIONAL_SUFFIX)]
     problems += [f"unexpected {k}" for k in state_dict if k not in expected]
     problems += [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
                  for k, v in expected.items() if k in state_dict and v.shape != state_dict[k].shape]
@@ -54,7 +60,9 @@ def build_loaded(name: str, state_dict: dict[str, torch.Tensor]) -> ResolvedArch
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more"
                                            if len(problems) > 3 else "")
         raise ArchitectureError(f"checkpoint does not match architecture {name}: {shown}")
-    model.load_state_dict(state_dict, strict=True)
+    fresh = model.state_dict()  # a missing num_batches_tracked keeps the builder's 0
+    model.load_state_dict({**{k: v for k, v in fresh.items() if k.endswith(_OPTIONAL_SUFFIX)},
+                           **state_dict}, strict=True)
     return ResolvedArchitecture(name, kwargs, model.eval())
 
 
@@ -70,7 +78,7 @@ def resolve(state_dict: dict[str, torch.Tensor], arch: str | None,
                                     "--trust-pickle)")
         return ResolvedArchitecture(GRAPH, {}, module.eval())
     if arch is not None:
-        return build_loaded(arch, state_dict)
+        return build_loaded(zoo.resolve_name(arch, state_dict), state_dict)
     candidates = [name for name, _ in zoo.infer_with_kwargs(state_dict)]
     if len(candidates) == 1:
         return build_loaded(candidates[0], state_dict)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ class Checkpoint:
     sha256: str
     fmt: str  # "state_dict" | "safetensors" | "torchscript" | "pickled_module"
     module: torch.nn.Module | None = None  # TorchScript / trusted pickled module, if any
+    input_shape: tuple[int, ...] | None = None  # a traced module's example input, batch dropped
 
 
 def file_sha256(path: Path) -> str:
@@ -52,11 +54,26 @@ def _flatten(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in tensors.items()}
 
 
-def _is_torchscript(path: Path) -> bool:
+def _torchscript_members(path: Path) -> list[str] | None:
+    """The archive's member names if `path` is a TorchScript archive, else None."""
     if not zipfile.is_zipfile(path):
-        return False
+        return None
     with zipfile.ZipFile(path) as z:
-        return any(name.endswith("/constants.pkl") or "/code/" in name for name in z.namelist())
+        members = z.namelist()
+    return members if any(n.endswith("/constants.pkl") or "/code/" in n for n in members) else None
+
+
+def _traced_input_shape(module: torch.jit.ScriptModule) -> tuple[int, ...] | None:
+    """The shape torch.jit.trace recorded for forward's one tensor input, without the batch
+    dimension; None for a scripted module, several inputs, or a shape that is not 4-d."""
+    inputs = list(module.forward.graph.inputs())[1:]  # the first is `self`
+    if len(inputs) != 1:
+        return None
+    kind = inputs[0].type()
+    sizes = kind.sizes() if isinstance(kind, torch.TensorType) else None
+    if not sizes or len(sizes) != 4 or any(not isinstance(d, int) for d in sizes):
+        return None
+    return tuple(sizes[1:])
 
 
 def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> Checkpoint:
@@ -74,12 +91,20 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> Checkpoint:
             return Checkpoint(_flatten(load_file(str(path)), path), sha, "safetensors")
         except SafetensorError as exc:
             raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
-    if _is_torchscript(path):
+    members = _torchscript_members(path)
+    if members is not None:
+        # torch.jit.trace stores its example inputs; restoring them (torch.jit.load's private
+        # `_restore_shapes` flag) types forward's inputs with their shapes. Asked for only
+        # when they are present: otherwise torch warns on stderr.
+        traced = any(n.endswith("/traced_inputs.pkl") for n in members)
         try:
-            module = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():  # "torch.jit.load is deprecated": not the user's
+                warnings.filterwarnings("ignore", r".*torch\.jit", FutureWarning)
+                module = torch.jit.load(str(path), map_location="cpu", _restore_shapes=traced)
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: cannot read TorchScript archive ({exc})") from None
-        return Checkpoint(_flatten(module.state_dict(), path), sha, "torchscript", module)
+        return Checkpoint(_flatten(module.state_dict(), path), sha, "torchscript", module,
+                          _traced_input_shape(module) if traced else None)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

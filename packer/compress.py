@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import json
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +20,26 @@ from torch import nn
 from packer import __version__
 from packer.architecture import GRAPH, ResolvedArchitecture, resolve
 from packer.checkpoint import load_checkpoint
-from packer.config import collect_settings, load_config_file
+from packer.class_names import class_names_for
+from packer.config import MethodConfig, collect_settings, load_config_file
 from packer.encode import DataSection, Encoder
-from packer.methods import CompressJob, resolve_method
+from packer.methods import METHODS, CompressJob, Method, resolve_method
 from packer.methods.none import raw_tensor
-from packer.training import launch_rank
 from packer.writer import write_packed
 from runtime import quant, zoo
-from runtime.data import calibration_dataset, make_loader
+from runtime.atomic import check_output
+from runtime.data import calibration_dataset, calibration_root, make_loader
 from runtime.decode import decode_state_dict
-from runtime.errors import ConfigError, WeightpackError
+from runtime.distributed import launch_rank
+from runtime.errors import ConfigError, DataError, WeightpackError
 from runtime.format.features import ACTIVATION_QUANT, CHANNEL_GATING
 from runtime.format.preamble import DEFAULT_ALIGNMENT
 from runtime.format.reader import open_packed
 from runtime.format.records import ArchitectureRecord, InputSpec, ModelRecord
 from runtime.onnx.graph import export_module, weight_free
-from runtime.report import build_report
+from runtime.report import size_report
 from runtime.tensors import CompressedTensor
+from runtime.zoo.specs import IMAGENET_MEAN, IMAGENET_STD
 
 COMPRESSIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -60,6 +65,7 @@ class PackRequest:
     calib_images: int = 512
     calib_method: str = "percentile"
     workers: int = 2
+    class_names_file: Path | None = None  # one class name per line (else from the data folder)
 
 
 def _compressible(module: nn.Module) -> bool:
@@ -73,23 +79,24 @@ def compressible_weights(model: nn.Module) -> list[str]:
     return [f"{n}.weight" for n, m in model.named_modules() if _compressible(m)]
 
 
-def _input_spec(req: PackRequest, arch: str) -> InputSpec:
+def _input_spec(req: PackRequest, arch: str, traced_shape: tuple[int, ...] | None) -> InputSpec:
+    """The architecture's default spec (ImageNet statistics for a graph, the shape a traced
+    TorchScript file recorded), with the user's --input-size, --mean and --std on top."""
     if arch == GRAPH:
-        if req.input_size is None:
-            raise ConfigError("a model stored as a graph needs --input-size C,H,W")
-        spec = {"shape": list(req.input_size), "mean": [0.485, 0.456, 0.406][: req.input_size[0]],
-                "std": [0.229, 0.224, 0.225][: req.input_size[0]], "resize": None, "crop": None}
+        size = req.input_size or traced_shape
+        if size is None:
+            raise ConfigError("a model stored as a graph needs --input-size C,H,W (this "
+                              "checkpoint records no input shape; a torch.jit.trace file does)")
+        channels = size[0]
+        spec = InputSpec(tuple(size), IMAGENET_MEAN[:channels], IMAGENET_STD[:channels])
     else:
-        spec = dict(zoo.input_spec(arch))
-    if req.mean is not None:
-        spec["mean"] = list(req.mean)
-    if req.std is not None:
-        spec["std"] = list(req.std)
-    if req.input_size is not None:
-        spec["shape"] = list(req.input_size)
-    if not len(spec["mean"]) == len(spec["std"]) == spec["shape"][0]:
+        spec = zoo.input_spec(arch)
+    spec = replace(spec, **{k: tuple(v) for k, v in (("shape", req.input_size),
+                                                        ("mean", req.mean), ("std", req.std))
+                            if v is not None})
+    if not len(spec.mean) == len(spec.std) == spec.shape[0]:
         raise ConfigError("--mean and --std need one value per input channel")
-    return InputSpec.from_dict(spec)
+    return spec
 
 
 def _fp32_bytes(state_dict: dict[str, torch.Tensor]) -> int:
@@ -97,7 +104,10 @@ def _fp32_bytes(state_dict: dict[str, torch.Tensor]) -> int:
 
 
 def pack(req: PackRequest) -> dict[str, Any]:
-    """Run the whole pipeline; returns the size report of the written file."""
+    """Run the whole pipeline; returns the size report of the written file. Everything the
+    user can get wrong (output path, options, checkpoint, names) is checked before the
+    method's work starts, which may be hours of training."""
+    check_output(req.output)
     started = time.perf_counter()
     method = resolve_method(req.method)
     file_doc = load_config_file(req.config_file) if req.config_file else {}
@@ -105,11 +115,22 @@ def pack(req: PackRequest) -> dict[str, Any]:
     checkpoint = load_checkpoint(req.source, trust_pickle=req.trust_pickle)
     arch = resolve(checkpoint.state_dict, req.arch, checkpoint.module)
     state_dict = arch.model.state_dict()
-    targets = [n for n in compressible_weights(arch.model)
-               if config.for_tensor(n).get("method") != "none"]
+    weights = compressible_weights(arch.model)
+    _check_globs(config, state_dict, [n.rsplit(".", 1)[0] for n in weights])
+    targets = [n for n in weights if config.for_tensor(n).get("method") != "none"]
     if not targets and req.method != "none":
         raise WeightpackError("the model has no Conv or Linear weight left to compress")
     _check_features(req, arch, method.required_features(config))
+    spec = _input_spec(req, arch.name, checkpoint.input_shape)
+    num_classes = _num_classes(arch.model, spec)
+    if req.data is not None and not Path(req.data.root).is_dir():
+        raise DataError(f"training data folder not found: {req.data.root}")
+    _warn_unused_data(req, method)
+    if req.calib_data is not None:
+        if req.calib_images < 1:
+            raise ConfigError("--calib-images must be at least 1")
+        calibration_root(req.calib_data)  # the folder exists, or one line now, not after hours
+    class_names = class_names_for(req.class_names_file, req.data, req.calib_data, num_classes)
 
     source_fp32_bytes = _fp32_bytes(state_dict)  # the ratio's denominator: the source alone
 
@@ -124,7 +145,6 @@ def pack(req: PackRequest) -> dict[str, Any]:
     features = ({ACTIVATION_QUANT} if act_quant else set()) | (
         {CHANNEL_GATING} if gates else set())  # what the file holds needs
 
-    spec = _input_spec(req, arch.name)
     act_scales, calibration = _calibrate(req, job.model, tensors, spec)
     data = DataSection(req.alignment)
     encoder = Encoder(data, req.coder)
@@ -135,21 +155,19 @@ def pack(req: PackRequest) -> dict[str, Any]:
         producer=f"weightpack {__version__}", method=req.method,
         method_config_json=config.to_json(), source_sha256=checkpoint.sha256,
         architecture=architecture,
-        input=spec, num_classes=_num_classes(job.model, spec),
+        input=spec, num_classes=num_classes, class_names=class_names,
         tensors=tuple(e.record for e in encoded), fp32_bytes=source_fp32_bytes,
         activation_scales=act_scales, calibration_json=calibration,
         required_features=tuple(sorted(features)), activation_quant=act_quant,
         channel_gates=gates,
     )
     with _own_output(req.output) as target:
-        write_packed(target, record, data)
+        written = write_packed(target, record, data)
         with open_packed(target) as packed:
             _verify_round_trip(packed, tensors)
-            report = build_report(packed)
+    report = size_report(record, written.preamble, written.index_raw_size, target)
     report["pack_seconds"] = round(time.perf_counter() - started, 3)
-    extra = getattr(method, "extra_report", None)
-    if callable(extra):
-        report.update(extra(job))
+    report.update(method.extra_report(job))
     report["streams"] = {e.record.name: [vars(s) for s in e.streams] for e in encoded}
     return report
 
@@ -175,6 +193,31 @@ def _check_features(req: PackRequest, arch: ResolvedArchitecture,
                           "quantization (bits_a); drop one of the two")
 
 
+def _check_globs(config: MethodConfig, state_dict: dict[str, torch.Tensor],
+                 layers: list[str]) -> None:
+    """A per-layer setting whose glob matches nothing would silently do nothing: refuse it,
+    naming the Conv/Linear `layers` it could have meant (the closest, then first and last)."""
+    unmatched = config.unmatched_globs(state_dict)
+    if not unmatched:
+        return
+    glob = unmatched[0]
+    near = difflib.get_close_matches(glob, layers, n=3, cutoff=0.6)
+    shown = list(dict.fromkeys([*near, *layers[:2], *layers[-2:]]))[:6]
+    raise ConfigError(f"layer glob {glob!r} (from --set or --config) matches no layer of "
+                      f"this model; its Conv/Linear layers are {', '.join(shown)}"
+                      f"{', ...' if len(layers) > len(shown) else ''} ({len(layers)} in all)")
+
+
+def _warn_unused_data(req: PackRequest, method: Method) -> None:
+    if req.data is None or method.trains:
+        return
+    flag = {"cifar10": "--cifar10", "imagenet": "--imagenet"}.get(req.data.kind, "--data")
+    warnings.warn(f"method {req.method} does not train: {flag} {req.data.root} gives the class "
+                  f"names only (methods that train: "
+                  f"{', '.join(n for n, m in METHODS.items() if m.trains)})",
+                  UserWarning, stacklevel=3)
+
+
 @contextlib.contextmanager
 def _own_output(output: Path) -> Iterator[Path]:
     """Under torchrun every rank packs the same file; only rank 0 writes the user's path, the
@@ -191,12 +234,10 @@ def _calibrate(req: PackRequest, model: nn.Module, tensors: dict[str, Compressed
     """Activation scales for 8-bit inference, measured on the weights being packed."""
     if req.calib_data is None:
         return (), ""
-    if req.calib_images < 1:
-        raise ConfigError("--calib-images must be at least 1")
     # A copy of the packed module (zoo, graph or gated alike) holding the weights packed.
     module = copy.deepcopy(model)
     module.load_state_dict({n: t.dequantize() for n, t in tensors.items()})
-    dataset = calibration_dataset(req.calib_data, spec.as_dict())
+    dataset = calibration_dataset(req.calib_data, spec)
     loader = make_loader(dataset, 64, req.workers, limit=min(req.calib_images, len(dataset)))
     scales = quant.calibrate(module, loader, method=req.calib_method)
     images = min(req.calib_images, len(dataset))

@@ -16,7 +16,11 @@ from typing import Any
 
 import yaml
 
+from runtime.coders import CODERS
 from runtime.errors import ConfigError
+
+CODER_CHOICES = ("auto", *CODERS)
+"""What `--coder` and the per-layer `coder` option accept: a coder, or `auto` (the smallest)."""
 
 
 @dataclass(frozen=True)
@@ -29,12 +33,22 @@ class Option:
     per_layer: bool = True
 
 
+def closed_interval(lo: float, hi: float, what: str) -> Callable[[Any], str | None]:
+    """An `Option.check` for lo <= value <= hi."""
+    return lambda v: None if lo <= v <= hi else f"{what} must be between {lo} and {hi}"
+
+
+def open_interval(lo: float, hi: float, what: str) -> Callable[[Any], str | None]:
+    """An `Option.check` for lo < value < hi."""
+    return lambda v: None if lo < v < hi else f"{what} must be > {lo} and < {hi}"
+
+
 # Options every method understands, per layer.
 COMMON_OPTIONS: dict[str, Option] = {
     "method": Option(None, "per-layer: 'none' leaves matching layers uncompressed", str),
     "fp16": Option(False, "store tensors kept raw at float16", bool),
-    "coder": Option(None, "per-layer entropy coder (auto, raw, zstd, huffman, ans)", str,
-                    choices=("auto", "raw", "zstd", "huffman", "ans")),
+    "coder": Option(None, f"per-layer entropy coder ({', '.join(CODER_CHOICES)})", str,
+                    choices=CODER_CHOICES),
 }
 
 
@@ -99,6 +113,13 @@ class MethodConfig:
             if fnmatch.fnmatchcase(module, glob) or fnmatch.fnmatchcase(tensor_name, glob):
                 merged.update(values)
         return merged
+
+    def unmatched_globs(self, tensor_names: Iterable[str]) -> list[str]:
+        """Layer globs that match no tensor (nor its module): settings that would do nothing."""
+        names = list(tensor_names)
+        candidates = set(names) | {n.rsplit(".", 1)[0] for n in names}
+        return [glob for glob in dict.fromkeys(g for g, _ in self.layers)
+                if not any(fnmatch.fnmatchcase(c, glob) for c in candidates)]
 
     def to_json(self) -> str:
         doc: dict[str, Any] = {"method": self.method, "options": self.options,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from packer.config import CODER_CHOICES
 from runtime import coders
 from runtime.decode import shuffle_bytes
 from runtime.errors import ConfigError
@@ -20,8 +21,6 @@ from runtime.tensors import (
     UniformTensor,
     VectorCodebookTensor,
 )
-
-CODER_CHOICES = ("auto", *coders.CODERS)
 
 
 class DataSection:
@@ -59,7 +58,6 @@ class StreamReport:
 class EncodedTensor:
     record: TensorRecord
     streams: list[StreamReport]
-    array_bytes: int  # codebooks, scales, zero points
 
 
 class Encoder:
@@ -79,13 +77,9 @@ class Encoder:
         entropy = coders.entropy_bits(symbols, alphabet)
         reports.append(StreamReport(role, symbols.size, alphabet, coded.coder, coded.nbytes,
                                     entropy, dict(tried)))
-        return StreamRecord(
-            blob=self.data.add(coded.payload), coder=coded.coder, coder_version=coded.version,
-            alphabet_size=alphabet, count=int(symbols.size), bits=coded.bits,
-            code_lengths=coded.code_lengths, frequencies=coded.frequencies,
-            precision=coded.precision, chunk_offsets=coded.chunk_offsets,
-            chunk_size=coded.chunk_size, entropy_bits=entropy,
-        )
+        return StreamRecord(**coded.coder_params(), blob=self.data.add(coded.payload),
+                            alphabet_size=alphabet, count=int(symbols.size),
+                            entropy_bits=entropy)
 
     def array(self, tensor: torch.Tensor) -> ArrayRecord:
         dtype = name_of_torch(tensor.dtype)
@@ -133,5 +127,4 @@ class Encoder:
                                       subvector_size=tensor.subvector_size, layout=0, **common)
             case _:
                 raise TypeError(f"{name}: cannot encode {type(tensor).__name__}")
-        array_bytes = sum(a.blob.length for _, a in record.arrays())
-        return EncodedTensor(record, reports, array_bytes)
+        return EncodedTensor(record, reports)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import flatbuffers
 import numpy as np
 
+from runtime.coders import CODERS
 from runtime.format.dtypes import code_of
 from runtime.format.generated.weightpack.fb import (
     ActivationQuant as FbActQuant,
@@ -21,7 +22,6 @@ from runtime.format.generated.weightpack.fb import (
 from runtime.format.preamble import INDEX_IDENTIFIER
 from runtime.format.records import (
     ARCH_KINDS,
-    CODER_NAMES,
     SCHEMES,
     ActivationQuantRecord,
     ArchitectureRecord,
@@ -76,8 +76,8 @@ def _stream(b: flatbuffers.Builder, s: StreamRecord | None) -> int | None:
     blob = _blob(b, s.blob)
     FbStream.Start(b)
     FbStream.AddBlob(b, blob)
-    FbStream.AddCoder(b, CODER_NAMES.index(s.coder))
-    FbStream.AddCoderVersion(b, s.coder_version)
+    FbStream.AddCoder(b, CODERS.index(s.coder))
+    FbStream.AddCoderVersion(b, s.version)
     FbStream.AddAlphabetSize(b, s.alphabet_size)
     FbStream.AddCount(b, s.count)
     FbStream.AddBits(b, s.bits)

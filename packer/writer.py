@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import zstandard
 
@@ -20,13 +22,23 @@ from runtime.format.preamble import (
 from runtime.format.records import ModelRecord
 
 
-def layout(model: ModelRecord, data: DataSection) -> list[bytes]:
-    """The file's bytes as chunks; deterministic for the same records and data.
+@dataclass(frozen=True)
+class Layout:
+    """A file's bytes as chunks, and the facts its size report needs (known before writing)."""
+
+    preamble: Preamble
+    index_raw_size: int  # the FlatBuffers index before zstd
+    chunks: Iterable[bytes]
+
+
+def layout(model: ModelRecord, data: DataSection) -> Layout:
+    """Deterministic for the same records and data.
 
     The preamble carries the lowest format minor that describes the file: 1.0 unless it
     requires features (runtime.format.features), so older readers open every file they can.
     """
     index = build_index(model)
+    raw_size = len(index)
     frame = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(index)
     compressed = len(frame) < len(index)
     index = frame if compressed else index
@@ -41,9 +53,12 @@ def layout(model: ModelRecord, data: DataSection) -> list[bytes]:
         index_crc32=zlib.crc32(index), minor=format_minor(model.required_features),
         flags=flags,
     )
-    return [preamble.pack(), index, bytes(data_offset - index_end), *data.parts]
+    chunks = [preamble.pack(), index, bytes(data_offset - index_end), *data.parts]
+    return Layout(preamble, raw_size, chunks)
 
 
-def write_packed(path: str | os.PathLike, model: ModelRecord, data: DataSection) -> int:
-    """Write atomically; returns the file size in bytes."""
-    return atomic_write(path, layout(model, data))
+def write_packed(path: str | os.PathLike, model: ModelRecord, data: DataSection) -> Layout:
+    """Write atomically; returns the layout written."""
+    written = layout(model, data)
+    atomic_write(path, written.chunks)
+    return written

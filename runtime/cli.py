@@ -12,8 +12,15 @@ from typing import Any
 import torch
 
 from runtime import quant
-from runtime.atomic import atomic_write
-from runtime.cli_common import add_common_flags, print_json, progress_enabled, run
+from runtime.atomic import atomic_write, check_output
+from runtime.cli_common import (
+    Parser,
+    add_command,
+    add_common_flags,
+    main as cli_main,
+    print_json,
+    progress_enabled,
+)
 from runtime.data import (
     calibration_dataset,
     cifar10_dataset,
@@ -21,9 +28,11 @@ from runtime.data import (
     imagenet_dataset,
     make_loader,
 )
-from runtime.errors import DataError
+from runtime.distributed import init_distributed, local_rank, rank, world_size
+from runtime.errors import DataError, printable
 from runtime.evaluate import evaluate
 from runtime.format.reader import open_packed
+from runtime.format.records import InputSpec
 from runtime.gating import MacCounter
 from runtime.loader import load
 from runtime.onnx import export_onnx, session
@@ -40,14 +49,22 @@ EPILOG = """examples:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="runtime", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    e = sub.add_parser("eval", help="measure top-1/top-5 accuracy of a packed model",
-                       description="Load a packed file (no model code needed) and evaluate it "
-                       "on a labelled image folder, with the input transform stored in the file.")
+    e = add_command(
+        sub, "eval", help="measure top-1/top-5 accuracy of a packed model",
+        description="Load a packed file (no model code needed) and evaluate it on a labelled "
+        "image folder, with the input transform stored in the file.",
+        examples=[
+            "runtime eval r20.fb --cifar10 ../shared/data/cifar10",
+            "runtime eval r20.fb --cifar10 ../shared/data/cifar10 --limit 1000  # quicker",
+            "runtime eval model.fb --imagenet /data/imagenet --batch-size 128 --json",
+            "runtime eval model.fb --data my_images/ --device cuda  # <class>/<image> folders",
+            "runtime eval r20.fb --cifar10 ../shared/data/cifar10 --backend onnx --int8",
+        ])
     e.add_argument("file", type=Path, help="packed .fb file")
     data = e.add_mutually_exclusive_group(required=True)
     data.add_argument("--cifar10", type=Path, metavar="DIR",
@@ -76,15 +93,24 @@ def _parser() -> argparse.ArgumentParser:
     add_common_flags(e)
     e.set_defaults(func=_eval)
 
-    i = sub.add_parser("inspect", help="print the size report of a packed file")
+    i = add_command(
+        sub, "inspect", help="print the size report of a packed file",
+        description="Print a packed file's per-tensor table (scheme, coder, bytes, bits per "
+        "weight, entropy bound), totals, section breakdown and class names. Sizes are bytes "
+        "on disk; nothing is decoded.",
+        examples=["runtime inspect r20.fb", "runtime inspect r20.fb --json  # for scripts"])
     i.add_argument("file", type=Path, help="packed .fb file")
     add_common_flags(i)
     i.set_defaults(func=_inspect)
 
-    x = sub.add_parser("export", help="write a standalone ONNX model for any ONNX server",
-                       description="Export a packed file as an ONNX model (onnxruntime, Triton, "
-                       "TensorRT). --compact keeps codebooks and indices inside the ONNX file "
-                       "and rebuilds each weight with Gather when the session starts.")
+    x = add_command(
+        sub, "export", help="write a standalone ONNX model for any ONNX server",
+        description="Export a packed file as an ONNX model (onnxruntime, Triton, TensorRT). "
+        "--compact keeps codebooks and indices inside the ONNX file and rebuilds each weight "
+        "with Gather when the session starts.",
+        examples=["runtime export r20.fb --onnx r20.onnx",
+                  "runtime export r20.fb --onnx r20.onnx --compact  # smaller on disk",
+                  "runtime export m.fb --onnx m.onnx --int8  # QDQ graph, the file's scales"])
     x.add_argument("file", type=Path, help="packed .fb file")
     x.add_argument("--onnx", type=Path, required=True, metavar="OUT", help="output .onnx file")
     x.add_argument("--compact", action="store_true",
@@ -94,7 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     add_common_flags(x)
     x.set_defaults(func=_export)
 
-    v = sub.add_parser("verify", help="check every checksum and decode every tensor")
+    v = add_command(
+        sub, "verify", help="check every checksum and decode every tensor",
+        description="Check a packed file whole: every blob's CRC-32, every tensor decoded, and "
+        "the model built and loaded from them. Run it on files from elsewhere before serving "
+        "them.",
+        examples=["runtime verify r20.fb", "runtime verify r20.fb --json"])
     v.add_argument("file", type=Path, help="packed .fb file")
     add_common_flags(v)
     v.set_defaults(func=_verify)
@@ -111,7 +142,7 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _dataset(args: argparse.Namespace, spec: dict[str, Any], num_classes: int):
+def _dataset(args: argparse.Namespace, spec: InputSpec, num_classes: int):
     if args.cifar10 is not None:
         if num_classes and num_classes != 10:
             raise DataError(f"this model has {num_classes} classes; CIFAR-10 has 10")
@@ -125,17 +156,13 @@ def _dataset(args: argparse.Namespace, spec: dict[str, Any], num_classes: int):
 
 
 def _start_distributed(device: torch.device) -> tuple[torch.device, bool]:
-    """Under torchrun (WORLD_SIZE > 1) join the process group; one GPU per process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """Under torchrun join the process group; one GPU per process."""
+    if not init_distributed(cuda=device.type == "cuda"):
         return device, False
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, True
+    return (torch.device("cuda", local_rank()) if device.type == "cuda" else device), True
 
 
-def _act_scales(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, float] | None:
+def _act_scales(args: argparse.Namespace, spec: InputSpec) -> dict[str, float] | None:
     """Scales measured now with --calib-data, else None (use the file's own)."""
     if args.calib_data is None:
         return None
@@ -145,7 +172,7 @@ def _act_scales(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, flo
 
 
 def _model_for_eval(args: argparse.Namespace, device: torch.device,
-                    spec: dict[str, Any]) -> tuple[Any, str]:
+                    spec: InputSpec) -> tuple[Any, str]:
     """The model to evaluate, and which provider runs it."""
     if args.int8:
         if device.type != "cpu" and args.backend == "torch":
@@ -164,6 +191,7 @@ def _model_for_eval(args: argparse.Namespace, device: torch.device,
 
 
 def _export(args: argparse.Namespace) -> int:
+    check_output(args.onnx, example="model.onnx")
     if args.int8:
         if args.compact:
             raise DataError("--int8 and --compact cannot be combined yet; pick one")
@@ -178,15 +206,18 @@ def _export(args: argparse.Namespace) -> int:
         atomic_write(args.onnx, [model.SerializeToString()])
         report = {"path": str(args.onnx), "onnx_bytes": args.onnx.stat().st_size,
                   "packed_bytes": args.file.stat().st_size, "int8": True}
-        report["ratio"] = report["onnx_bytes"] / report["packed_bytes"]
+        report["onnx_to_packed"] = round(report["onnx_bytes"] / report["packed_bytes"], 4)
     else:
         report = export_onnx(args.file, args.onnx, compact=args.compact)
     if args.json:
         print_json(report)
     else:
         kind = "int8 QDQ" if args.int8 else "compact" if args.compact else "standalone"
-        print(f"{args.onnx}: {report['onnx_bytes']:,} bytes ({kind} ONNX), packed file "
-              f"{report['packed_bytes']:,} bytes ({report['ratio']:.2f}x)")
+        # Not "(7.21x)": beside a packed file that reads as its compression ratio, which is
+        # fp32 over packed bytes (`runtime inspect`), not this.
+        print(f"{args.onnx}: {report['onnx_bytes']:,} bytes ({kind} ONNX; "
+              f"{report['onnx_to_packed']:.2f} times the packed file's "
+              f"{report['packed_bytes']:,} bytes)")
     return 0
 
 
@@ -196,9 +227,9 @@ def _eval(args: argparse.Namespace) -> int:
     device, distributed = _start_distributed(_device(args.device))
     try:
         with open_packed(args.file) as packed:
-            report = build_report(packed)
-        dataset = _dataset(args, report["input"], report["num_classes"])
-        model, provider = _model_for_eval(args, device, report["input"])
+            report, spec = build_report(packed), packed.model.input
+        dataset = _dataset(args, spec, report["num_classes"])
+        model, provider = _model_for_eval(args, device, spec)
         loader = make_loader(dataset, args.batch_size, args.workers, args.limit,
                              distributed=distributed, pin_memory=device.type == "cuda")
         counting = isinstance(model, torch.nn.Module) and args.backend == "torch" and not args.int8
@@ -207,12 +238,11 @@ def _eval(args: argparse.Namespace) -> int:
                               progress=progress_enabled(args))
         macs = _macs(counter, distributed) if counting else {
             "macs_note": "MACs are counted on the fp32 torch backend only"}
-        rank = torch.distributed.get_rank() if distributed else 0
-        world = torch.distributed.get_world_size() if distributed else 1
+        me, world = rank(), world_size()
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
-    if rank != 0:
+    if me != 0:
         return 0
     out = {**result.as_dict(), "backend": args.backend, "provider": provider,
            "precision": "int8" if args.int8 else "fp32", "processes": world,
@@ -253,9 +283,20 @@ def print_inspect(path: Path, as_json: bool, verify: bool = False) -> int:
         print_json(report)
     else:
         print(format_report(report))
+        print(_classes_line(report["class_names"]))
         if verify:
             print(f"verified    {report['verified_blobs']} blobs, all checksums match")
     return 0
+
+
+def _classes_line(names: list[str], width: int = 100) -> str:
+    """`classes     10: airplane, automobile, ...`, cut to one line; names from the file are
+    escaped so that no control character reaches the terminal."""
+    if not names:
+        return "classes     none stored (pack with --class-names FILE or a data folder)"
+    shown = ", ".join(printable(n) for n in names)
+    line = f"classes     {len(names)}: {shown}"
+    return line if len(line) <= width else line[:width - 4] + " ..."
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -276,8 +317,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return run(args.func, args, "runtime")
+    return cli_main(_parser(), argv, "runtime")
 
 
 if __name__ == "__main__":

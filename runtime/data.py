@@ -3,7 +3,7 @@
 Every dataset yields ``(image_tensor, label)``; an image that cannot be decoded yields
 ``(None, label)`` and is dropped (and counted) by :func:`collate_skipping`, so one bad file
 does not end a long evaluation. With ``strict=True`` it raises :class:`DataError` instead.
-Images are prepared from an *input spec* (see :mod:`runtime.zoo.specs`).
+Images are prepared as an :class:`InputSpec` says (defaults in :mod:`runtime.zoo.specs`).
 """
 
 from __future__ import annotations
@@ -23,16 +23,22 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR10
 
+from runtime.distributed import is_distributed, rank, world_size
 from runtime.errors import DataError
-from runtime.zoo.specs import CIFAR_SPEC, IMAGENET_SPEC
+from runtime.zoo.specs import CIFAR_SPEC, IMAGENET_SPEC, InputSpec
 
 __all__ = [
     "CIFAR10_CLASSES",
     "IMAGE_EXTENSIONS",
     "Batch",
+    "ConvertMode",
     "ImageFiles",
+    "ShardSampler",
     "build_transform",
+    "calibration_root",
     "cifar10_dataset",
+    "class_folders",
+    "colour_mode",
     "collate_skipping",
     "image_folder_dataset",
     "imagenet_classes",
@@ -65,14 +71,20 @@ Transform = Callable[[Image.Image], Tensor]
 # --- transforms -------------------------------------------------------------------------------
 
 
-class _Convert:
-    """Convert to the spec's colour mode (grayscale and CMYK JPEGs exist in ImageNet)."""
+class ConvertMode:
+    """Convert to the spec's colour mode (grayscale and CMYK JPEGs exist in ImageNet); an
+    object rather than a lambda so that loader workers can be spawned (it pickles)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
 
     def __call__(self, img: Image.Image) -> Image.Image:
         return img if img.mode == self.mode else img.convert(self.mode)
+
+
+def colour_mode(channels: int) -> str:
+    """The PIL mode of images with `channels` channels: RGB for 3, L (grayscale) for 1."""
+    return "RGB" if channels == 3 else "L"
 
 
 class _FitTo:
@@ -92,12 +104,12 @@ def _positive_int(key: str, value: Any) -> int:
     return value
 
 
-def build_transform(spec: Mapping[str, Any]) -> Transform:
-    """PIL image -> normalised tensor of ``spec["shape"]``: resize, crop, fit, scale, normalise."""
+def build_transform(spec: InputSpec) -> Transform:
+    """PIL image -> normalised tensor of ``spec.shape``: resize, crop, fit, scale, normalise."""
     try:
-        shape, mean, std = list(spec["shape"]), list(spec["mean"]), list(spec["std"])
-    except (KeyError, TypeError) as exc:
-        raise DataError(f"input spec needs shape, mean and std lists: {exc}") from exc
+        shape, mean, std = list(spec.shape), list(spec.mean), list(spec.std)
+    except TypeError as exc:
+        raise DataError(f"input spec needs shape, mean and std sequences: {exc}") from exc
     if len(shape) != 3:
         raise DataError(f"input spec shape {shape} must be [C, H, W]")
     channels, height, width = (_positive_int("shape", v) for v in shape)
@@ -105,11 +117,11 @@ def build_transform(spec: Mapping[str, Any]) -> Transform:
         raise DataError(f"input spec has {channels} channels; images give 1 or 3")
     if len(mean) != channels or len(std) != channels or not all(s > 0 for s in std):
         raise DataError(f"input spec mean/std need {channels} values each, std > 0")
-    steps: list[Callable[[Any], Any]] = [_Convert("RGB" if channels == 3 else "L")]
-    if spec.get("resize") is not None:
-        steps.append(T.Resize(_positive_int("resize", spec["resize"]), antialias=True))
-    if spec.get("crop") is not None:
-        steps.append(T.CenterCrop(_positive_int("crop", spec["crop"])))
+    steps: list[Callable[[Any], Any]] = [ConvertMode(colour_mode(channels))]
+    if spec.resize is not None:
+        steps.append(T.Resize(_positive_int("resize", spec.resize), antialias=True))
+    if spec.crop is not None:
+        steps.append(T.CenterCrop(_positive_int("crop", spec.crop)))
     steps += [_FitTo(height, width), T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(steps)
 
@@ -192,13 +204,19 @@ def _class_files(folder: Path) -> list[str]:
     return found
 
 
+def class_folders(folder: Path) -> list[str]:
+    """The class folder names under ``folder`` in label order (sorted, hidden ones skipped),
+    as torchvision's ImageFolder orders them."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
 def _scan(
     folder: Path, class_to_idx: Mapping[str, int] | None, expected: str
 ) -> tuple[list[tuple[str, int]], list[str]]:
     """``<class>/<image>`` samples under ``folder``; labels from ``class_to_idx`` if given."""
     if not folder.is_dir():
         raise DataError(f"data folder not found: {folder} (expected {expected})")
-    dirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    dirs = class_folders(folder)
     if class_to_idx is None:
         class_to_idx = {name: i for i, name in enumerate(dirs)}
         classes = dirs
@@ -228,7 +246,7 @@ def imagenet_classes() -> tuple[tuple[str, str], ...]:
 
 def imagenet_dataset(
     root: str | os.PathLike[str],
-    spec: Mapping[str, Any] | None = None,
+    spec: InputSpec | None = None,
     strict: bool = False,
 ) -> ImageFiles:
     """An ImageNet ``val/`` folder of wnid subfolders, labelled with the true 1k class index.
@@ -248,7 +266,7 @@ def imagenet_dataset(
 def cifar10_dataset(
     root: str | os.PathLike[str],
     split: str = "test",
-    spec: Mapping[str, Any] | None = None,
+    spec: InputSpec | None = None,
     strict: bool = False,
 ) -> Dataset:
     """CIFAR-10 from an image folder (``<split>/<class>/*.jpg``) or ``cifar-10-batches-py``.
@@ -280,7 +298,7 @@ def cifar10_dataset(
 
 def image_folder_dataset(
     root: str | os.PathLike[str],
-    spec: Mapping[str, Any] | None = None,
+    spec: InputSpec | None = None,
     strict: bool = False,
 ) -> ImageFiles:
     """Any ``<class>/<image>`` folder; classes indexed in sorted order (torchvision ImageFolder)."""
@@ -323,21 +341,43 @@ def spread_indices(total: int, limit: int | None) -> list[int]:
     return [i * total // limit for i in range(limit)]
 
 
-class _ShardSampler(Sampler[int]):
-    """Every ``world``-th index from ``rank``, without padding.
+class ShardSampler(Sampler[int]):
+    """This process's share of a data set's indices: every ``world``-th from ``rank``.
 
-    torch's DistributedSampler repeats samples to even out the shards, which would count
-    those images twice once results are summed across processes.
+    Evaluation (``seed=None``): the indices in order, with no padding. torch's
+    DistributedSampler repeats samples to even out the shards, which would count those images
+    twice once results are summed across processes.
+
+    Training (``seed`` given): a fresh seeded shuffle each epoch (:meth:`set_epoch`), of which
+    ``limit`` are drawn (None: all), cut to shards of equal length: DDP ranks that ran different
+    numbers of steps would hang.
     """
 
-    def __init__(self, length: int, rank: int, world: int) -> None:
-        self.indices = range(rank, length, world)
+    def __init__(self, length: int, rank: int = 0, world: int = 1, seed: int | None = None,
+                 limit: int | None = None) -> None:
+        self.length, self.rank, self.world, self.seed = length, rank, world, seed
+        self.total = length if limit is None else min(limit, length)
+        if seed is None:
+            self.per_rank = len(range(rank, self.total, world))
+        else:
+            self.per_rank = self.total // world
+            if self.per_rank == 0:
+                raise DataError(f"{self.total} training images cannot be shared by {world} "
+                                f"processes")
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
+        if self.seed is None:
+            return iter(range(self.rank, self.total, self.world))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.length, generator=gen)[: self.per_rank * self.world]
+        return iter(order[self.rank :: self.world].tolist())
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return self.per_rank
 
 
 def make_loader(
@@ -360,13 +400,9 @@ def make_loader(
         dataset = Subset(dataset, spread_indices(total, limit))
     sampler: Sampler[int] | None = None
     if distributed:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not is_distributed():
             raise RuntimeError("make_loader(distributed=True) needs torch.distributed initialised")
-        sampler = _ShardSampler(
-            len(dataset),  # type: ignore[arg-type]
-            torch.distributed.get_rank(),
-            torch.distributed.get_world_size(),
-        )
+        sampler = ShardSampler(len(dataset), rank(), world_size())  # type: ignore[arg-type]
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -378,20 +414,23 @@ def make_loader(
     )
 
 
+def calibration_root(root: str | os.PathLike[str]) -> Path:
+    """The folder of class folders that calibration reads: ``train/``, else ``val/``, else
+    ``root`` itself."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"calibration data folder {root} does not exist")
+    return next((root / s for s in ("train", "val") if (root / s).is_dir()), root)
+
+
 def calibration_dataset(
-    root: str | os.PathLike[str], spec: Mapping[str, Any] | None = None
+    root: str | os.PathLike[str], spec: InputSpec | None = None
 ) -> Dataset:
     """Images to calibrate activation ranges on; labels are ignored.
 
     Takes a CIFAR-style root (its ``train/`` split), an ImageNet root (its ``train/`` or
     ``val/``), or any ``<class>/<image>`` folder.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"calibration data folder {root} does not exist")
-    for split in ("train", "val"):
-        if (root / split).is_dir():
-            root = root / split
-            break
-    samples, classes = _scan(root, None, "<class>/<image> subfolders (or train/<class>/...)")
+    samples, classes = _scan(calibration_root(root), None,
+                             "<class>/<image> subfolders (or train/<class>/...)")
     return ImageFiles(samples, classes, build_transform(spec or IMAGENET_SPEC), False)

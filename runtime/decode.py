@@ -6,7 +6,13 @@ import numpy as np
 import torch
 
 from runtime import coders
-from runtime.errors import CorruptBlob, FormatError, WeightpackError
+from runtime.errors import (
+    CorruptBlob,
+    FormatError,
+    LimitExceeded,
+    WeightpackError,
+    printable,
+)
 from runtime.format.dtypes import FLOAT_NAMES, numpy_dtype, numpy_to_tensor, torch_dtype
 from runtime.format.reader import PackedFile
 from runtime.format.records import ArrayRecord, StreamRecord, TensorRecord
@@ -32,12 +38,7 @@ def unshuffle_bytes(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def read_stream(packed: PackedFile, stream: StreamRecord, what: str) -> np.ndarray:
     payload = bytes(packed.blob(stream.blob, what))
-    coded = coders.CodedStream(
-        coder=stream.coder, version=stream.coder_version, payload=payload, bits=stream.bits,
-        code_lengths=stream.code_lengths, frequencies=stream.frequencies,
-        precision=stream.precision, chunk_offsets=stream.chunk_offsets,
-        chunk_size=stream.chunk_size,
-    )
+    coded = coders.CodedStream(**stream.coder_params(), payload=payload)
     symbols = coders.decode(coded, stream.count, stream.alphabet_size)
     if symbols.shape != (stream.count,):
         raise CorruptBlob(f"{what} decoded to {symbols.size} symbols, expected {stream.count}")
@@ -106,10 +107,13 @@ def decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor:
         if str(packed.path) in str(exc):
             raise
         raise type(exc)(f"{packed.path}: {exc}") from None
+    except MemoryError:
+        raise LimitExceeded(f"{packed.path}: not enough memory to decode tensor {record.name!r} "
+                            f"({record.numel:,} elements)") from None
 
 
 def _decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor:
-    name = record.name
+    name = printable(record.name)  # for messages
     dtype = torch_dtype(record.dtype)
     _check_fields(record)
     if record.scheme == "raw":
@@ -160,7 +164,7 @@ def _decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor
 
 def _uniform(packed: PackedFile, record: TensorRecord, indices: StreamRecord,
              dtype: torch.dtype) -> UniformTensor:
-    name = record.name
+    name = printable(record.name)
     _require(1 <= record.bits <= 16 and indices.alphabet_size == 1 << record.bits, record,
              "bit width and alphabet disagree")
     _require(indices.count == record.numel, record, "code count differs from the shape")

@@ -57,3 +57,17 @@ class ConfigError(WeightpackError):
 
 class DataError(WeightpackError):
     """An evaluation or calibration data folder is missing, empty or unreadable."""
+
+
+class OutputError(WeightpackError):
+    """The output path cannot be written (missing folder, a directory, no permission)."""
+
+
+def printable(text: str) -> str:
+    """`text` with control and other non-printable characters escaped (``\\x1b``, ``\\n``).
+
+    Names and strings come from files; a message or a terminal must not carry a file's escape
+    sequences or line breaks raw."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

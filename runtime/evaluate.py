@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from runtime.distributed import is_distributed, rank
 from runtime.errors import ArchitectureError, DataError
 
 __all__ = ["EvalResult", "evaluate"]
@@ -36,10 +37,6 @@ class EvalResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def _unpack(batch: Any) -> tuple[Tensor, Tensor, int]:
@@ -88,12 +85,11 @@ def evaluate(
     device = torch.device(device)
     if isinstance(model, nn.Module):
         model = model.eval().to(device)
-    rank0 = not _distributed() or dist.get_rank() == 0
-    show = progress and rank0 and sys.stderr.isatty()
+    show = progress and rank() == 0 and sys.stderr.isatty()
     start = time.perf_counter()
     with torch.inference_mode():
         counts = _count(model, loader, device, show)
-        if _distributed():
+        if is_distributed():
             # NCCL reduces device tensors only; gloo wants CPU tensors.
             counts = counts.to(device if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)

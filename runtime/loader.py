@@ -13,21 +13,71 @@ from runtime import zoo
 from runtime.activation_quant import apply_activation_quant
 from runtime.decode import decode_state_dict
 from runtime.errors import ArchitectureError, ConfigError, UnsupportedVersion
-from runtime.format.reader import open_packed
+from runtime.format.dtypes import torch_dtype
+from runtime.format.reader import PackedFile, open_packed
 from runtime.format.records import ModelRecord
 from runtime.gating import apply_gates
 
 
-def build_module(model: ModelRecord) -> nn.Module:
-    """Instantiate the file's architecture from the allow-list (never importing by name),
-    with the file's channel gates installed: the module its tensors bind to."""
+def _builder_kwargs(model: ModelRecord) -> dict:
     arch = model.architecture
     if arch.kind != "builder":
         raise UnsupportedVersion(f"architecture kind {arch.kind!r} has no torch builder")
     kwargs = json.loads(arch.kwargs_json)
     if not isinstance(kwargs, dict):
         raise ArchitectureError("builder kwargs in the file are not a JSON object")
-    return apply_gates(zoo.build(arch.builder, kwargs), model.channel_gates)
+    return kwargs
+
+
+def build_module(model: ModelRecord) -> nn.Module:
+    """Instantiate the file's architecture from the allow-list (never importing by name),
+    with the file's channel gates installed: the module its tensors bind to."""
+    return apply_gates(zoo.build(model.architecture.builder, _builder_kwargs(model)),
+                       model.channel_gates)
+
+
+def build_skeleton(model: ModelRecord) -> nn.Module:
+    """The file's architecture with its large tensors on the meta device (see
+    zoo.build_skeleton), its channel gates installed and checked against it: enough to check
+    the file against it before anything is allocated."""
+    skeleton = zoo.build_skeleton(model.architecture.builder, _builder_kwargs(model))
+    return apply_gates(skeleton, model.channel_gates)
+
+
+def check_fits(module: nn.Module, packed: PackedFile) -> None:
+    """Every tensor of the architecture is in the file with its shape and dtype, and the file
+    has no other tensor. Runs on the index alone, before any tensor is decoded."""
+    records = {t.name: t for t in packed.model.tensors}
+    expected = module.state_dict()
+    problems = [f"missing {k!r}" for k in expected if k not in records]
+    problems += [f"unexpected {k!r}" for k in records if k not in expected]
+    for name, want in expected.items():
+        record = records.get(name)
+        if record is None:
+            continue
+        if tuple(want.shape) != record.shape:
+            problems.append(f"{name!r}: file {list(record.shape)} vs architecture "
+                            f"{list(want.shape)}")
+        elif torch_dtype(record.dtype) != want.dtype:
+            problems.append(f"{name!r}: file {record.dtype} vs architecture "
+                            f"{str(want.dtype).removeprefix('torch.')}")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more"
+                                           if len(problems) > 3 else "")
+        raise ArchitectureError(
+            f"{packed.path}: tensors do not fit architecture "
+            f"{packed.model.architecture.builder!r}: {shown}")
+
+
+def _has_meta_tensors(module: nn.Module) -> bool:
+    """Whether a tensor the state_dict does not carry (a non-persistent buffer, a plain tensor
+    attribute) is still a meta placeholder."""
+    for sub in module.modules():
+        tensors = [*sub._parameters.values(), *sub._buffers.values(),
+                   *(v for v in vars(sub).values() if isinstance(v, torch.Tensor))]
+        if any(t is not None and t.is_meta for t in tensors):
+            return True
+    return False
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -36,10 +86,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     or as a standalone fp32 onnx.ModelProto with its weights inline (backend "onnx").
 
     Safe on untrusted files: no Python object is deserialised or imported by name; every size is
-    checked before allocation. Each call opens the file on its own, so concurrent loads
-    from threads or processes do not share state. Activation quantizers stored in the file
-    (DoReFa's bits_a) are installed on the module, and so are channel gates (FBS), so it
-    computes what was trained.
+    checked before allocation, and the tensors (channel-gate predictors included) are checked
+    against the architecture (built without its large tensors) before any is decoded. Each
+    call opens the file on its own, so concurrent loads from threads or processes do not share
+    state. Activation quantizers stored in the file (DoReFa's bits_a) are installed on the
+    module, and so are channel gates (FBS), so it computes what was trained.
     """
     if backend == "onnx":
         from runtime.onnx.graph import fp32_graph  # the ONNX backend imports this module
@@ -57,17 +108,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
             from runtime.onnx.module import load_graph_module
 
             return load_graph_module(path, torch.device(device))
-        module = build_module(packed.model)
+        module = build_skeleton(packed.model)
+        check_fits(module, packed)
         state_dict = decode_state_dict(packed)
-        activation_quant = packed.model.activation_quant
-    expected = module.state_dict()
-    problems = [k for k in expected if k not in state_dict or
-                expected[k].shape != state_dict[k].shape]
-    unexpected = [k for k in state_dict if k not in expected]
-    if problems or unexpected:
-        raise ArchitectureError(
-            f"{path}: tensors do not fit architecture {packed.model.architecture.builder} "
-            f"({len(problems)} missing or misshapen, {len(unexpected)} unexpected)")
+        model = packed.model
+    # assign=True puts the decoded tensors in place of the meta placeholders.
     module.load_state_dict(state_dict, strict=True, assign=True)
-    apply_activation_quant(module, activation_quant)
+    if _has_meta_tensors(module):  # a large tensor the builder derives, not stored: build it
+        module = build_module(model)
+        module.load_state_dict(state_dict, strict=True, assign=True)
+    apply_activation_quant(module, model.activation_quant)
     return module.to(device).eval()

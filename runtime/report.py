@@ -6,8 +6,10 @@ import json
 import os
 from typing import Any
 
+from runtime.errors import printable
+from runtime.format.preamble import Preamble
 from runtime.format.reader import PackedFile
-from runtime.format.records import TensorRecord
+from runtime.format.records import ModelRecord, TensorRecord
 
 QUANTIZED = ("uniform", "scalar_codebook", "vector_codebook")
 
@@ -16,14 +18,14 @@ def _levels(t: TensorRecord) -> str:
     if t.scheme == "uniform":
         return f"{t.bits}b"
     if t.scheme in ("scalar_codebook", "vector_codebook") and t.codebook is not None:
-        k = t.codebook.shape[0]
+        k = t.codebook.shape[0] if t.codebook.shape else "?"  # a 0-d codebook does not decode
         return f"K={k}" + (f"x{t.subvector_size}" if t.scheme == "vector_codebook" else "")
     return t.values_dtype
 
 
 def tensor_row(t: TensorRecord) -> dict[str, Any]:
     streams = t.streams()
-    stream_bytes = sum(s.blob.length + s.params_nbytes for _, s in streams)
+    stream_bytes = sum(s.blob.length + s.params_nbytes() for _, s in streams)
     array_bytes = sum(a.blob.length for _, a in t.arrays())
     coded = stream_bytes + array_bytes
     # The order-0 entropy bound of the streams, in bytes, plus the arrays stored as they are.
@@ -38,8 +40,7 @@ def tensor_row(t: TensorRecord) -> dict[str, Any]:
     }
 
 
-def _index_strings(packed: PackedFile) -> tuple[int, int]:
-    m = packed.model
+def _index_strings(m: ModelRecord) -> tuple[int, int]:
     arch = len(m.architecture.builder.encode()) + len(m.architecture.kwargs_json.encode())
     meta = sum(len(s.encode()) for s in (m.producer, m.method, m.method_config_json,
                                           m.source_sha256, m.metadata_json, *m.class_names))
@@ -47,13 +48,19 @@ def _index_strings(packed: PackedFile) -> tuple[int, int]:
 
 
 def params_of(model, role: str) -> int:
-    return sum(s.params_nbytes for t in model.tensors for r, s in t.streams() if r == role)
+    return sum(s.params_nbytes() for t in model.tensors for r, s in t.streams() if r == role)
 
 
 def build_report(packed: PackedFile) -> dict[str, Any]:
     """Everything `inspect` and `compress` print, as one JSON-ready dict."""
-    m = packed.model
-    file_bytes = os.stat(packed.path).st_size
+    return size_report(packed.model, packed.preamble, packed.index_raw_size, packed.path)
+
+
+def size_report(m: ModelRecord, preamble: Preamble, index_raw_size: int,
+                path: str | os.PathLike) -> dict[str, Any]:
+    """The report from the index records and the file's layout: what a reader finds in the
+    file, and what the writer knows before writing it."""
+    file_bytes = preamble.file_size
     rows = [tensor_row(t) for t in m.tensors]
     quantized = [r for r, t in zip(rows, m.tensors, strict=True) if t.scheme in QUANTIZED]
     q_bytes = sum(r["coded_bytes"] for r in quantized)
@@ -64,29 +71,29 @@ def build_report(packed: PackedFile) -> dict[str, Any]:
     params = 0
     for t in m.tensors:
         for role, s in t.streams():
-            params += s.params_nbytes
+            params += s.params_nbytes()
             sections["indices" if role == "indices" else "raw_tensors"] += (
-                s.blob.length + s.params_nbytes)
+                s.blob.length + s.params_nbytes())
         sections["codebooks"] += sum(a.blob.length for _, a in t.arrays())
     # Parameters and strings live in the index; when it is zstd-compressed, charge them
     # at the index's compression rate so every figure is in bytes actually stored.
-    rate = packed.preamble.index_size / packed.index_raw_size
+    rate = preamble.index_size / index_raw_size
     params = round(params * rate)
     sections["indices"] = round(sections["indices"] - params_of(m, "indices") * (1 - rate))
     sections["raw_tensors"] = round(sections["raw_tensors"] - params_of(m, "values") * (1 - rate))
-    arch_strings, meta_strings = (round(n * rate) for n in _index_strings(packed))
+    arch_strings, meta_strings = (round(n * rate) for n in _index_strings(m))
     graph = m.architecture.graph.length if m.architecture.graph else 0
     sections["architecture"] = arch_strings + graph
     sections["metadata"] = meta_strings
     blob_total = sum(ref.length for _, ref in m.blobs())
-    sections["padding"] = (packed.section_bytes()["index_padding"]
-                           + packed.preamble.data_size - blob_total)
+    index_padding = preamble.data_offset - preamble.index_offset - preamble.index_size
+    sections["padding"] = index_padding + preamble.data_size - blob_total
     sections["preamble_index"] = 0
     sections["preamble_index"] = file_bytes - sum(sections.values())
 
     config = json.loads(m.method_config_json)
     return {
-        "file": str(packed.path), "file_bytes": file_bytes, "fp32_bytes": m.fp32_bytes,
+        "file": str(path), "file_bytes": file_bytes, "fp32_bytes": m.fp32_bytes,
         "ratio": m.fp32_bytes / file_bytes if file_bytes else 0.0,
         "bits_per_weight": 8 * q_bytes / q_weights if q_weights else 0.0,
         "bits_per_parameter": 8 * file_bytes / n_float if n_float else 0.0,
@@ -95,8 +102,9 @@ def build_report(packed: PackedFile) -> dict[str, Any]:
         "architecture": {"kind": m.architecture.kind, "builder": m.architecture.builder,
                          "kwargs": json.loads(m.architecture.kwargs_json)},
         "input": m.input.as_dict(), "num_classes": m.num_classes,
+        "class_names": list(m.class_names),
         "source_sha256": m.source_sha256,
-        "format": f"{packed.preamble.major}.{packed.preamble.minor}",
+        "format": f"{preamble.major}.{preamble.minor}",
         "required_features": list(m.required_features),
         "activation_quant": [{"module": q.module, "bits": q.bits, "clip": q.clip}
                              for q in m.activation_quant],
@@ -124,6 +132,7 @@ def _human(n: float) -> str:
 
 
 def format_report(report: dict[str, Any], tensors: bool = True) -> str:
+    """The human-readable report; every string that comes from the file is escaped."""
     lines = []
     if tensors:
         head = (f"{'tensor':<28} {'shape':<16} {'scheme':<15} {'levels':<9} {'coder':<8} "
@@ -131,15 +140,18 @@ def format_report(report: dict[str, Any], tensors: bool = True) -> str:
         lines += [head, "-" * len(head)]
         for r in report["tensors"]:
             shape = "x".join(map(str, r["shape"])) or "scalar"
+            name = printable(r["name"])
             lines.append(
-                f"{r['name'][:28]:<28} {shape[:16]:<16} {r['scheme']:<15} {r['levels']:<9} "
+                f"{name[:28]:<28} {shape[:16]:<16} {r['scheme']:<15} {r['levels']:<9} "
                 f"{r['coder']:<8} {r['coded_bytes']:>9,} {r['bits_per_weight']:>7.3f} "
                 f"{r['entropy_bits']:>7.3f} {r['bound_bytes']:>9,.0f}")
         lines.append("")
     arch = report["architecture"]
     lines += [
-        f"file        {report['file']}  (format {report['format']}, {report['producer']})",
-        f"method      {report['method']}  on {arch['builder'] or arch['kind']}",
+        f"file        {printable(report['file'])}  (format {report['format']}, "
+        f"{printable(report['producer'])})",
+        f"method      {printable(report['method'])}  on "
+        f"{printable(arch['builder'] or arch['kind'])}",
         f"file bytes  {report['file_bytes']:,}  ({_human(report['file_bytes'])}, on disk)",
         f"fp32 bytes  {report['fp32_bytes']:,}  ({_human(report['fp32_bytes'])})",
         f"ratio       {report['ratio']:.2f}x",

@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.assets import require, shared_root, under_ci
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under CI=true a missing shared folder stops the run with one clear error, before any
+    test is collected, instead of skipping every test that needs it."""
+    if under_ci() and not shared_root().is_dir():
+        raise pytest.UsageError(
+            f"CI=true but the shared assets are not at {shared_root()}: set WEIGHTPACK_SHARED "
+            f"(or put them at ../shared beside the repository)")
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """``$WEIGHTPACK_SHARED`` or ``<repo root>/../shared``; skips the test when absent."""
-    path = Path(os.environ.get("WEIGHTPACK_SHARED", REPO_ROOT.parent / "shared"))
-    if not path.is_dir():
-        pytest.skip(f"shared assets not found at {path} (set WEIGHTPACK_SHARED)")
-    return path
+    """``$WEIGHTPACK_SHARED`` or ``<repo root>/../shared``; skips the test when absent (and
+    fails it under CI=true)."""
+    return require(shared_root(), "shared assets (set WEIGHTPACK_SHARED)")
+
+
+@pytest.fixture(scope="session")
+def r20(shared_dir: Path) -> Path:
+    """The fine-tuned ResNet-20, a plain state_dict: the baseline the tests compress."""
+    return require(shared_dir / "models" / "cifar10" / "resnet20-cifar10jpg.pth",
+                   "shared ResNet-20 checkpoint")
+
+
+@pytest.fixture(scope="session")
+def cifar(shared_dir: Path) -> Path:
+    """CIFAR-10 as a JPEG folder (train/ and test/)."""
+    return require(shared_dir / "data" / "cifar10", "shared CIFAR-10 folder")

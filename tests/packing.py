@@ -12,10 +12,9 @@ from packer.config import collect_settings
 from packer.encode import DataSection, Encoder
 from packer.methods.base import CompressJob, Method
 from packer.writer import write_packed
-from runtime.format.records import ArchitectureRecord, InputSpec, ModelRecord
+from runtime.format.records import ArchitectureRecord, ModelRecord
 from runtime.tensors import CompressedTensor
-
-CIFAR_SPEC = InputSpec((3, 32, 32), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+from runtime.zoo.specs import CIFAR_SPEC
 
 
 def pack_tensors(path: Path, tensors: dict[str, CompressedTensor], coder: str = "auto",

@@ -96,3 +96,43 @@ def test_resolve_adapts_num_classes() -> None:
     arch = resolve(sd, "cifar_resnet20")
     assert arch.kwargs == {"num_classes": 100}
     assert arch.model.linear.out_features == 100
+
+
+@pytest.mark.parametrize("arch", [None, "cifar_resnet20"])
+def test_checkpoint_saved_before_num_batches_tracked(tmp_path: Path, model, arch) -> None:
+    """The layout of the original CIFAR ResNets: torch's strict load accepts it, so do we."""
+    sd = {f"module.{k}": v for k, v in model.state_dict().items()
+          if not k.endswith("num_batches_tracked")}
+    torch.save({"state_dict": sd, "best_prec1": 91.78}, tmp_path / "old.th")
+    resolved = resolve(load_checkpoint(tmp_path / "old.th").state_dict, arch)
+    assert resolved.name == "cifar_resnet20"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(resolved.model(x), model(x))
+    assert int(resolved.model.bn1.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("layout", ["plain", "state_dict", "model", "dataparallel", "legacy",
+                                    "safetensors", "torchscript"])
+def test_every_readme_layout_packs_and_runs(tmp_path: Path, model, layout: str) -> None:
+    """The README's list of checkpoint layouts, each packed and loaded, not just read."""
+    import runtime
+    from packer.compress import PackRequest, pack
+
+    sd = model.state_dict()
+    src = tmp_path / ("m.safetensors" if layout == "safetensors" else "m.pth")
+    if layout == "safetensors":
+        save_file(sd, str(src))
+    elif layout == "torchscript":
+        torch.jit.script(model).save(str(src))
+    else:
+        legacy = {f"module.{k}": v for k, v in sd.items() if "num_batches" not in k}
+        torch.save({"plain": sd, "state_dict": {"state_dict": sd, "epoch": 3},
+                    "model": {"model": sd}, "dataparallel": {f"module.{k}": v for k, v in
+                                                             sd.items()},
+                    "legacy": {"state_dict": legacy, "best_prec1": 91.78}}[layout], src)
+    report = pack(PackRequest(src, tmp_path / "m.fb", "none", coder="raw", progress=False))
+    assert report["architecture"]["builder"] == "cifar_resnet20"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(runtime.load(tmp_path / "m.fb")(x), model(x))

@@ -100,7 +100,10 @@ def test_public_names() -> None:
     assert sorted(coders.__all__) == sorted(
         [
             "CODERS",
+            "FORMAT_VERSION",
             "CodedStream",
+            "CoderParams",
+            "MAX_ZSTD_EXPANSION",
             "decode",
             "encode",
             "encode_best",

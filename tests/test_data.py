@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,24 +13,19 @@ from PIL import Image
 from runtime import data
 from runtime.errors import DataError
 from runtime.zoo import input_spec
+from tests.assets import require
 
 CIFAR_SPEC = input_spec("cifar_resnet20")
 
 
 @pytest.fixture(scope="module")
 def imagenet_dir(shared_dir: Path) -> Path:
-    path = shared_dir / "data" / "imagenet-sample"
-    if not path.is_dir():
-        pytest.skip(f"no shared ImageNet sample in {path}")
-    return path
+    return require(shared_dir / "data" / "imagenet-sample", "shared ImageNet sample")
 
 
 @pytest.fixture(scope="module")
 def cifar_dir(shared_dir: Path) -> Path:
-    path = shared_dir / "data" / "cifar10"
-    if not (path / "test").is_dir():
-        pytest.skip(f"no shared CIFAR-10 image folder in {path}")
-    return path
+    return require(shared_dir / "data" / "cifar10" / "test", "shared CIFAR-10 test folder").parent
 
 
 def write_jpeg(path: Path, size: tuple[int, int] = (40, 30), mode: str = "RGB") -> bytes:
@@ -143,19 +139,19 @@ def test_transform_fits_and_converts() -> None:
     transform = data.build_transform(CIFAR_SPEC)
     cmyk = Image.new("CMYK", (50, 40))
     assert transform(cmyk).shape == (3, 32, 32)
-    gray = data.build_transform({**CIFAR_SPEC, "shape": [1, 32, 32], "mean": [0.5], "std": [0.5]})
+    gray = data.build_transform(replace(CIFAR_SPEC, shape=(1, 32, 32), mean=(0.5,), std=(0.5,)))
     assert gray(Image.new("RGB", (32, 32), (255, 255, 255))).tolist()[0][0][0] == 1.0
     imagenet = data.build_transform(input_spec("torchvision.resnet18"))
     assert imagenet(Image.new("RGB", (500, 300))).shape == (3, 224, 224)
 
 
 @pytest.mark.parametrize("bad", [
-    {"shape": [3, 32]}, {"shape": [4, 32, 32]}, {"std": [0.0, 1.0, 1.0]}, {"mean": [0.5]},
+    {"shape": (3, 32)}, {"shape": (4, 32, 32)}, {"std": (0.0, 1.0, 1.0)}, {"mean": (0.5,)},
     {"resize": -1}, {"crop": 2.5}, {"shape": None},
 ])  # fmt: skip
 def test_bad_specs(bad: dict[str, object]) -> None:
     with pytest.raises(DataError, match="input spec"):
-        data.build_transform({**CIFAR_SPEC, **bad})
+        data.build_transform(replace(CIFAR_SPEC, **bad))
 
 
 def test_limit_spreads_over_classes(cifar_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,16 +18,7 @@ from packer.config import build_config
 from packer.methods import METHODS, CompressJob
 from packer.writer import layout
 from runtime import cli as runtime_cli, zoo
-
-
-@pytest.fixture(scope="module")
-def r20(shared_dir: Path) -> Path:
-    return shared_dir / "models" / "cifar10" / "resnet20-cifar10jpg.pth"
-
-
-@pytest.fixture(scope="module")
-def cifar(shared_dir: Path) -> Path:
-    return shared_dir / "data" / "cifar10"
+from runtime.report import inspect_file
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +93,13 @@ def test_every_method_packs_deterministically(r20: Path, tmp_path: Path) -> None
         assert isinstance(model, torch.nn.Module)
 
 
+def test_pack_reports_the_sizes_inspect_reads_back(r20: Path, tmp_path: Path) -> None:
+    out = tmp_path / "u.fb"
+    report = pack(PackRequest(r20, out, "uniform", overrides=["bits=4"], progress=False))
+    read_back = inspect_file(out)
+    assert {key: report[key] for key in read_back} == read_back
+
+
 def test_only_rank_zero_writes_under_torchrun(r20: Path, tmp_path: Path, monkeypatch,
                                             capsys) -> None:
     out = tmp_path / "m.fb"
@@ -132,9 +131,13 @@ def test_interrupted_compress_leaves_no_file(r20: Path, tmp_path: Path, monkeypa
     out = tmp_path / "partial.fb"
 
     def interrupted(model, data):
-        chunks = layout(model, data)
-        yield chunks[0]
-        raise KeyboardInterrupt
+        written = layout(model, data)
+
+        def chunks():
+            yield next(iter(written.chunks))
+            raise KeyboardInterrupt
+
+        return dataclasses.replace(written, chunks=chunks())
 
     monkeypatch.setattr("packer.writer.layout", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -14,24 +14,22 @@ from torch import Tensor
 from runtime import data, zoo
 from runtime.errors import DataError
 from runtime.evaluate import EvalResult, evaluate
+from tests.assets import require
 
 DIST_LIMIT = 69  # odd on purpose: the two shards differ in size and must not be padded
 
 
 def cifar_resnet20(shared_dir: Path) -> torch.nn.Module:
-    path = shared_dir / "models" / "cifar10" / "resnet20-cifar10jpg.pth"
-    if not path.is_file():
-        pytest.skip(f"no {path.name} in {path.parent}")
+    path = require(shared_dir / "models" / "cifar10" / "resnet20-cifar10jpg.pth",
+                   "shared ResNet-20 checkpoint")
     model = zoo.build("cifar_resnet20")
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model
 
 
 def cifar_test(shared_dir: Path) -> data.ImageFiles:
-    path = shared_dir / "data" / "cifar10"
-    if not (path / "test").is_dir():
-        pytest.skip(f"no CIFAR-10 test folder in {path}")
-    return data.cifar10_dataset(path, split="test")
+    path = require(shared_dir / "data" / "cifar10" / "test", "shared CIFAR-10 test folder")
+    return data.cifar10_dataset(path.parent, split="test")
 
 
 def test_resnet20_on_500_cifar_images(shared_dir: Path) -> None:

@@ -281,6 +281,11 @@ def test_training_a_couple_of_batches_per_stage_then_resuming(tmp_path: Path) ->
     schedule2 = method2.extra_report()["fbs_schedule"]
     assert [s["training"]["resumed_from"] for s in schedule2] == [1, 1, 1, 0]
     assert {g.keep for g in job2.channel_gates} == {5, 10, 19}
+    # A stage trained under other settings (here the learning rate) is not resumed from.
+    changed = [s for s in sets if not s.startswith("lr=")]
+    method3, job3 = method_job(FBSMethod, cifar_resnet20(), *changed, "lr=0.02", data=data)
+    with pytest.raises(ConfigError, match=r"cannot resume .*lr"):
+        method3.compress(job3)
 
 
 def test_training_needs_data(tmp_path: Path) -> None:

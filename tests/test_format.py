@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from packer.config import CODER_CHOICES
+from runtime.coders import CODERS
 from runtime.decode import decode_tensor
 from runtime.errors import UnsupportedVersion, WeightpackError
+from runtime.format.generated.weightpack.fb import ArchKind, Coder, Scheme
 from runtime.format.preamble import FORMAT_MAJOR, MAGIC, PREAMBLE_SIZE, parse_preamble
 from runtime.format.reader import open_packed
+from runtime.format.records import ARCH_KINDS, SCHEMES
 from runtime.report import build_report
 from runtime.tensors import (
     RawTensor,
@@ -21,8 +25,6 @@ from runtime.tensors import (
     VectorCodebookTensor,
 )
 from tests.packing import pack_tensors
-
-CODERS = ["auto", "raw", "zstd", "huffman", "ans"]
 
 
 def sample_tensors(seed: int = 0) -> dict[str, object]:
@@ -50,7 +52,21 @@ def sample_tensors(seed: int = 0) -> dict[str, object]:
     }
 
 
-@pytest.mark.parametrize("coder", CODERS)
+def _enum_names(enum: type) -> list[str]:
+    """A generated FlatBuffers enum's names in code order, snake_case like ours."""
+    items = sorted((v, k) for k, v in vars(enum).items() if not k.startswith("_"))
+    return ["".join(f"_{c.lower()}" if c.isupper() else c for c in k).lstrip("_")
+            for _, k in items]
+
+
+def test_name_lists_follow_the_schema_enums() -> None:
+    # Each list is the one home of its names; a name's position is its code in the file.
+    assert _enum_names(Coder.Coder) == list(CODERS)
+    assert _enum_names(Scheme.Scheme) == list(SCHEMES)
+    assert _enum_names(ArchKind.ArchKind) == list(ARCH_KINDS)
+
+
+@pytest.mark.parametrize("coder", CODER_CHOICES)
 def test_every_scheme_round_trips_bit_exact(tmp_path: Path, coder: str) -> None:
     tensors = sample_tensors()
     pack_tensors(tmp_path / "m.fb", tensors, coder=coder)

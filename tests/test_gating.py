@@ -8,18 +8,22 @@ import struct
 from dataclasses import replace
 from pathlib import Path
 
+import flatbuffers
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import runtime
+from packer import index_builder
 from packer.encode import DataSection, Encoder
 from packer.writer import layout
-from runtime import quant
-from runtime.errors import ArchitectureError, FormatError, UnsupportedVersion
+from runtime import loader, quant, zoo
+from runtime.errors import ArchitectureError, FormatError, LimitExceeded, UnsupportedVersion
 from runtime.format import features, preamble
-from runtime.format.preamble import FLAG_INDEX_ZSTD, FLAG_REQUIRED_FEATURES
+from runtime.format.generated.weightpack.fb import ChannelGate as FbGate, Model as FbModel
+from runtime.format.index import parse_index
+from runtime.format.preamble import FLAG_INDEX_ZSTD, FLAG_REQUIRED_FEATURES, INDEX_IDENTIFIER
 from runtime.format.reader import open_packed
 from runtime.format.records import ArchitectureRecord, ChannelGateRecord, ModelRecord
 from runtime.gating import (
@@ -254,7 +258,7 @@ def write(path: Path, model: nn.Module, gates: tuple[ChannelGateRecord, ...],
         architecture=ArchitectureRecord("builder", "cifar_resnet20", "{}"), input=CIFAR_SPEC,
         num_classes=10, tensors=records, fp32_bytes=1, channel_gates=gates,
         **{"required_features": ("channel_gating",), **fields})
-    blob = b"".join(layout(record, data))
+    blob = b"".join(layout(record, data).chunks)
     path.write_bytes(blob)
     return blob
 
@@ -334,3 +338,72 @@ def test_gating_records_must_agree_with_the_file(tmp_path: Path, gated_file) -> 
     write(tmp_path / "missing.fb", model, gates[1:])  # a predictor the gates do not claim
     with pytest.raises(ArchitectureError, match="do not fit"):
         runtime.load(tmp_path / "missing.fb")
+
+
+# --- hostile files: the gating record is bounded and checked before allocation --------------
+
+
+def _gate_index(name: str, copies: int) -> bytes:
+    """An index whose channel-gate list points `copies` times at one ChannelGate table."""
+    b = flatbuffers.Builder(1 << 16)
+    module = b.CreateString(name)
+    FbGate.Start(b)
+    FbGate.AddModule(b, module)
+    FbGate.AddKeep(b, 1)
+    gate = FbGate.End(b)
+    FbModel.StartChannelGatesVector(b, copies)
+    for _ in range(copies):
+        b.PrependUOffsetTRelative(gate)
+    vector = b.EndVector()
+    arch = index_builder._architecture(b, ArchitectureRecord("builder", "cifar_resnet20", "{}"))
+    spec = index_builder._input(b, CIFAR_SPEC)
+    FbModel.Start(b)
+    FbModel.AddArchitecture(b, arch)
+    FbModel.AddInput(b, spec)
+    FbModel.AddChannelGates(b, vector)
+    b.Finish(FbModel.End(b), file_identifier=INDEX_IDENTIFIER)
+    return bytes(b.Output())
+
+
+def test_one_gate_table_referenced_many_times_is_refused_at_once() -> None:
+    index = _gate_index("x" * 1000, 2000)
+    assert len(index) < 12_000  # 2 MB of module names if each reference were read
+    with pytest.raises(LimitExceeded,
+                       match=r"at channel gate module\): .* referenced more than once"):
+        parse_index(index)
+
+
+def _refuse(*_args, **_kwargs):
+    raise AssertionError("called before the file was checked")
+
+
+@pytest.mark.parametrize("gate, message", [
+    (ChannelGateRecord("fc", 1), "'fc', a Linear: only convolutions"),
+    (ChannelGateRecord("layer4.2.conv3", 4096), "keeps 4096 of 2048 channels"),
+    (ChannelGateRecord("layer4.2.conv3", 8), "do not fit"),  # predictor tensors missing
+])
+def test_gates_are_checked_on_the_skeleton_before_anything_is_allocated(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gate: ChannelGateRecord,
+        message: str) -> None:
+    data = DataSection(8)
+    record = ModelRecord(
+        producer="weightpack test", method="fbs", method_config_json="{}", source_sha256="",
+        architecture=ArchitectureRecord("builder", "torchvision.resnet50",
+                                        '{"num_classes": 1000000}'),  # an 8 GB classifier
+        input=CIFAR_SPEC, num_classes=10, fp32_bytes=1, channel_gates=(gate,),
+        tensors=(Encoder(data, "raw").tensor("x", RawTensor(torch.zeros(4), torch.float32))
+                 .record,), required_features=("channel_gating",))
+    path = tmp_path / "hostile.fb"
+    path.write_bytes(b"".join(layout(record, data).chunks))
+    monkeypatch.setattr(zoo, "build", _refuse)  # a real build would allocate the model
+    monkeypatch.setattr(loader, "decode_state_dict", _refuse)
+    with pytest.raises(ArchitectureError, match=message):
+        runtime.load(path)
+
+
+def test_a_large_convs_predictor_is_a_meta_placeholder_in_the_skeleton() -> None:
+    skeleton = apply_gates(zoo.build_skeleton("torchvision.resnet50", {}),
+                           [ChannelGateRecord("layer4.2.conv3", 8)])
+    gate = gates_of(skeleton)["layer4.2.conv3"]
+    assert gate.weight.is_meta and gate.weight.shape == (2048, 512)
+    assert not gate.earlier.is_meta  # the tie rule is not in the file: always real

@@ -87,3 +87,25 @@ def test_trusted_pickle_is_stored_as_graph(tmp_path: Path) -> None:
                               trust_pickle=True, progress=False))
     assert report["architecture"]["kind"] == "onnx_graph"
     assert runtime.load(out)(torch.zeros(1, 3, 16, 16)).shape == (1, 7)
+
+
+def test_traced_torchscript_gives_its_own_input_size(tmp_path: Path) -> None:
+    """torch.jit.trace records the example input's shape: no --input-size needed."""
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    path = tmp_path / "traced.pt"
+    torch.jit.trace(model, torch.zeros(1, 3, 24, 20)).save(str(path))
+    out = tmp_path / "traced.fb"
+    report = pack(PackRequest(path, out, "none", progress=False))
+    assert report["input"]["shape"] == [3, 24, 20] and report["num_classes"] == 7
+    x = torch.randn(3, 3, 24, 20, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        assert torch.allclose(runtime.load(out)(x), model(x), rtol=1e-5, atol=1e-5)
+    # --input-size still wins when given
+    assert pack(PackRequest(path, out, "none", input_size=(3, 16, 16),
+                            progress=False))["input"]["shape"] == [3, 16, 16]
+
+
+def test_scripted_torchscript_asks_for_the_input_size(scripted, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="records no input shape"):
+        pack(PackRequest(scripted[0], tmp_path / "x.fb", "none", progress=False))

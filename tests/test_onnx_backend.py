@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
@@ -103,24 +104,41 @@ def test_session_agrees_with_torch(packed: dict[str, Path], method: str) -> None
     sess = session(packed[method])
     assert sess.provider == CPU and sess.input_name == "input"
     x = np.random.default_rng(1).standard_normal((256, 3, 32, 32), dtype=np.float32)
-    got, want = sess.run(x), torch_logits(packed[method], x)
+    got, want = sess(x), torch_logits(packed[method], x)
     assert got.shape == (256, 10)
     print(f"{method}: max abs diff {np.abs(got - want).max():.3g}, relative "
           f"{relative_diff(got, want):.3g}, session built in {sess.build_seconds:.2f} s")
     assert relative_diff(got, want) < 1e-4
 
 
+def test_session_is_an_onnxruntime_inference_session(packed: dict[str, Path]) -> None:
+    """Code written for onnxruntime runs on it unchanged; `sess(x)` is the shortcut."""
+    sess = runtime.session(packed["kmeans"], providers=[CPU])
+    assert isinstance(sess, ort.InferenceSession)
+    [inp], [out] = sess.get_inputs(), sess.get_outputs()
+    assert (inp.name, out.name) == ("input", "logits") and inp.shape[1:] == [3, 32, 32]
+    assert sess.get_providers() == [CPU] and sess.get_modelmeta() is not None
+    x = np.random.default_rng(4).standard_normal((4, 3, 32, 32), dtype=np.float32)
+    logits = sess.run(None, {inp.name: x})[0]
+    assert logits.shape == (4, 10)
+    np.testing.assert_array_equal(sess.run([out.name], {inp.name: x})[0], logits)
+    np.testing.assert_array_equal(sess(x), logits)  # numpy in, numpy out
+    as_torch = sess(torch.from_numpy(x))  # torch in, torch out: an eval model
+    assert isinstance(as_torch, torch.Tensor) and torch.equal(as_torch, torch.from_numpy(logits))
+    assert sess.provider == CPU and sess.build_seconds > 0
+
+
 def test_top1_agrees_with_torch_on_real_images(packed: dict[str, Path], shared_dir: Path) -> None:
     path = packed["kmeans"]
     with open_packed(path) as f:
-        spec = f.model.input.as_dict()
+        spec = f.model.input
     batches = list(make_loader(cifar10_dataset(shared_dir / "data" / "cifar10", spec=spec),
                                batch_size=250, workers=0, limit=1000))
     sess, model = session(path), runtime.load(path)
     same = hits = total = 0
     with torch.inference_mode():
         for batch in batches:
-            ort_top1 = sess.run(batch.images.numpy()).argmax(1)
+            ort_top1 = sess(batch.images.numpy()).argmax(1)
             same += int((ort_top1 == model(batch.images).argmax(1).numpy()).sum())
             hits += int((ort_top1 == batch.targets.numpy()).sum())
             total += len(ort_top1)
@@ -137,7 +155,7 @@ def test_standalone_and_compact_exports_round_trip(packed: dict[str, Path],
                                                    tmp_path: Path) -> None:
     path = packed["kmeans"]
     x = np.random.default_rng(2).standard_normal((16, 3, 32, 32), dtype=np.float32)
-    reference = session(path).run(x)
+    reference = session(path)(x)
     reports = {}
     for compact in (False, True):
         out = tmp_path / f"r20-{'compact' if compact else 'fp32'}.onnx"
@@ -250,7 +268,7 @@ def test_session_injects_weights_from_memory(packed: dict[str, Path], tmp_path: 
     # the package re-exports the function `session`, which shadows the module's name
     monkeypatch.setattr(sys.modules["runtime.onnx.session"], "make_session", spy)
     sess = session(packed["kmeans"])
-    sess.run(np.zeros((2, 3, 32, 32), np.float32))
+    sess(np.zeros((2, 3, 32, 32), np.float32))
     assert os.listdir(scratch) == []
     [(graph_bytes, weight_bytes)] = handed  # onnxruntime gets a weight-free graph + arrays
     assert graph_bytes < 64 << 10 and weight_bytes > 1 << 20
@@ -294,8 +312,8 @@ def test_onnx_graph_file_runs_like_the_builder_file(packed: dict[str, Path],
     path = write_graph_file(packed["kmeans"], tmp_path / "graph.fb",
                             stored_graph.SerializeToString())
     x = np.random.default_rng(3).standard_normal((8, 3, 32, 32), dtype=np.float32)
-    want = session(packed["kmeans"]).run(x)
-    np.testing.assert_array_equal(session(path).run(x), want)
+    want = session(packed["kmeans"])(x)
+    np.testing.assert_array_equal(session(path)(x), want)
     sess, _ = make_session(fp32_graph(path), providers=[CPU])
     np.testing.assert_array_equal(sess.run(None, {"input": x})[0], want)
     report = export_onnx(path, tmp_path / "graph.onnx", compact=True)

@@ -99,11 +99,14 @@ def test_bad_input_messages() -> None:
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3)  # first conv: kept, so nothing is left
 
-    method, job = job_for(NoLayers())
+    method, job = job_for(NoLayers(), "finetune_epochs=0")
     with pytest.raises(ConfigError, match="no layer can be product-quantized"):
         method.compress(job)
     method, job = job_for(cifar_resnet20(), "finetune_epochs=2")
     with pytest.raises(DataError, match="needs training data"):
+        method.compress(job)
+    method, job = job_for(cifar_resnet20())  # no data, and no explicit finetune_epochs=0
+    with pytest.raises(DataError, match="finetune_epochs=0"):
         method.compress(job)
     with pytest.raises(ConfigError, match="kmeans_type"):
         build_config("pqf", PQFMethod.options, {}, ["kmeans_type=fast"])
@@ -180,6 +183,34 @@ def test_resnet20_groups_pad_shortcuts_skipped_and_function_kept() -> None:
     assert not any(g.get("applied") for g in small)
 
 
+def _expected_cifar_resnet_groups(blocks: int) -> list[tuple[list[str], list[str], list[str],
+                                                              bool]]:
+    """(writers, norms, readers, blocked) of every channel space of a CIFAR ResNet, as the
+    permutation search found them when it still knew the zoo's pad-shortcut class."""
+    groups: list[tuple[list[str], list[str], list[str], bool]] = [([], [], ["conv1"], True)]
+    for stage in (1, 2, 3):
+        names = [f"layer{stage}.{i}" for i in range(blocks)]
+        groups += [([f"{b}.conv1"], [f"{b}.bn1"], [f"{b}.conv2"], False) for b in names]
+        head = ["conv1"] if stage == 1 else []
+        norms = ["bn1"] if stage == 1 else []
+        readers = [f"{b}.conv1" for b in (names if stage == 1 else names[1:])]
+        readers.append(f"layer{stage + 1}.0.conv1" if stage < 3 else "linear")
+        groups.append((head + [f"{b}.conv2" for b in names], norms + [f"{b}.bn2" for b in names],
+                       readers, True))  # the residual stream, tied to the next by zero-padding
+    return groups + [(["linear"], [], [], True)]
+
+
+@pytest.mark.parametrize("depth", [20, 56])
+def test_cifar_resnet_groups_come_from_the_graph_unchanged(depth: int) -> None:
+    from runtime.zoo import cifar_resnet
+
+    model = getattr(cifar_resnet, f"cifar_resnet{depth}")()
+    found = [(g.writers, g.norms, g.readers, bool(g.blocked)) for g in find_groups(model)]
+    assert found == _expected_cifar_resnet_groups((depth - 2) // 6)
+    streams = [g for g in find_groups(model) if len(g.writers) > 1]
+    assert all("channel zero-padding" in "; ".join(g.blocked) for g in streams)
+
+
 def test_torchvision_resnet_streams_include_downsample_and_bn() -> None:
     groups = find_groups(torchvision.models.resnet18())
     stream = next(g for g in groups if "layer2.0.downsample.0" in g.writers)
@@ -205,12 +236,12 @@ def test_pack_writes_vector_codebooks_with_fp16_and_reports(tmp_path: Path) -> N
     method = PQFMethod()
     report = pack(PackRequest(src, out, method="pqf", progress=False, overrides=[
         "k=16", "kmeans_iters=3", "large_subvectors=true", "sls_iterations=50",
-        "layer3.*.k=32"]))
+        "finetune_epochs=0", "layer3.*.k=32"]))
     assert report["file_bytes"] == out.stat().st_size
     model = load(out)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     method, job = job_for(randomise_bn(cifar_resnet20()), "k=16", "kmeans_iters=2",
-                          "sls_iterations=20")
+                          "sls_iterations=20", "finetune_epochs=0")
     out_t = method.compress(job)
     assert "conv1.weight" not in out_t and len(out_t) == 19
     t = out_t["layer3.0.conv2.weight"]

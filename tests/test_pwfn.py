@@ -204,7 +204,7 @@ def test_timm_names_are_allow_listed_when_timm_is_installed() -> None:
     from runtime import zoo
 
     spec = zoo.input_spec("timm.deit_tiny_patch16_224")
-    assert spec["crop"] == 224 and spec["resize"] == 248  # timm's crop_pct 0.9
+    assert spec.crop == 224 and spec.resize == 248  # timm's crop_pct 0.9
     model = zoo.build("timm.deit_tiny_patch16_224", {"num_classes": 10})
     assert model.head.out_features == 10
     with pytest.raises(Exception, match="unknown architecture"):

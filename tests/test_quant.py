@@ -21,7 +21,6 @@ from runtime.format.records import ArchitectureRecord, ModelRecord
 from runtime.quant.calibrate import AbsHistogram
 from runtime.tensors import RawTensor, ScalarCodebookTensor, UniformTensor
 from runtime.zoo.specs import CIFAR_SPEC
-from tests.packing import CIFAR_SPEC as CIFAR_INPUT
 
 torch.set_num_threads(1)
 GEN = torch.Generator().manual_seed(0)
@@ -236,13 +235,23 @@ def test_onnxruntime_fuses_the_int8_graph(qdq: dict[str, onnx.ModelProto], tmp_p
     assert "Conv" not in ops and "Add" not in ops and ops.get("QGemm") == 1, ops
 
 
-def test_onnx_int8_agrees_with_torch_fake_quant(packs, scales, qdq, test_images,
-                                               record_property) -> None:
+@pytest.fixture(scope="module")
+def fake_quant_logits(packs, scales, test_images) -> dict[str, torch.Tensor]:
+    """Torch fake-quant logits of each packed model on the test images, computed once."""
     images, _ = test_images
+    out = {}
     for method, p in packs.items():
         fq = quant.fake_quant_module(p.module, scales[method], p.weights)
         with torch.inference_mode():
-            torch_logits = fq(images)
+            out[method] = fq(images)
+    return out
+
+
+def test_onnx_int8_agrees_with_torch_fake_quant(packs, qdq, test_images, fake_quant_logits,
+                                               record_property) -> None:
+    images, _ = test_images
+    for method in packs:
+        torch_logits = fake_quant_logits[method]
         ort_logits = quant.cpu_session(qdq[method], threads=1)(images)
         agree = (torch_logits.argmax(1) == ort_logits.argmax(1)).float().mean().item()
         diff = (torch_logits - ort_logits).abs().max().item()
@@ -250,13 +259,12 @@ def test_onnx_int8_agrees_with_torch_fake_quant(packs, scales, qdq, test_images,
         assert agree >= 0.99, (method, agree, diff)
 
 
-def test_int8_top1_within_one_point_of_fp32(packs, scales, test_images) -> None:
+def test_int8_top1_within_one_point_of_fp32(packs, test_images, fake_quant_logits) -> None:
     images, targets = test_images
     for method, p in packs.items():
-        fq = quant.fake_quant_module(p.module, scales[method], p.weights)
         with torch.inference_mode():
             fp32 = (p.module(images).argmax(1) == targets).float().mean().item() * 100
-            int8 = (fq(images).argmax(1) == targets).float().mean().item() * 100
+        int8 = (fake_quant_logits[method].argmax(1) == targets).float().mean().item() * 100
         assert int8 >= fp32 - 1.0, (method, fp32, int8)
 
 
@@ -270,7 +278,7 @@ def test_int8_model_uses_file_scales_or_says_there_are_none(packs, scales, tmp_p
     record = ModelRecord(
         producer="weightpack test", method="test", method_config_json="{}",
         source_sha256="0" * 64, architecture=ArchitectureRecord("builder", "cifar_resnet20", "{}"),
-        input=CIFAR_INPUT, num_classes=10, tensors=records, fp32_bytes=1,
+        input=CIFAR_SPEC, num_classes=10, tensors=records, fp32_bytes=1,
         activation_scales=tuple(scales["int8"].items()),
         calibration_json=quant.calibration_json("percentile", 256, 99.99))
     with_scales, without = tmp_path / "with.fb", tmp_path / "without.fb"

@@ -117,7 +117,7 @@ def test_reference_and_runtime_agree_on_tampered_streams() -> None:
         except reference_ans.AnsStreamError:
             reference = None
         try:
-            runtime = decode(CodedStream("ans", 1, data, frequencies=table, precision=24),
+            runtime = decode(CodedStream("ans", 1, payload=data, frequencies=table, precision=24),
                              symbols.size, 16)
         except CorruptBlob:
             runtime = None

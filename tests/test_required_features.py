@@ -38,7 +38,7 @@ def write(path: Path, **fields) -> bytes:
         producer="weightpack test", method="test", method_config_json="{}", source_sha256="",
         architecture=ArchitectureRecord("builder", "cifar_resnet20", "{}"), input=CIFAR_SPEC,
         num_classes=10, tensors=records, fp32_bytes=1, **fields)
-    blob = b"".join(layout(model, data))
+    blob = b"".join(layout(model, data).chunks)
     path.write_bytes(blob)
     return blob
 

@@ -66,3 +66,11 @@ def test_loading_in_eight_threads_gives_identical_modules(imagenet_model_file: P
     with torch.inference_mode():
         outs = [m(x) for m in models[:3]]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_a_1000_class_file_without_names_answers_imagenet_names(imagenet_model_file: Path) -> None:
+    from runtime.data import imagenet_classes
+
+    names = runtime.class_names(imagenet_model_file)
+    assert names is not None and len(names) == 1000
+    assert names[0] == imagenet_classes()[0][1]

@@ -20,7 +20,7 @@ from PIL import Image
 
 import runtime
 from runtime.data import CIFAR10_CLASSES, build_transform
-from tests.conftest import REPO_ROOT
+from tests.assets import REPO_ROOT
 
 SERVE = REPO_ROOT / "docs" / "examples" / "serve.py"
 HOST = "127.0.0.1"
@@ -53,9 +53,12 @@ def _first_line(proc: subprocess.Popen) -> str:
 def packed(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from packer.compress import PackRequest, pack
 
-    out = tmp_path_factory.mktemp("serve") / "r20.fb"
+    folder = tmp_path_factory.mktemp("serve")
+    out = folder / "r20.fb"
     source = shared_dir / "models" / "cifar10" / "resnet20-cifar10jpg.pth"
-    pack(PackRequest(source, out, "kmeans", progress=False))
+    names = folder / "classes.txt"  # as `packer compress --class-names classes.txt` reads it
+    names.write_text("\n".join(CIFAR10_CLASSES) + "\n")
+    pack(PackRequest(source, out, "kmeans", progress=False, class_names_file=names))
     return out
 
 
@@ -110,7 +113,7 @@ def test_predictions_match_in_process(server: Server, packed: Path, shared_dir: 
                                                       item[0].read_bytes()), images))
 
     model = runtime.load(packed)
-    transform = build_transform(runtime.open_packed(packed).model.input.as_dict())
+    transform = build_transform(runtime.open_packed(packed).model.input)
     batch = torch.stack([transform(Image.open(f).convert("RGB")) for f, _ in images])
     with torch.inference_mode():
         probs = torch.softmax(model(batch), dim=1)
@@ -121,7 +124,7 @@ def test_predictions_match_in_process(server: Server, packed: Path, shared_dir: 
             answers, images, top.values, top.indices, strict=True):
         assert status == 200, body
         assert body["class"] == int(indices[0])
-        assert body["label"] is None  # 10 classes and no names in the file
+        assert body["label"] == CIFAR10_CLASSES[body["class"]]  # the names the file stores
         assert [i for i, _ in body["top5"]] == indices.tolist()
         assert [p for _, p in body["top5"]] == pytest.approx(values.tolist(), abs=1e-4)
         assert body["ms"] > 0

@@ -16,8 +16,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from packer.training import DataSpec, EpochSampler, TrainConfig, build_datasets, fit
-from runtime.data import CIFAR10_CLASSES
+from packer.training import DataSpec, TrainConfig, build_datasets, fit
+from runtime.data import CIFAR10_CLASSES, ShardSampler
 from runtime.errors import ConfigError, DataError
 
 torch.set_num_threads(1)
@@ -86,13 +86,44 @@ def test_checkpoint_resumes_and_rejects_another_schedule(tmp_path: Path) -> None
         fit(toy_model(), toy_data(), None, cfg(epochs=5, checkpoint=ckpt))
 
 
+def test_resume_refuses_other_settings_and_names_them(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ft.pt"
+    method = {"method": "pqf", "options": {"distill": False, "k": 16}, "seed": 0}
+    fit(toy_model(), toy_data(), None, cfg(epochs=2, checkpoint=ckpt, method_settings=method))
+    with pytest.raises(ConfigError, match=r"cannot resume .*training\.lr: 0\.01 -> 0\.02"):
+        fit(toy_model(), toy_data(), None,
+            cfg(epochs=2, lr=0.02, checkpoint=ckpt, method_settings=method))
+    distilled = {**method, "options": {"distill": True, "k": 16}}
+    with pytest.raises(ConfigError, match=r"method\.options\.distill: false -> true"):
+        fit(toy_model(), toy_data(), None,
+            cfg(epochs=2, checkpoint=ckpt, method_settings=distilled))
+    wider = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    with pytest.raises(ConfigError, match="model: its tensor names or shapes differ"):
+        fit(wider, toy_data(), None, cfg(epochs=2, checkpoint=ckpt, method_settings=method))
+    # Where the run goes and how fast it loads are not settings: the same run resumes.
+    again = fit(toy_model(), toy_data(), None, cfg(epochs=2, checkpoint=ckpt, workers=0,
+                                                   progress=True, method_settings=method))
+    assert again.resumed_from == 2 and again.epochs_run == 0
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot resume from"):
+        fit(toy_model(), toy_data(), None, cfg(epochs=1, checkpoint=junk))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": toy_model().state_dict()}, foreign)
+    with pytest.raises(ConfigError, match="records no settings"):
+        fit(toy_model(), toy_data(), None, cfg(epochs=1, checkpoint=foreign))
+
+
 def test_epoch_sampler_is_seeded_limited_and_sharded() -> None:
-    a = EpochSampler(100, 40, seed=3, rank=0, world=2)
-    b = EpochSampler(100, 40, seed=3, rank=1, world=2)
+    a = ShardSampler(100, rank=0, world=2, seed=3, limit=40)
+    b = ShardSampler(100, rank=1, world=2, seed=3, limit=40)
     assert len(a) == len(b) == 20
-    assert set(a).isdisjoint(set(b)) and list(a) == list(EpochSampler(100, 40, 3, 0, 2))
+    assert set(a).isdisjoint(set(b)) and list(a) == list(ShardSampler(100, 0, 2, 3, 40))
     a.set_epoch(1)
-    assert list(a) != list(EpochSampler(100, 40, 3, 0, 2))
+    assert list(a) != list(ShardSampler(100, 0, 2, 3, 40))
 
 
 def test_bad_config_and_data_messages(tmp_path: Path) -> None:

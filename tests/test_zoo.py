@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -161,17 +162,18 @@ def test_build_never_downloads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
 def test_input_specs() -> None:
     cifar = zoo.input_spec("cifar_resnet56")
-    assert cifar == {
-        "shape": [3, 32, 32],
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-        "resize": None,
-        "crop": None,
-    }
-    cifar["mean"].append(1.0)  # callers get fresh copies
-    assert zoo.input_spec("cifar_resnet56")["mean"] == [0.485, 0.456, 0.406]
+    assert cifar == zoo.InputSpec(
+        shape=(3, 32, 32),
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        resize=None,
+        crop=None,
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):  # callers cannot change the default
+        cifar.mean = (1.0,)  # type: ignore[misc]
+    assert zoo.input_spec("cifar_resnet56").mean == (0.485, 0.456, 0.406)
     spec = zoo.input_spec("torchvision.resnet50")
-    assert (spec["shape"], spec["resize"], spec["crop"]) == ([3, 224, 224], 256, 224)
-    assert zoo.input_spec("torchvision.inception_v3")["crop"] == 299
+    assert (spec.shape, spec.resize, spec.crop) == ((3, 224, 224), 256, 224)
+    assert zoo.input_spec("torchvision.inception_v3").crop == 299
     with pytest.raises(ArchitectureError):
         zoo.input_spec("nope")

@@ -16,7 +16,8 @@ sys.path.insert(0, str(ROOT))
 
 from packer.encode import DataSection, Encoder  # noqa: E402
 from packer.writer import layout  # noqa: E402
-from runtime.format.records import ArchitectureRecord, InputSpec, ModelRecord  # noqa: E402
+from runtime.format.records import ArchitectureRecord, ModelRecord  # noqa: E402
+from runtime.zoo.specs import CIFAR_SPEC  # noqa: E402
 from tests.golden_data import GOLDEN_CODERS, digest, golden_tensors  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden" / "tiny-v1.fb"
@@ -32,10 +33,10 @@ def golden_bytes() -> bytes:
         producer="weightpack golden", method="golden", method_config_json='{"golden":true}',
         source_sha256="ab" * 32,
         architecture=ArchitectureRecord("builder", "cifar_resnet20", '{"num_classes":10}'),
-        input=InputSpec((3, 32, 32), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        input=CIFAR_SPEC,
         num_classes=10, tensors=records, fp32_bytes=4 * 10_000, class_names=("yes", "no"),
     )
-    return b"".join(layout(model, data))
+    return b"".join(layout(model, data).chunks)
 
 
 def main() -> int:

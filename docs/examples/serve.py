@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import runtime
-from runtime.data import build_transform, imagenet_classes
+from runtime.data import build_transform
 
 MAX_BODY = 10 * 1024 * 1024  # bytes; larger bodies get 413 before a byte of them is read
 Image.MAX_IMAGE_PIXELS = 40_000_000  # a small PNG can decode to gigabytes: refuse those
@@ -40,14 +40,9 @@ class Predictor:
     def __init__(self, path: str) -> None:
         with runtime.open_packed(path) as packed:
             info = packed.model
+            self.labels = runtime.class_names(packed)  # the file's, ImageNet's, or None
         self.model = runtime.load(path)  # eval mode, CPU; read-only from here on
-        self.transform = build_transform(info.input.as_dict())
-        if info.class_names:
-            self.labels: list[str] | None = list(info.class_names)
-        elif info.num_classes == 1000:
-            self.labels = [name for _, name in imagenet_classes()]
-        else:
-            self.labels = None
+        self.transform = build_transform(info.input)
         self.health = {"ok": True, "file_bytes": os.path.getsize(path), "method": info.method}
 
     def __call__(self, img: Image.Image) -> dict:

@@ -53,11 +53,31 @@ class CompressJob:
         self.targets.extend(n for n in added_targets if n not in self.targets)
         self.model = model
 
+    def settings(self) -> dict[str, Any]:
+        """What decides this job's result, for resume checkpoints: the method, its options
+        (not where checkpoints go or whether to resume), per-layer settings and the seed."""
+        options = {k: v for k, v in self.config.options.items() if k not in RUN_ONLY_OPTIONS}
+        return {"method": self.config.method, "options": options,
+                "layers": self.config.layers, "seed": self.seed}
+
+    def take_model_state(self) -> None:
+        """Copy the model's current values into `state_dict`. The packer stores every tensor
+        a method does not return from there, so a method that trained or permuted BatchNorm,
+        biases or uncompressed layers hands their new values over this way."""
+        final = self.model.state_dict()
+        for key in self.state_dict:
+            self.state_dict[key] = final[key].detach().clone()
+
+
+RUN_ONLY_OPTIONS = ("checkpoint", "resume")
+"""Method options that say where a run keeps its state, not what it computes."""
+
 
 class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
     options: ClassVar[dict[str, Option]] = {}
+    trains: ClassVar[bool] = False  # takes training data (--cifar10/--imagenet/--data)
     # Position in a chain (packer/methods/chain.py RANK_NAMES): 0 structure, 1 sparsity,
     # 2 weight representation, 3 grid snapping; None: the method is never a chain stage.
     chain_rank: ClassVar[int | None] = None
@@ -71,6 +91,13 @@ class Method:
     def build_config(self, settings: list[Setting]) -> MethodConfig:
         """This method's options from the user's settings (a chain splits them by stage)."""
         return config_from_settings(self.name, self.options, settings)
+
+    def __init__(self) -> None:
+        self.report: dict[str, Any] = {}  # filled by `compress`
+
+    def extra_report(self, job: CompressJob | None = None) -> dict[str, Any]:
+        """What the packer adds to its JSON report after `compress` (per-layer notes, logs)."""
+        return dict(self.report)
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         raise NotImplementedError

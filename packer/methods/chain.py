@@ -116,6 +116,7 @@ class ChainMethod(Method):
             for key, opt in stage.options.items():
                 merged.setdefault(key, opt)
         self.options = merged  # type: ignore[misc]  # the shared namespace, for listings
+        self.trains = any(stage.trains for stage in stages)  # type: ignore[misc]
 
     def build_config(self, settings: list[Setting]) -> MethodConfig:
         classes = [type(s) for s in self.stages]
@@ -129,8 +130,8 @@ class ChainMethod(Method):
         return MethodConfig(self.chain_name, merged, configs[0].layers, stages=configs)
 
     def required_features(self, config: MethodConfig) -> frozenset[str]:
-        return frozenset().union(*(stage.required_features(c) for stage, c in
-                                   zip(self.stages, config.stages, strict=True)))
+        return frozenset().union(*(stage.required_features(c)
+                                   for stage, c in zip(self.stages, config.stages, strict=True)))
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         chain_config = job.config

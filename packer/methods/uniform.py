@@ -19,6 +19,7 @@ import torch
 
 from packer.config import Option
 from packer.methods.base import PerTensorMethod
+from runtime.quant.grid import max_scales, round_to_grid
 from runtime.tensors import UniformTensor
 
 MSE_RATIOS = torch.linspace(0.5, 1.0, 51)
@@ -41,24 +42,20 @@ def _channel_view(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
     return w.reshape(w.shape[0], -1) if per_channel and w.dim() > 1 else w.reshape(1, -1)
 
 
-def _scales(rows: torch.Tensor, qmax: int, clip: str) -> torch.Tensor:
+def _mse_scales(rows: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Squared error of every candidate clipping ratio, per row; keep the best ratio.
+    Rows go in chunks so the rows x ratios x columns temporary stays near 64 MB."""
     peak = rows.abs().amax(dim=1)
-    if clip == "max":
-        scales = peak / qmax
-    else:
-        # Squared error of every candidate clipping ratio, per row; keep the best ratio.
-        # Rows go in chunks so the rows x ratios x columns temporary stays near 64 MB.
-        cands = peak[:, None] * MSE_RATIOS[None, :] / qmax  # rows x R
-        safe = torch.where(cands > 0, cands, torch.ones_like(cands))
-        best = torch.empty_like(peak)
-        chunk = max(1, (1 << 24) // (len(MSE_RATIOS) * rows.shape[1]))
-        for start in range(0, rows.shape[0], chunk):
-            r, c = rows[start : start + chunk], safe[start : start + chunk]
-            q = torch.clamp(torch.round(r[:, None, :] / c[:, :, None]), -qmax, qmax)
-            err = ((q * c[:, :, None] - r[:, None, :]) ** 2).sum(dim=2)
-            best[start : start + chunk] = c.gather(1, err.argmin(1, keepdim=True)).squeeze(1)
-        scales = torch.where(peak > 0, best, peak)
-    return torch.where(scales > 0, scales, torch.ones_like(scales))  # all-zero rows
+    cands = peak[:, None] * MSE_RATIOS[None, :] / qmax  # rows x R
+    safe = torch.where(cands > 0, cands, torch.ones_like(cands))
+    best = torch.empty_like(peak)
+    chunk = max(1, (1 << 24) // (len(MSE_RATIOS) * rows.shape[1]))
+    for start in range(0, rows.shape[0], chunk):
+        r, c = rows[start : start + chunk], safe[start : start + chunk]
+        q = torch.clamp(torch.round(r[:, None, :] / c[:, :, None]), -qmax, qmax)
+        err = ((q * c[:, :, None] - r[:, None, :]) ** 2).sum(dim=2)
+        best[start : start + chunk] = c.gather(1, err.argmin(1, keepdim=True)).squeeze(1)
+    return torch.where(peak > 0, best, torch.ones_like(best))  # all-zero rows: scale 1
 
 
 def rdo_round(scaled: torch.Tensor, codes: torch.Tensor, qmax: int, lam: float,
@@ -88,11 +85,10 @@ def quantize_symmetric(weight: torch.Tensor, bits: int, per_channel: bool = True
         scales = torch.full((rows.shape[0],), float(step))
     qmax = (1 << (bits - 1)) - 1
     if step is None:
-        scales = _scales(rows, qmax, clip)
-    scaled = rows / scales[:, None]
-    codes = torch.clamp(torch.round(scaled), -qmax, qmax).to(torch.int32)
+        scales = max_scales(rows, qmax) if clip == "max" else _mse_scales(rows, qmax)
+    codes = round_to_grid(rows, scales, qmax)
     if rdo > 0:
-        codes = rdo_round(scaled, codes, qmax, rdo)
+        codes = rdo_round(rows / scales[:, None], codes, qmax, rdo)
     axis = 0 if per_channel and weight.dim() > 1 else None
     return UniformTensor(codes.reshape(weight.shape), scales.to(torch.float32), None, bits,
                          axis, weight.dtype)

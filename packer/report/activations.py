@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from runtime.data import (
     imagenet_dataset,
 )
 from runtime.errors import DataError
+from runtime.format.records import InputSpec
 
 RELU_FUNCTIONS = frozenset({F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu,
                             torch.Tensor.relu_})
@@ -67,11 +67,11 @@ def open_image(path: Path) -> Image.Image:
         raise DataError(f"{path}: cannot read image ({exc})") from None
 
 
-def model_input(img: Image.Image, spec: Mapping[str, Any]) -> tuple[torch.Tensor, np.ndarray]:
+def model_input(img: Image.Image, spec: InputSpec) -> tuple[torch.Tensor, np.ndarray]:
     """(the model's input [1, C, H, W], the same image as RGB pixels in [0, 1] for display)."""
     x = build_transform(spec)(img)
-    mean = torch.tensor(spec["mean"]).reshape(-1, 1, 1)
-    std = torch.tensor(spec["std"]).reshape(-1, 1, 1)
+    mean = torch.tensor(spec.mean).reshape(-1, 1, 1)
+    std = torch.tensor(spec.std).reshape(-1, 1, 1)
     pixels = (x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
     return x.unsqueeze(0), pixels
 

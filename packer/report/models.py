@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from runtime.decode import decode_tensor
 from runtime.errors import ArchitectureError, WeightpackError
 from runtime.format.preamble import MAGIC
 from runtime.format.reader import open_packed
+from runtime.format.records import InputSpec
 from runtime.loader import build_module
 from runtime.tensors import (
     CompressedTensor,
@@ -51,7 +51,7 @@ class ModelView:
     arch: str  # zoo builder name, or "graph"
     weights: dict[str, torch.Tensor]  # the whole state_dict, dequantized
     module: nn.Module | None  # None when the model cannot run in torch here (a stored graph)
-    input_spec: dict[str, Any] | None
+    input_spec: InputSpec | None
     method: str = ""
     class_names: tuple[str, ...] = ()
     marks: dict[str, Marks] = field(default_factory=dict)  # packed files only
@@ -102,7 +102,7 @@ def _packed_view(path: Path) -> ModelView:
     return ModelView(
         path=path, kind="packed",
         arch=model.architecture.builder if model.architecture.kind == "builder" else GRAPH,
-        weights=weights, module=module, input_spec=model.input.as_dict(), method=model.method,
+        weights=weights, module=module, input_spec=model.input, method=model.method,
         class_names=model.class_names,
         marks={name: marks_of(c) for name, c in compressed.items()},
         fp32_bytes=model.fp32_bytes)
@@ -114,7 +114,7 @@ def _checkpoint_view(path: Path, arch: str | None) -> ModelView:
     if resolved.kind != "builder":  # a TorchScript graph: its ReLUs are not visible to torch
         return ModelView(path, "checkpoint", GRAPH, checkpoint.state_dict, None, None)
     return ModelView(path, "checkpoint", resolved.name, resolved.model.state_dict(),
-                     resolved.model.eval(), dict(zoo.input_spec(resolved.name)))
+                     resolved.model.eval(), zoo.input_spec(resolved.name))
 
 
 def marks_of(tensor: CompressedTensor) -> Marks:

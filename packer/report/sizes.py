@@ -47,7 +47,7 @@ def read_sizes(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[L
         rows, layers = [], {}
         for t in packed.model.tensors:
             row = tensor_row(t)
-            row["index_bytes"] = sum(s.blob.length + s.params_nbytes
+            row["index_bytes"] = sum(s.blob.length + s.params_nbytes()
                                      for role, s in t.streams() if role == "indices")
             rows.append(row)
             layer = layers.setdefault(layer_of(t.name), LayerBytes(layer_of(t.name)))

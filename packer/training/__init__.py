@@ -1,31 +1,25 @@
-"""The shared training loop (PQF fine-tuning now; WFN and PWFN later) and its data options."""
+"""Training shared by every method that trains: the loop (`fit`, with hooks and resume), its
+data, checkpoints, validation and BatchNorm recalibration. PQF fine-tunes through it, WFN and
+PWFN train between fixing rounds through it; see `packer.training.loop` for how a new method
+plugs in."""
 
-from packer.training.data import DataSpec, build_datasets, train_transform
-from packer.training.loop import (
-    EpochSampler,
-    TrainConfig,
-    TrainHooks,
-    TrainResult,
-    default_device,
-    fit,
-    init_distributed,
-    launch_rank,
-    rank,
-    world_size,
-)
+from packer.training.batchnorm import recalibrate_batchnorm
+from packer.training.checkpoint import Checkpoint, model_signature
+from packer.training.data import DataSpec, build_datasets, train_transform, training_data
+from packer.training.loop import TrainConfig, TrainHooks, TrainResult, fit
+from packer.training.validation import Validation
 
 __all__ = [
+    "Checkpoint",
     "DataSpec",
-    "EpochSampler",
     "TrainConfig",
     "TrainHooks",
     "TrainResult",
+    "Validation",
     "build_datasets",
-    "default_device",
     "fit",
-    "init_distributed",
-    "launch_rank",
-    "rank",
+    "model_signature",
+    "recalibrate_batchnorm",
     "train_transform",
-    "world_size",
+    "training_data",
 ]

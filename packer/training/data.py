@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -12,9 +11,16 @@ import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
-from runtime.data import build_transform, cifar10_dataset, image_folder_dataset, imagenet_dataset
+from runtime.data import (
+    ConvertMode,
+    build_transform,
+    cifar10_dataset,
+    colour_mode,
+    image_folder_dataset,
+    imagenet_dataset,
+)
 from runtime.errors import DataError
-from runtime.zoo.specs import CIFAR_SPEC, IMAGENET_SPEC
+from runtime.zoo.specs import CIFAR_SPEC, IMAGENET_SPEC, InputSpec
 
 DataKind = Literal["cifar10", "imagenet", "folder"]
 KINDS: tuple[str, ...] = ("cifar10", "imagenet", "folder")
@@ -34,7 +40,7 @@ class DataSpec:
     root: Path
     batch_size: int = 128
     workers: int = 2
-    spec: Mapping[str, Any] | None = None
+    spec: InputSpec | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -44,32 +50,28 @@ class DataSpec:
             raise DataError(f"batch size must be >= 1 and workers >= 0 "
                             f"({self.batch_size}, {self.workers})")
 
-    def input_spec(self) -> dict[str, Any]:
-        base = self.spec or (CIFAR_SPEC if self.kind == "cifar10" else IMAGENET_SPEC)
-        return copy.deepcopy(dict(base))
+    def input_spec(self) -> InputSpec:
+        return self.spec or (CIFAR_SPEC if self.kind == "cifar10" else IMAGENET_SPEC)
 
 
-class _Convert:
-    """Colour mode conversion as a picklable object (loader workers may be spawned)."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-
-    def __call__(self, img: Any) -> Any:
-        return img if img.mode == self.mode else img.convert(self.mode)
+def training_data(data: Any, method: str) -> DataSpec | None:
+    """The training data a compression job carries (None: none), checked to be a DataSpec."""
+    if data is not None and not isinstance(data, DataSpec):
+        raise DataError(f"{method}: training data must be a packer.training.DataSpec, "
+                        f"not {type(data).__name__}")
+    return data
 
 
-def train_transform(spec: Mapping[str, Any], kind: str) -> T.Compose:
+def train_transform(spec: InputSpec, kind: str) -> T.Compose:
     """The standard augmentation: CIFAR pad-4 random crop + flip; ImageNet the reference's
     Resize(resize) -> RandomCrop(crop) -> flip (both then scaled and normalised as `spec`)."""
-    c, h, w = spec["shape"]
-    tail = [T.ToTensor(), T.Normalize(spec["mean"], spec["std"])]
-    mode = "RGB" if c == 3 else "L"
-    convert = _Convert(mode)
-    if kind == "cifar10" and not spec.get("resize") and not spec.get("crop"):
+    c, h, w = spec.shape
+    tail = [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+    convert = ConvertMode(colour_mode(c))
+    if kind == "cifar10" and not spec.resize and not spec.crop:
         return T.Compose([convert, T.Resize((h, w), antialias=True),
                           T.RandomCrop((h, w), padding=4), T.RandomHorizontalFlip(), *tail])
-    resize = spec.get("resize") or max(h, w)
+    resize = spec.resize or max(h, w)
     return T.Compose([convert, T.Resize(resize, antialias=True), T.RandomCrop((h, w)),
                       T.RandomHorizontalFlip(), *tail])
 

@@ -1,23 +1,36 @@
 """The project's one training loop: fine-tune whatever a method left trainable.
 
-Methods make a model whose trainable parameters are exactly what they want trained (PQF:
-codebooks, biases, BatchNorm, uncompressed layers) and call `fit`. The loop owns everything
-else: Adam with a per-batch cosine schedule, augmentation-ready shuffled loading, validation
-after every epoch with the best state kept, progress bars, a resumable checkpoint, and
-DistributedDataParallel under `torchrun` (gradients averaged by DDP, training data sharded,
-loss and accuracy summed across ranks). `TrainHooks` lets later methods (WFN, PWFN) change the
-loss or re-project weights after each step without copying the loop.
+A method makes a model whose trainable parameters are exactly what it wants trained (PQF:
+codebooks, biases, BatchNorm, uncompressed layers; WFN: every weight not yet fixed) and calls
+`fit`. The loop owns everything else: Adam or SGD with a per-batch cosine schedule, shuffled
+loading, validation after every epoch with the best state kept, progress bars and per-epoch
+log lines, a resumable checkpoint, and DistributedDataParallel under `torchrun` (gradients
+averaged by DDP, training data sharded, loss and accuracy summed across ranks).
+
+How a method plugs in (PQF, WFN and PWFN do; pruning, TTQ/BWN/DoReFa and FBS are meant to):
+
+- `TrainHooks.loss(net, images, targets) -> loss`: the objective (default cross-entropy), e.g.
+  distillation, a regulariser, a sparsity or gate penalty. `net` may be the DDP wrapper.
+- `TrainHooks.after_step(model)`: runs after every optimiser step, e.g. re-project weights to a
+  grid, re-apply a pruning mask, clamp a learned threshold.
+- `TrainHooks.before_eval(model)`: runs before every validation, e.g. freeze a mask or switch
+  gates to their deterministic form.
+- Resume: set `TrainConfig.checkpoint`; the state is written after every epoch and a later
+  `fit` with the same settings continues from it. Put the method's own settings in
+  `TrainConfig.method_settings` (`CompressJob.settings()`): the checkpoint is refused, naming
+  what changed, when they, the training configuration or the model's tensors differ. State a
+  method keeps outside the model's `state_dict` is not saved, so keep masks, scales and gates
+  as buffers or parameters.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +38,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from runtime.data import collate_skipping, make_loader
+from packer.training.checkpoint import Checkpoint, model_signature
+from packer.training.validation import Validation
+from runtime.data import ShardSampler, collate_skipping
+from runtime.distributed import init_distributed, local_device, rank, world_size
 from runtime.errors import ConfigError, DataError
-from runtime.evaluate import evaluate
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -57,6 +72,9 @@ class TrainConfig:
     optimizer: str = "adam"  # "adam", or "sgd" (momentum 0.9)
     grad_clip: float | None = None  # max gradient norm (WFN clips at 0.5); None: no clipping
     log_epochs: bool = True  # one line per epoch on stderr (rank 0), with or without a terminal
+    # The calling method's settings (CompressJob.settings()): a checkpoint written under other
+    # method settings is not resumed from.
+    method_settings: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -65,6 +83,15 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be adam or sgd, not {self.optimizer!r}")
         if not (self.lr > 0 and 0 <= self.lr_min <= self.lr):
             raise ConfigError(f"need lr > 0 and 0 <= lr_min <= lr ({self.lr}, {self.lr_min})")
+
+    def settings(self) -> dict[str, Any]:
+        """The fields that decide what training computes (not where or how fast it runs)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in _RUN_ONLY_FIELDS}
+
+
+_RUN_ONLY_FIELDS = ("checkpoint", "device", "progress", "log_epochs", "workers",
+                    "method_settings")
 
 
 @dataclass
@@ -92,99 +119,10 @@ class TrainResult:
         return asdict(self)
 
 
-# --- processes ------------------------------------------------------------------------------
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if distributed() else 0
-
-
-def launch_rank() -> int:
-    """This process's torchrun rank, from its environment: known before (or without) joining
-    a process group, so the packer can decide who writes the output of any method."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return dist.get_world_size() if distributed() else 1
-
-
-def init_distributed() -> bool:
-    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
-    if distributed():
-        return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return True
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-class EpochSampler(Sampler[int]):
-    """A fresh seeded shuffle each epoch, `limit` of it, this rank's equal-length shard.
-
-    Equal shard lengths matter: DDP ranks that ran different numbers of steps would hang.
-    """
-
-    def __init__(self, length: int, limit: int | None, seed: int, rank: int = 0,
-                 world: int = 1) -> None:
-        self.length, self.seed, self.rank, self.world = length, seed, rank, world
-        total = length if limit is None else min(limit, length)
-        self.per_rank = total // world
-        if self.per_rank == 0:
-            raise DataError(f"{total} training images cannot be shared by {world} processes")
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.length, generator=gen)[:self.per_rank * self.world]
-        return iter(order[self.rank::self.world].tolist())
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-
-# --- checkpoint -----------------------------------------------------------------------------
-
-
-def _fingerprint(model: nn.Module) -> list[list[Any]]:
-    return [[k, list(v.shape)] for k, v in model.state_dict().items()]
-
-
-def _save(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _load(path: Path, model: nn.Module, cfg: TrainConfig, steps: int) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several kinds for damaged or foreign files
-        raise ConfigError(f"cannot resume from {path}: {str(exc).splitlines()[0]}") from None
-    if state.get("fingerprint") != _fingerprint(model):
-        raise ConfigError(f"cannot resume from {path}: it was written for another model or "
-                          f"method configuration")
-    if state.get("epochs") != cfg.epochs or state.get("steps_per_epoch") != steps:
-        raise ConfigError(f"cannot resume from {path}: it was for {state.get('epochs')} epochs "
-                          f"of {state.get('steps_per_epoch')} steps, not {cfg.epochs} of {steps}")
-    return state
+def _checkpoint(model: nn.Module, cfg: TrainConfig, steps: int, world: int) -> Checkpoint:
+    return Checkpoint(cfg.checkpoint, {
+        "model": model_signature(model), "training": cfg.settings(),
+        "steps_per_epoch": steps, "processes": world, "method": dict(cfg.method_settings)})
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -194,15 +132,6 @@ def _cross_entropy(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
     return nn.functional.cross_entropy(model(images), targets)
 
 
-def _validate(model: nn.Module, loader: DataLoader | None, device: torch.device,
-              hooks: TrainHooks, progress: bool) -> float | None:
-    if loader is None:
-        return None
-    if hooks.before_eval is not None:
-        hooks.before_eval(model)
-    return evaluate(model, loader, device, progress=progress).top1
-
-
 def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig,
         hooks: TrainHooks | None = None) -> TrainResult:
     """Train `model`'s trainable parameters in place; on return it holds the best state."""
@@ -210,18 +139,18 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Trai
     started = time.perf_counter()
     init_distributed()
     world, me = world_size(), rank()
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    device = torch.device(cfg.device) if cfg.device else local_device()
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: the model has no trainable parameter")
-    sampler = EpochSampler(len(train_set), cfg.train_limit, cfg.seed, me, world)  # type: ignore
+    sampler = ShardSampler(len(train_set), me, world, seed=cfg.seed,  # type: ignore[arg-type]
+                           limit=cfg.train_limit)
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
                               num_workers=cfg.workers, collate_fn=collate_skipping,
                               drop_last=world > 1, pin_memory=device.type == "cuda",
                               persistent_workers=cfg.workers > 0)
-    val_loader = None if val_set is None else make_loader(
-        val_set, cfg.batch_size, cfg.workers, cfg.val_limit, distributed=world > 1)
+    validation = Validation(val_set, cfg.batch_size, cfg.workers, cfg.val_limit)
     steps = len(train_loader) if cfg.max_batches is None else min(cfg.max_batches,
                                                                     len(train_loader))
     if steps == 0:
@@ -245,8 +174,9 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Trai
     best_state: dict[str, Tensor] | None = None
     best_top1: float | None = None
     best_epoch = 0
-    if cfg.checkpoint is not None and Path(cfg.checkpoint).is_file():
-        state = _load(Path(cfg.checkpoint), model, cfg, steps)
+    checkpoint = _checkpoint(model, cfg, steps, world)
+    if checkpoint.exists():
+        state = checkpoint.load()
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -254,7 +184,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Trai
         best_state, best_top1 = state["best_state"], state["best_top1"]
         best_epoch, start_top1 = int(state["best_epoch"]), state["start_top1"]
     else:
-        start_top1 = _validate(model, val_loader, device, hooks, show)
+        start_top1 = validation.top1(model, device, show, hooks.before_eval)
         best_top1 = start_top1
         best_state = copy.deepcopy(model.state_dict())
 
@@ -291,7 +221,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Trai
         if world > 1:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         train_s = time.perf_counter() - epoch_started
-        top1 = _validate(model, val_loader, device, hooks, show)
+        top1 = validation.top1(model, device, show, hooks.before_eval)
         record = {"epoch": epoch + 1, "train_loss": float(sums[0] / sums[2].clamp_min(1)),
                   "images": int(sums[2]), "top1": top1 if top1 is not None else math.nan,
                   "train_s": round(train_s, 2),
@@ -304,13 +234,11 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Trai
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}"
                   + (f", top-1 {top1:.2f}%" if top1 is not None else "")
                   + f" ({record['images_per_s']:.0f} images/s)", file=sys.stderr, flush=True)
-        if cfg.checkpoint is not None and me == 0:
-            _save(Path(cfg.checkpoint), {
-                "epoch": epoch + 1, "epochs": cfg.epochs, "steps_per_epoch": steps,
-                "fingerprint": _fingerprint(model), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "history": history, "best_state": best_state, "best_top1": best_top1,
-                "best_epoch": best_epoch, "start_top1": start_top1})
+        checkpoint.save({
+            "epoch": epoch + 1, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "history": history, "best_state": best_state, "best_top1": best_top1,
+            "best_epoch": best_epoch, "start_top1": start_top1})
         if world > 1:
             dist.barrier()
     if best_state is not None:

@@ -15,7 +15,9 @@ import numpy as np
 from runtime.coders._ans import decode_ans, encode_ans
 from runtime.coders._common import (
     CODERS,
+    FORMAT_VERSION,
     CodedStream,
+    CoderParams,
     check_alphabet,
     check_count,
     check_version,
@@ -25,12 +27,21 @@ from runtime.coders._common import (
     symbol_dtype,
 )
 from runtime.coders._huffman import decode_huffman, encode_huffman
-from runtime.coders._packed import decode_raw, decode_zstd, encode_raw, encode_zstd
+from runtime.coders._packed import (
+    MAX_ZSTD_EXPANSION,
+    decode_raw,
+    decode_zstd,
+    encode_raw,
+    encode_zstd,
+)
 from runtime.errors import CorruptBlob
 
 __all__ = [
     "CODERS",
+    "FORMAT_VERSION",
+    "MAX_ZSTD_EXPANSION",
     "CodedStream",
+    "CoderParams",
     "decode",
     "encode",
     "encode_best",

@@ -10,6 +10,8 @@ compressed uint32 words, little-endian. With a single present symbol the payload
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from runtime.coders._common import FORMAT_VERSION, CodedStream, int_table, symbol_dtype
@@ -67,7 +69,7 @@ def _words_to_bytes(words: np.ndarray) -> bytes:
 def encode_ans(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
     """Quantize, remap to the present sub-alphabet, then code with constriction's AnsCoder."""
     if symbols.size == 0:
-        return CodedStream("ans", FORMAT_VERSION, b"")
+        return CodedStream("ans", FORMAT_VERSION, payload=b"")
     counts = np.bincount(symbols, minlength=alphabet_size)
     freq = quantize(counts, PRECISION)
     present = np.flatnonzero(freq)
@@ -78,7 +80,18 @@ def encode_ans(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
         coder = constriction.stream.stack.AnsCoder()
         coder.encode_reverse(sub, _model(freq[present], PRECISION))
         payload = _words_to_bytes(coder.get_compressed())
-    return CodedStream("ans", FORMAT_VERSION, payload, frequencies=freq, precision=PRECISION)
+    return CodedStream("ans", FORMAT_VERSION, payload=payload, frequencies=freq,
+                       precision=PRECISION)
+
+
+def _check_count_fits(count: int, payload_bytes: int, top_frequency: int, precision: int) -> None:
+    """Refuse, before decoding, a count the payload cannot hold: every symbol costs at least
+    log2(2**precision / top_frequency) bits, and the payload holds 8 bytes of coder state more
+    than its information. Twice the bound leaves room for constriction's own rounding."""
+    min_bits = precision - math.log2(top_frequency)
+    if count * min_bits > 2 * (8 * payload_bytes + 64):
+        raise CorruptBlob(f"a {payload_bytes}-byte ans payload cannot hold {count} symbols of "
+                          f"at least {min_bits:.3g} bits each")
 
 
 def decode_ans(stream: CodedStream, count: int, alphabet_size: int) -> np.ndarray:
@@ -98,11 +111,14 @@ def decode_ans(stream: CodedStream, count: int, alphabet_size: int) -> np.ndarra
         raise CorruptBlob(f"ans frequencies sum to {int(freq.sum())}, not 2**{precision}")
     present = np.flatnonzero(freq)
     if present.size == 1:
+        # Zero bits per symbol: only the caller's count (checked against the tensor's shape
+        # and the file's total) bounds this stream.
         if payload:
             raise CorruptBlob("ans payload is not empty for a single-symbol stream")
         return np.full(count, present[0], dtype=dtype)
     if not payload or len(payload) % 4:
         raise CorruptBlob(f"ans payload of {len(payload)} bytes is not a whole number of words")
+    _check_count_fits(count, len(payload), int(freq.max()), precision)
     words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)  # native order copy
     try:
         coder = constriction.stream.stack.AnsCoder(words)

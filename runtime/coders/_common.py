@@ -8,14 +8,16 @@ any inconsistency into :class:`~runtime.errors.CorruptBlob` or
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
 from runtime.errors import CorruptBlob, LimitExceeded, UnsupportedVersion
 
 CODERS: tuple[str, ...] = ("raw", "zstd", "huffman", "ans")
-"""Coder names exactly as stored in files; the order breaks size ties in ``encode_best``."""
+"""Coder names; a name's position is its code in the file index (the schema's `Coder` enum,
+checked by the tests) and the order breaks size ties in ``encode_best``."""
 
 FORMAT_VERSION = 1
 """The only coder format version this code reads and writes (the same for every coder)."""
@@ -28,16 +30,16 @@ MAX_COUNT = 1 << 32
 
 
 @dataclass(frozen=True, eq=False)
-class CodedStream:
-    """One coded symbol stream: exactly the fields the file index stores, nothing derived.
+class CoderParams:
+    """How a stream is coded: the coder, its version and the tables its decoder needs.
 
-    Decoders rely only on these fields plus the ``count`` and ``alphabet_size`` the caller knows,
-    so a stream rebuilt from a file decodes exactly like the one the encoder returned.
+    The one record of these fields. A stream in memory (:class:`CodedStream`) adds its payload;
+    the file index's entry (:class:`runtime.format.records.StreamRecord`) adds where the payload
+    lies and how many symbols it holds. :meth:`coder_params` moves the fields between the two.
     """
 
     coder: str
     version: int
-    payload: bytes
     bits: int = 0
     code_lengths: np.ndarray | None = None
     frequencies: np.ndarray | None = None
@@ -45,20 +47,19 @@ class CodedStream:
     chunk_offsets: np.ndarray | None = None
     chunk_size: int = 0
 
+    def coder_params(self) -> dict[str, Any]:
+        """The coder fields by name, for building the other kind of record from this one."""
+        return {f.name: getattr(self, f.name) for f in fields(CoderParams)}
+
     def params_nbytes(self) -> int:
         """Bytes the parameter tables take when stored (scalar fields are not counted)."""
         arrays = (self.code_lengths, self.frequencies, self.chunk_offsets)
         return sum(int(np.asarray(a).nbytes) for a in arrays if a is not None)
 
-    @property
-    def nbytes(self) -> int:
-        """Payload plus parameter tables: the honest stored cost used to compare coders."""
-        return len(self.payload) + self.params_nbytes()
-
     def __eq__(self, other: object) -> bool:
         # Field-wise, with arrays compared by dtype and value (the default tuple compare of
         # numpy arrays raises instead of answering).
-        if not isinstance(other, CodedStream):
+        if type(other) is not type(self):
             return NotImplemented
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
@@ -75,6 +76,22 @@ class CodedStream:
         return True
 
     __hash__ = None  # type: ignore[assignment]  # mutable numpy fields: not hashable
+
+
+@dataclass(frozen=True, eq=False)
+class CodedStream(CoderParams):
+    """One coded symbol stream: the coder fields the file index stores, and the payload.
+
+    Decoders rely only on these fields plus the ``count`` and ``alphabet_size`` the caller knows,
+    so a stream rebuilt from a file decodes exactly like the one the encoder returned.
+    """
+
+    payload: bytes = field(kw_only=True)
+
+    @property
+    def nbytes(self) -> int:
+        """Payload plus parameter tables: the honest stored cost used to compare coders."""
+        return len(self.payload) + self.params_nbytes()
 
 
 def check_alphabet(alphabet_size: int) -> int:

@@ -133,7 +133,7 @@ def encode_huffman(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
     """Encode by table lookup, cumulative bit positions and three byte-wise scatters."""
     n = symbols.size
     if n == 0:
-        return CodedStream("huffman", FORMAT_VERSION, b"")
+        return CodedStream("huffman", FORMAT_VERSION, payload=b"")
     counts = np.bincount(symbols, minlength=alphabet_size)
     lengths = code_lengths_for(counts)
     codes, _ = canonical_codes(lengths)
@@ -157,7 +157,7 @@ def encode_huffman(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
     return CodedStream(
         "huffman",
         FORMAT_VERSION,
-        payload,
+        payload=payload,
         code_lengths=lengths,
         chunk_offsets=offsets,
         chunk_size=chunk_size,

@@ -17,10 +17,14 @@ from runtime.coders._common import (
     packed_nbytes,
     symbol_dtype,
 )
-from runtime.errors import CorruptBlob
+from runtime.errors import CorruptBlob, LimitExceeded
 
 ZSTD_LEVEL = 19
 """Fixed level: the bitstream must be a pure function of the input for reproducible files."""
+
+MAX_ZSTD_EXPANSION = (128 << 10) // 4
+"""Most bytes one zstd byte can stand for: a block holds at most 128 KiB of content and takes
+at least 4 bytes (3-byte header + 1 RLE byte). A frame declaring more is refused unread."""
 
 
 def pack(symbols: np.ndarray, bits: int) -> bytes:
@@ -112,7 +116,7 @@ def zstd_bits(alphabet_size: int) -> int:
 def encode_raw(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
     """Tight bit-packing: the baseline every other coder must beat."""
     bits = min_bits(alphabet_size)
-    return CodedStream("raw", FORMAT_VERSION, pack(symbols, bits), bits=bits)
+    return CodedStream("raw", FORMAT_VERSION, payload=pack(symbols, bits), bits=bits)
 
 
 def encode_zstd(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
@@ -121,7 +125,8 @@ def encode_zstd(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
     compressor = zstandard.ZstdCompressor(
         level=ZSTD_LEVEL, write_content_size=True, write_checksum=False, threads=0
     )
-    return CodedStream("zstd", FORMAT_VERSION, compressor.compress(pack(symbols, bits)), bits=bits)
+    return CodedStream("zstd", FORMAT_VERSION, bits=bits,
+                        payload=compressor.compress(pack(symbols, bits)))
 
 
 def _check_bits(stream: CodedStream, alphabet_size: int) -> int:
@@ -146,9 +151,15 @@ def decode_raw(stream: CodedStream, count: int, alphabet_size: int) -> np.ndarra
 
 
 def decode_zstd(stream: CodedStream, count: int, alphabet_size: int) -> np.ndarray:
-    """Decompress with the output size pinned to what ``count`` implies (no bomb, no tail)."""
+    """Decompress with the output size pinned to what ``count`` implies (no bomb, no tail).
+
+    The frame's declared size must equal what ``count`` implies and be one a payload of this
+    length can really hold, both checked before the output is allocated."""
     bits = _check_bits(stream, alphabet_size)
     expected = packed_nbytes(count, bits)
+    if expected > MAX_ZSTD_EXPANSION * len(stream.payload):
+        raise CorruptBlob(f"a {len(stream.payload)}-byte zstd payload cannot hold the "
+                          f"{expected} bytes {count} symbols need")
     try:
         declared = zstandard.get_frame_parameters(stream.payload).content_size
     except zstandard.ZstdError as exc:
@@ -161,6 +172,8 @@ def decode_zstd(stream: CodedStream, count: int, alphabet_size: int) -> np.ndarr
         )
     except zstandard.ZstdError as exc:
         raise CorruptBlob(f"zstd payload does not decompress: {exc}") from exc
+    except MemoryError:
+        raise LimitExceeded(f"not enough memory to decompress {expected} bytes") from None
     if len(packed) != expected:
         raise CorruptBlob(f"zstd payload decompressed to {len(packed)} bytes, expected {expected}")
     return unpack(packed, count, bits, alphabet_size)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import zstandard
 
+from runtime.coders import MAX_ZSTD_EXPANSION
 from runtime.errors import (
     ChecksumMismatch,
     FormatError,
@@ -27,6 +28,13 @@ from runtime.format.preamble import (
     parse_preamble,
 )
 from runtime.format.records import BlobRef, ModelRecord
+
+# A file may declare FREE_ELEMENTS decoded elements (any model up to 64 MiB of float32) plus
+# MAX_ELEMENTS_PER_BYTE per byte of file (0.03 bits per element: weights 99.8% pruned and
+# entropy-coded cost more), and never more than MAX_TOTAL_ELEMENTS (64 GiB of float32).
+FREE_ELEMENTS = 1 << 24
+MAX_ELEMENTS_PER_BYTE = 1 << 8
+MAX_TOTAL_ELEMENTS = 1 << 34
 
 
 class PackedFile:
@@ -54,6 +62,7 @@ class PackedFile:
             self.preamble: Preamble = parse_preamble(head, self.size)
             self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
             self.model: ModelRecord = self._read_index()
+            check_declared_size(self.model, self.size)
             self._check_layout()
         except WeightpackError as exc:
             self.close()
@@ -73,11 +82,6 @@ class PackedFile:
         for what, ref in blobs:
             self.blob(ref, what)
         return len(blobs)
-
-    def section_bytes(self) -> dict[str, int]:
-        p = self.preamble
-        return {"preamble": PREAMBLE_SIZE, "index": p.index_size,
-                "index_padding": p.data_offset - p.index_offset - p.index_size}
 
     # -- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
@@ -147,16 +151,42 @@ class PackedFile:
 
 
 def _inflate_index(frame: bytes) -> bytes:
+    """One zstd frame, exactly: its declared size is checked before anything is allocated,
+    and bytes after it inside index_size (even zeros) are refused, so the index section can
+    hide nothing the layout rules would otherwise catch."""
     try:
         size = zstandard.frame_content_size(frame)
         if size < 0 or size > MAX_INDEX_BYTES:
             raise LimitExceeded(f"compressed index declares {size} bytes, over the cap")
-        index = zstandard.ZstdDecompressor().decompress(frame, max_output_size=MAX_INDEX_BYTES)
+        if size > MAX_ZSTD_EXPANSION * len(frame):
+            raise FormatError(f"compressed index of {len(frame)} bytes declares {size}, more "
+                              "than a zstd frame can hold")
+        index = zstandard.ZstdDecompressor().decompress(
+            frame, max_output_size=MAX_INDEX_BYTES, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise FormatError(f"compressed index does not decompress ({exc})") from None
+    except MemoryError:
+        raise LimitExceeded(f"not enough memory to inflate a {size}-byte index") from None
     if len(index) != size:
         raise FormatError("compressed index decompresses to the wrong size")
     return index
+
+
+def check_declared_size(model: ModelRecord, file_size: int) -> int:
+    """The decoded elements the file declares, checked against a bound on the whole model.
+
+    Per-tensor caps alone let a 440-byte file declare a model of 2^40 elements (one present
+    symbol codes any count in zero bytes). Beyond FREE_ELEMENTS, a real model costs more than
+    1 / MAX_ELEMENTS_PER_BYTE bytes per element (the best real codings spend 0.1 bits or more
+    per weight), so the memory and time spent decoding stay within a constant times the file
+    size. O(tensors), no pass over data.
+    """
+    total = sum(t.numel for t in model.tensors)
+    allowed = min(MAX_TOTAL_ELEMENTS, FREE_ELEMENTS + MAX_ELEMENTS_PER_BYTE * file_size)
+    if total > allowed:
+        raise LimitExceeded(f"the tensors declare {total:,} elements in total, over the "
+                            f"{allowed:,} a {file_size:,}-byte file may declare")
+    return total
 
 
 def open_packed(path: str | os.PathLike) -> PackedFile:

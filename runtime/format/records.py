@@ -7,11 +7,12 @@ other module touches generated code or raw offsets; the writer builds the index 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
+from runtime.coders import CoderParams
+from runtime.errors import printable
 
 SCHEMES = ("raw", "uniform", "scalar_codebook", "vector_codebook")
-CODER_NAMES = ("raw", "zstd", "huffman", "ans")
 ARCH_KINDS = ("builder", "onnx_graph")
 SCHEME_VERSION = 1
 
@@ -30,25 +31,15 @@ class ArrayRecord:
     shape: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class StreamRecord:
-    blob: BlobRef
-    coder: str
-    coder_version: int
-    alphabet_size: int
-    count: int
-    bits: int = 0
-    code_lengths: np.ndarray | None = None
-    frequencies: np.ndarray | None = None
-    precision: int = 0
-    chunk_offsets: np.ndarray | None = None
-    chunk_size: int = 0
-    entropy_bits: float = 0.0
+@dataclass(frozen=True, eq=False)
+class StreamRecord(CoderParams):
+    """An entropy-coded stream as the index lists it: how it is coded (the coder fields), where
+    its payload lies, and how many symbols of which alphabet it holds."""
 
-    @property
-    def params_nbytes(self) -> int:
-        arrays = (self.code_lengths, self.frequencies, self.chunk_offsets)
-        return sum(a.nbytes for a in arrays if a is not None)
+    blob: BlobRef = field(kw_only=True)
+    alphabet_size: int = field(kw_only=True)
+    count: int = field(kw_only=True)
+    entropy_bits: float = field(default=0.0, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -88,22 +79,24 @@ class TensorRecord:
 
 @dataclass(frozen=True)
 class InputSpec:
+    """How images are prepared for a model: the one record of it, stored in every packed file,
+    given by the zoo for each architecture and read by ``runtime.data.build_transform``.
+
+    ``shape`` is (C, H, W); ``mean`` and ``std`` one value per channel, on images scaled to
+    [0, 1]; ``resize`` the shorter side to resize to first and ``crop`` the centre crop size
+    (None: neither). Validated where it is used (``build_transform``, the index reader).
+    """
+
     shape: tuple[int, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     resize: int | None = None
     crop: int | None = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form, for reports."""
         return {"shape": list(self.shape), "mean": list(self.mean), "std": list(self.std),
                 "resize": self.resize, "crop": self.crop}
-
-    @classmethod
-    def from_dict(cls, spec: dict) -> InputSpec:
-        return cls(tuple(int(v) for v in spec["shape"]), tuple(float(v) for v in spec["mean"]),
-                   tuple(float(v) for v in spec["std"]),
-                   int(spec["resize"]) if spec.get("resize") else None,
-                   int(spec["crop"]) if spec.get("crop") else None)
 
 
 @dataclass(frozen=True)
@@ -157,8 +150,9 @@ class ModelRecord:
         """Every blob the index references, labelled `tensor/role`, in index order."""
         out: list[tuple[str, BlobRef]] = []
         for t in self.tensors:
-            out += [(f"{t.name}/{role}", s.blob) for role, s in t.streams()]
-            out += [(f"{t.name}/{role}", a.blob) for role, a in t.arrays()]
+            name = printable(t.name)  # labels go into messages
+            out += [(f"{name}/{role}", s.blob) for role, s in t.streams()]
+            out += [(f"{name}/{role}", a.blob) for role, a in t.arrays()]
         if self.architecture.graph is not None:
             out.append(("architecture/graph", self.architecture.graph))
         return out

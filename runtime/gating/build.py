@@ -126,7 +126,7 @@ def apply_gates(model: nn.Module, gates: Iterable[ChannelGateRecord],
     for gate in gates:
         conv = _check(model, gate)
         conv.add_module(GATE_CHILD, ChannelGate(conv.in_channels, conv.out_channels,
-                                                gate.keep, generator).to(conv.weight.device))
+                                                gate.keep, generator, conv.weight.device))
         parent, _, child = gate.module.rpartition(".")
         by_parent.setdefault(parent, []).append(child)
     # Deepest parents first: a shallower parent then calls its rewritten children as leaves.

@@ -75,16 +75,22 @@ class ChannelGate(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, keep: int,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         if not 1 <= keep <= out_channels:
             raise ValueError(f"keep must be in 1..{out_channels}, not {keep}")
         self.in_channels, self.out_channels, self.keep = in_channels, out_channels, keep
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels))
-        self.bias = nn.Parameter(torch.empty(out_channels))
-        # Not part of the state_dict: it is the tie rule, not a weight.
-        self.register_buffer("earlier", torch.ones(out_channels, out_channels,
-                                                   dtype=torch.bool).tril(-1), persistent=False)
+        # On the meta device (the runtime's skeleton of a file's architecture) the predictor
+        # is a placeholder that the file's tensors replace; nothing is allocated for it.
+        device = torch.device(device or "cpu")
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, device=device))
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device))
+        # Not part of the state_dict: it is the tie rule, not a weight. Always real (a file
+        # never supplies it), on the CPU when the predictor is a meta placeholder.
+        real = torch.device("cpu") if device.type == "meta" else device
+        self.register_buffer("earlier", torch.ones(out_channels, out_channels, dtype=torch.bool,
+                                                   device=real).tril(-1), persistent=False)
         # Training reads the last saliencies (L1 penalty); a MAC counter observes each call
         # with (gate, x, pooled input, mask).
         self.last_saliency: Tensor | None = None
@@ -92,6 +98,8 @@ class ChannelGate(nn.Module):
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        if self.weight.is_meta:
+            return  # a placeholder: the file's tensors take its place
         bound = 1.0 / math.sqrt(self.in_channels)
         with torch.no_grad():
             # nn.Linear's kaiming_uniform_(a=sqrt(5)) is exactly this bound for the weight.

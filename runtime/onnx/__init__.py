@@ -2,7 +2,8 @@
 
     from runtime.onnx import session, export_onnx
     sess = session("model.fb")            # weights decoded once, injected from memory
-    logits = sess.run(batch)              # numpy NCHW float32 -> numpy logits
+    logits = sess(batch)                  # numpy NCHW float32 -> numpy logits
+    logits = sess.run(None, {"input": batch})[0]   # the same: it is an InferenceSession
     export_onnx("model.fb", "model.onnx", compact=True)
 """
 

@@ -18,7 +18,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.atomic import atomic_write
+from runtime.atomic import atomic_write, check_output
 from runtime.decode import decode_tensor
 from runtime.errors import WeightpackError
 from runtime.format.reader import PackedFile, open_packed
@@ -48,12 +48,13 @@ def export_onnx(packed_path: str | os.PathLike, out_path: str | os.PathLike,
                 compact: bool = False, verify: bool = True) -> dict[str, Any]:
     """Write the packed file's model as a standalone ONNX file; returns a size report.
 
-    Report: onnx_bytes, packed_bytes, ratio (onnx / packed), compact, folded (no
+    Report: onnx_bytes, packed_bytes, onnx_to_packed (onnx / packed), compact, folded (no
     dequantization subgraph survives onnxruntime's optimiser; trivially true when not
     compact), rebuilt (weights rebuilt in-graph), and with `verify` on a compact export
     max_abs_diff / exact: its outputs against the standalone graph's on onnxruntime CPU
     (this writes onnxruntime's optimised graph to a temporary folder, deleted at once).
     """
+    check_output(out_path, example="model.onnx")
     with open_packed(packed_path) as packed:
         packed_bytes = packed.size
         input_shape = packed.model.input.shape
@@ -78,7 +79,7 @@ def export_onnx(packed_path: str | os.PathLike, out_path: str | os.PathLike,
                               "try compact=True") from None
     written = atomic_write(out_path, [data])
     report.update(path=str(out_path), onnx_bytes=written, packed_bytes=packed_bytes,
-                  ratio=round(written / packed_bytes, 4))
+                  onnx_to_packed=round(written / packed_bytes, 4))
     return report
 
 

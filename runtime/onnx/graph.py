@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,9 @@ from torch import nn
 
 from runtime.decode import decode_tensor
 from runtime.errors import ArchitectureError, FormatError, LimitExceeded
+from runtime.format.dtypes import numpy_dtype
 from runtime.format.reader import PackedFile, open_packed
+from runtime.format.records import TensorRecord
 
 OPSET = 17
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
@@ -150,8 +153,8 @@ def fill_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx
     check_weights(specs, weights)
     for tensor in model.graph.initializer:
         if tensor.name in specs:
-            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(weights[tensor.name]),
-                                                    tensor.name))
+            value = np.require(weights[tensor.name], requirements="C")  # 0-d stays 0-d
+            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
     return model
 
 
@@ -207,11 +210,27 @@ def graph_and_weights(packed: PackedFile) -> tuple[onnx.ModelProto, dict[str, np
         graph = load_stored_graph(packed)
         specs = external_weights(graph)
         records = {t.name: t for t in packed.model.tensors}
+        try:
+            _check_records(specs, records)
+        except ArchitectureError as exc:
+            raise ArchitectureError(f"{packed.path}: {exc}") from None
         weights = {n: _to_numpy(decode_tensor(packed, records[n]).dequantize(), n)
                    for n in specs}
         check_weights(specs, weights)
         return graph, weights
     raise ArchitectureError(f"architecture kind {kind!r} has no ONNX graph")
+
+
+def _check_records(specs: dict[str, WeightSpec], records: dict[str, TensorRecord]) -> None:
+    """The file declares every graph weight with the graph's shape and dtype: checked on the
+    index, before any tensor is decoded (after decoding, `check_weights` checks the arrays)."""
+    for name, spec in specs.items():
+        record = records[name]  # _check_external_data made sure the name is there
+        dtype = None if record.dtype == "bfloat16" else numpy_dtype(record.dtype)
+        if record.shape != spec.shape or dtype != spec.dtype:
+            raise ArchitectureError(
+                f"{name!r}: the graph declares {spec.dtype}{list(spec.shape)}, the file holds "
+                f"{record.dtype}{list(record.shape)}")
 
 
 def fp32_graph(packed_path: str | os.PathLike) -> onnx.ModelProto:
@@ -225,8 +244,9 @@ def load_stored_graph(packed: PackedFile) -> onnx.ModelProto:
     """Parse and validate an onnx_graph file's weight-free graph blob.
 
     Refused (ArchitectureError): anything but the default ONNX domain, model-local
-    functions, external data other than initializers named after the file's tensors (which
-    would make onnxruntime read arbitrary files), and graphs that fail onnx's checker.
+    functions, external data anywhere except main-graph initializers named after the file's
+    tensors at the pseudo-location "weightpack" (anything else would make onnxruntime read
+    other files), and graphs that fail onnx's checker.
     """
     ref = packed.model.architecture.graph
     if ref is None:
@@ -242,17 +262,20 @@ def load_stored_graph(packed: PackedFile) -> onnx.ModelProto:
     if model.ByteSize() > len(data):
         raise ArchitectureError(f"{packed.path}: the graph blob parses to more than it holds")
     try:
-        _validate_graph(model, {t.name for t in packed.model.tensors})
+        _validate_graph(model, {t.name for t in packed.model.tensors},
+                        packed.model.input.shape)
     except ArchitectureError as exc:
         raise ArchitectureError(f"{packed.path}: {exc}") from None
     return model
 
 
-def _validate_graph(model: onnx.ModelProto, tensor_names: set[str]) -> None:
+def _validate_graph(model: onnx.ModelProto, tensor_names: set[str],
+                    input_shape: tuple[int, ...]) -> None:
     for opset in model.opset_import:
         if opset.domain not in _DEFAULT_DOMAINS:
             raise ArchitectureError(f"the graph imports operator domain {opset.domain!r}; only "
                                     "the default ONNX domain is allowed")
+    _check_external_data(model, tensor_names)
     if len(model.functions):
         raise ArchitectureError("the graph defines functions; only default ONNX operators "
                                 "are allowed")
@@ -261,45 +284,109 @@ def _validate_graph(model: onnx.ModelProto, tensor_names: set[str]) -> None:
         raise ArchitectureError("the graph has sparse initializers, which are not supported")
     for tensor in graph.initializer:
         if tensor.data_location == TensorProto.EXTERNAL:
-            if tensor.name not in tensor_names:
-                raise ArchitectureError(f"graph weight {tensor.name!r} is not among the "
-                                        "file's tensors")
-            locations = [e.value for e in tensor.external_data if e.key == "location"]
-            if locations != [EXTERNAL_LOCATION]:
-                raise ArchitectureError(f"graph weight {tensor.name!r} points at external "
-                                        "data outside the file")
             _np_dtype(tensor.data_type, tensor.name)
     _check_nodes(graph)
     initialized = {t.name for t in graph.initializer}
-    inputs = [i.name for i in graph.input if i.name not in initialized]
+    inputs = [i for i in graph.input if i.name not in initialized]
     if len(inputs) != 1 or not len(graph.output):
         raise ArchitectureError(f"the graph has {len(inputs)} data inputs and "
                                 f"{len(graph.output)} outputs; one input and an output needed")
+    _check_input(inputs[0], input_shape)
     try:
         onnx.checker.check_model(_with_placeholders(model))
-    except (onnx.checker.ValidationError, ValueError) as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError,
+            ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArchitectureError(f"the graph fails onnx's checker ({first})") from None
 
 
-def _check_nodes(graph: onnx.GraphProto) -> None:
-    """Default-domain operators only, and no inline tensor pointing at external data."""
-    for node in graph.node:
-        if node.domain not in _DEFAULT_DOMAINS:
-            raise ArchitectureError(f"node {node.name or node.op_type!r} uses operator domain "
-                                    f"{node.domain!r}; only the default ONNX domain is allowed")
+def _check_input(value: onnx.ValueInfoProto, input_shape: tuple[int, ...]) -> None:
+    """The graph's input takes what the file's input spec promises callers: float32 batches
+    of [N, C, H, W] with a dynamic N (anything else fails only later, inside onnxruntime)."""
+    tensor = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    fits = (tensor.elem_type == TensorProto.FLOAT and len(dims) == 1 + len(input_shape)
+            and dims[0] is None
+            and all(d is None or d == want for d, want in zip(dims[1:], input_shape,
+                                                              strict=True)))
+    if not fits:
+        kind = (TensorProto.DataType.Name(tensor.elem_type)
+                if tensor.elem_type in TensorProto.DataType.values() else tensor.elem_type)
+        shown = ", ".join("?" if d is None else str(d) for d in dims)
+        raise ArchitectureError(
+            f"the graph's input {value.name!r} is {kind}[{shown}], but the file's input spec "
+            f"promises FLOAT[N, {', '.join(map(str, input_shape))}] with a dynamic N")
+
+
+def _check_external_data(model: onnx.ModelProto, tensor_names: set[str]) -> None:
+    """Refuse every tensor anywhere in the model that names external data, except the main
+    graph's initializers that are the file's own weights at the pseudo-location "weightpack".
+
+    onnxruntime resolves any other location against the working directory, so a graph could
+    otherwise turn a local file's bytes into its output. Written by hand because no onnx
+    helper visits all of these places: every graph and subgraph (node attributes `g` and
+    `graphs`, training-info graphs, function bodies), their dense and sparse initializers,
+    and tensor and sparse-tensor attributes (which include `Constant` values).
+    """
+    own = [("location", EXTERNAL_LOCATION)]
+    for tensor in model.graph.initializer:
+        entries = [(e.key, e.value) for e in tensor.external_data]
+        if tensor.data_location == TensorProto.EXTERNAL or entries:
+            if tensor.data_location != TensorProto.EXTERNAL or entries != own:
+                raise ArchitectureError(f"graph weight {tensor.name!r} points at external "
+                                        "data outside the file")
+            if tensor.name not in tensor_names:
+                raise ArchitectureError(f"graph weight {tensor.name!r} is not among the "
+                                        "file's tensors")
+    for where, tensor in _inner_tensors(model):
+        if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data):
+            raise ArchitectureError(f"{where} {tensor.name!r} is stored as external data")
+
+
+def _inner_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, TensorProto]]:
+    """Every tensor of the model but the main graph's dense initializers, labelled by place.
+
+    An explicit stack, not recursion: nesting depth is the file's choice."""
+    graphs: list[tuple[str, onnx.GraphProto]] = [("graph", model.graph)]
+    nodes: list[tuple[str, onnx.NodeProto]] = []
+    for info in model.training_info:
+        graphs += [("training graph", info.initialization), ("training graph", info.algorithm)]
+    for function in model.functions:
+        nodes += [("function", node) for node in function.node]
+    while graphs or nodes:
+        if graphs:
+            where, graph = graphs.pop()
+            if where != "graph":  # the main graph's dense initializers are checked apart
+                yield from ((f"{where} initializer", t) for t in graph.initializer)
+            for sparse in graph.sparse_initializer:
+                yield f"{where} sparse initializer", sparse.values
+                yield f"{where} sparse initializer", sparse.indices
+            nodes += [("subgraph", node) for node in graph.node]
+            continue
+        _, node = nodes.pop()
+        label = f"node {node.name or node.op_type!r} constant"
         for attr in node.attribute:
-            sparse = list(attr.sparse_tensors)
-            sparse += [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
-            tensors = list(attr.tensors) + ([attr.t] if attr.HasField("t") else [])
-            tensors += [s.values for s in sparse] + [s.indices for s in sparse]
-            if any(t.data_location == TensorProto.EXTERNAL for t in tensors):
-                raise ArchitectureError(f"node {node.name or node.op_type!r} has a constant "
-                                        "stored as external data")
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                if any(t.data_location == TensorProto.EXTERNAL for t in sub.initializer):
-                    raise ArchitectureError("a subgraph has weights stored as external data")
-                _check_nodes(sub)
+            for tensor in [*attr.tensors, *([attr.t] if attr.HasField("t") else [])]:
+                yield label, tensor
+            for sparse in [*attr.sparse_tensors,
+                           *([attr.sparse_tensor] if attr.HasField("sparse_tensor") else [])]:
+                yield label, sparse.values
+                yield label, sparse.indices
+            graphs += [("subgraph", g)
+                       for g in [*([attr.g] if attr.HasField("g") else []), *attr.graphs]]
+
+
+def _check_nodes(graph: onnx.GraphProto) -> None:
+    """Default-domain operators only, in the graph and every subgraph."""
+    stack = [graph]
+    while stack:
+        for node in stack.pop().node:
+            if node.domain not in _DEFAULT_DOMAINS:
+                raise ArchitectureError(
+                    f"node {node.name or node.op_type!r} uses operator domain "
+                    f"{node.domain!r}; only the default ONNX domain is allowed")
+            for attr in node.attribute:
+                stack += [*([attr.g] if attr.HasField("g") else []), *attr.graphs]
 
 
 def _with_placeholders(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -324,4 +411,4 @@ def _to_numpy(tensor: torch.Tensor, name: str) -> np.ndarray:
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
         raise ArchitectureError(f"tensor {name!r} is bfloat16, which the ONNX backend cannot feed")
-    return np.ascontiguousarray(tensor.numpy())
+    return np.require(tensor.numpy(), requirements="C")  # keeps 0-d (ascontiguousarray: 1-d)

@@ -25,6 +25,9 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 PREFERENCE = (TENSORRT, CUDA, CPU)
+ORT_ERRORS = tuple(v for v in vars(ort.capi.onnxruntime_pybind11_state).values()
+                   if isinstance(v, type) and issubclass(v, Exception))
+"""onnxruntime's own exception types (its pybind module defines them outside any hierarchy)."""
 
 
 def providers_available() -> list[str]:
@@ -61,8 +64,8 @@ def make_session(
     *,
     threads: int | None = None,
     optimized_model_path: str | os.PathLike | None = None,
-) -> tuple[ort.InferenceSession, str]:
-    """An InferenceSession for `model` and the provider it actually runs on.
+) -> tuple[OnnxSession, str]:
+    """An InferenceSession (an OnnxSession) for `model` and the provider it actually runs on.
 
     `initializers` supplies the weights of a weight-free graph (see graph.weight_free) from
     memory; the arrays stay referenced by the returned session, whose lifetime they must
@@ -74,7 +77,8 @@ def make_session(
     specs = external_weights(model)
     initializers = initializers or {}
     check_weights(specs, initializers)
-    arrays = {n: np.ascontiguousarray(initializers[n]) for n in specs}  # extras would fail ORT
+    # extras would fail ORT; np.require keeps 0-d weights 0-d (ascontiguousarray makes them 1-d)
+    arrays = {n: np.require(initializers[n], requirements="C") for n in specs}
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
     try:
         data = model.SerializeToString()
@@ -98,30 +102,22 @@ def make_session(
     failed: list[str] = []
     for i, provider in enumerate(chain[:-1]):
         try:
-            sess = ort.InferenceSession(data, options(), providers=chain[i:],
-                                        enable_fallback=0)
+            sess = OnnxSession(data, options(), providers=chain[i:], enable_fallback=0)
         except Exception as exc:  # onnxruntime raises its own pybind types
             failed.append(f"{provider} ({_first_line(exc)})")
             continue
         used = sess.get_providers()[0]
         if used == provider:
-            return _keep(sess, arrays, values), used
+            return sess._ready(arrays, values), used
         failed.append(f"{provider} (did not start)")
     try:
-        sess = ort.InferenceSession(data, options(), providers=[CPU], enable_fallback=0)
+        sess = OnnxSession(data, options(), providers=[CPU], enable_fallback=0)
     except Exception as exc:
         raise ArchitectureError(f"onnxruntime rejects the graph: {_first_line(exc)}") from None
     if failed:
         warnings.warn(f"onnxruntime could not start {'; '.join(failed)}: running on {CPU}",
                       RuntimeWarning, stacklevel=2)
-    return _keep(sess, arrays, values), sess.get_providers()[0]
-
-
-def _keep(sess: ort.InferenceSession, arrays: dict[str, np.ndarray],
-          values: list[ort.OrtValue]) -> ort.InferenceSession:
-    """onnxruntime uses injected buffers in place: tie their lifetime to the session."""
-    sess._weightpack_buffers = (arrays, values)  # type: ignore[attr-defined]
-    return sess
+    return sess._ready(arrays, values), sess.get_providers()[0]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -129,16 +125,25 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0].strip()[:300] if text else type(exc).__name__
 
 
-class OnnxSession:
-    """An ONNX graph (a packed file's, or any in memory) running on onnxruntime: `run(x)`
-    maps an NCHW float batch to logits, `sess(x)` does it for torch tensors."""
+class OnnxSession(ort.InferenceSession):
+    """onnxruntime's own InferenceSession, whole (`run(None, {name: x})`, `get_inputs()`,
+    `get_outputs()`, `get_providers()`, `run_with_iobinding`, ...), so code written for
+    onnxruntime takes it unchanged. Added: `sess(x)` maps an NCHW float batch to logits
+    (numpy in, numpy out; torch in, torch out on x's device, so `runtime.evaluate` takes a
+    session as its model), and `provider`, `input_name`, `output_name`, `build_seconds`."""
 
-    def __init__(self, sess: ort.InferenceSession, provider: str, build_seconds: float = 0.0):
-        self.ort = sess
-        self.provider = provider
-        self.input_name: str = sess.get_inputs()[0].name
-        self.output_name: str = sess.get_outputs()[0].name
-        self.build_seconds = build_seconds
+    provider: str
+    input_name: str
+    output_name: str
+    build_seconds: float = 0.0
+
+    def _ready(self, arrays: dict[str, np.ndarray], values: list[ort.OrtValue]) -> OnnxSession:
+        # onnxruntime uses injected buffers in place: tie their lifetime to the session.
+        self._weightpack_buffers = (arrays, values)
+        self.provider = self.get_providers()[0]
+        self.input_name = self.get_inputs()[0].name
+        self.output_name = self.get_outputs()[0].name
+        return self
 
     @classmethod
     def from_graph(cls, model: onnx.ModelProto, initializers: dict[str, np.ndarray] | None = None,
@@ -146,26 +151,29 @@ class OnnxSession:
                    optimized_model_path: str | os.PathLike | None = None) -> OnnxSession:
         """A session over `model` (see make_session for the arguments)."""
         started = time.perf_counter()
-        sess, provider = make_session(model, initializers, providers, threads=threads,
-                                      optimized_model_path=optimized_model_path)
-        return cls(sess, provider, time.perf_counter() - started)
+        sess, _ = make_session(model, initializers, providers, threads=threads,
+                               optimized_model_path=optimized_model_path)
+        sess.build_seconds = time.perf_counter() - started
+        return sess
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """Logits for the batch `x` (converted to contiguous float32)."""
+    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Logits for the batch `x` (run as contiguous float32)."""
+        if isinstance(x, torch.Tensor):
+            return torch.from_numpy(self(x.detach().cpu().numpy())).to(x.device)
         batch = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
-        return self.ort.run([self.output_name], {self.input_name: batch})[0]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Torch in, torch out on x's device: `runtime.evaluate` takes a session as the model."""
-        logits = self.run(x.detach().cpu().numpy())
-        return torch.from_numpy(logits).to(x.device)
+        try:
+            return self.run([self.output_name], {self.input_name: batch})[0]
+        except ORT_ERRORS as exc:  # a graph or weights onnxruntime accepted but cannot run
+            raise WeightpackError(f"onnxruntime cannot run the model on a {list(batch.shape)} "
+                                  f"batch: {_first_line(exc)}") from None
 
     def __repr__(self) -> str:
         return f"OnnxSession(provider={self.provider!r}, input={self.input_name!r})"
 
 
 def session(path: str | os.PathLike, providers: list[str] | None = None) -> OnnxSession:
-    """Open a packed file as an onnxruntime session; weights are injected from memory."""
+    """Open a packed file as an onnxruntime InferenceSession; weights are injected from
+    memory. `sess.run(None, {sess.input_name: x})` as with any session, or `sess(x)`."""
     started = time.perf_counter()
     with open_packed(path) as packed:
         graph, weights = graph_and_weights(packed)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from runtime.quant.grid import max_scales, round_to_grid
 from runtime.tensors import CompressedTensor, UniformTensor
 
 __all__ = ["QMAX", "Int8Weight", "int8_weight"]
@@ -127,7 +128,7 @@ def int8_weight(w: Tensor, compressed: CompressedTensor | None = None) -> Int8We
 
     With `compressed` (the packed form `w` was decoded from) we first look for per-channel
     scales under which `w` is exactly representable and report `exact=True`; otherwise (or
-    without it) scale = max|w| / 127 per channel, round to nearest.
+    without it) the max / 127 grid of :mod:`runtime.quant.grid`.
     """
     rows = _rows(w)
     if rows.size and compressed is not None:
@@ -136,8 +137,9 @@ def int8_weight(w: Tensor, compressed: CompressedTensor | None = None) -> Int8We
             codes = _grid_codes(rows, scales)
             if codes is not None:
                 return Int8Weight(codes.reshape(tuple(w.shape)), scales, True)
-    peak = np.abs(rows).max(axis=1, initial=0).astype(np.float32)
-    scales = np.where(peak > 0, peak / np.float32(QMAX), np.float32(1.0)).astype(np.float32)
-    codes = np.clip(np.rint(rows / scales[:, None]), -QMAX, QMAX).astype(np.int8)
+    grid_rows = torch.from_numpy(rows)
+    scales_t = max_scales(grid_rows, QMAX)
+    scales = scales_t.numpy()
+    codes = round_to_grid(grid_rows, scales_t, QMAX).numpy().astype(np.int8)
     exact = bool(np.array_equal(codes.astype(np.float32) * scales[:, None], rows))
     return Int8Weight(codes.reshape(tuple(w.shape)), scales, exact)

@@ -22,9 +22,9 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from runtime.errors import ArchitectureError
-from runtime.zoo.registry import BUILDERS, family
+from runtime.zoo.registry import BUILDERS, TIMM_PREFIX, build, family
 
-__all__ = ["infer", "infer_one", "infer_with_kwargs", "shapes_of"]
+__all__ = ["infer", "infer_one", "infer_with_kwargs", "match", "shapes_of"]
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -70,13 +70,13 @@ def _cached_shapes(name: str, num_classes: int | None) -> tuple[tuple[str, tuple
     with warnings.catch_warnings(), _ShapeOnlyMode():
         # googlenet/inception warn about their default init, which shape-only builds skip.
         warnings.simplefilter("ignore", FutureWarning)
-        model = BUILDERS[name](**kwargs)
+        model = build(name, kwargs)
     return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
 def shapes_of(name: str, num_classes: int | None = None) -> Shapes:
     """``{key: shape}`` of the state_dict ``name`` would have, without allocating it."""
-    if name not in BUILDERS:
+    if name not in BUILDERS and not name.startswith(TIMM_PREFIX):
         raise ArchitectureError(f"unknown architecture {name!r}")
     return _clean(dict(_cached_shapes(name, num_classes)))
 
@@ -193,6 +193,15 @@ def infer_with_kwargs(state_dict: Mapping[str, Tensor]) -> list[tuple[str, dict[
             if kwargs is not None:
                 found.append((name, kwargs))
     return found
+
+
+def match(name: str, state_dict: Mapping[str, Tensor]) -> dict[str, Any] | None:
+    """Builder kwargs that make ``name`` hold exactly ``state_dict``'s tensors, or None."""
+    target = _target_shapes(state_dict)
+    try:
+        return _match(name, target)
+    except Exception:  # noqa: BLE001 - a builder that rejects the class count does not match
+        return None
 
 
 def infer(state_dict: Mapping[str, Tensor]) -> list[str]:

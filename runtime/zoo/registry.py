@@ -7,13 +7,14 @@ built with ``weights=None`` so nothing is ever downloaded.
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 import torchvision
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from runtime.errors import ArchitectureError
 from runtime.zoo import cifar_resnet
@@ -25,6 +26,7 @@ __all__ = [
     "TIMM_PREFIX",
     "TORCHVISION_PREFIX",
     "build",
+    "build_skeleton",
     "family",
     "input_spec",
     "names",
@@ -149,7 +151,67 @@ def validate_kwargs(name: str, kwargs: Mapping[str, Any] | None) -> dict[str, An
 
 def build(name: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """Construct an allow-listed architecture with randomly initialised weights (no download)."""
+    return _construct(name, validate_kwargs(name, kwargs))
+
+
+def build_skeleton(name: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """The architecture with every tensor over SKELETON_REAL_ELEMENTS elements on the meta
+    device: its names, shapes and dtypes, at a cost in memory and time that does not grow with
+    the model (kwargs such as num_classes=10**6 cost nothing either).
+
+    Small tensors stay real because some builders compute with them (RegNet derives its
+    widths through torch ops and ``.tolist()``, which meta tensors cannot answer); so do the
+    buffers the builders derive (e.g. Swin's relative position index). Builders that mix a
+    small and a large tensor in one op, or read a large one, are built on the meta device
+    entirely instead (timm's ViTamin and Swin-V2).
+    """
     checked = validate_kwargs(name, kwargs)
+    for device in (_LargeTensorsOnMeta, lambda: torch.device("meta")):
+        try:
+            with device():
+                return _construct(name, checked)
+        except ArchitectureError:
+            raise
+        except Exception:  # noqa: BLE001, S112 - builder code that needs data it cannot have
+            continue
+    # No allow-listed builder tried needs this (all of torchvision's and a sample of timm's
+    # build one way or the other); an untried one is built for real rather than refused.
+    return _construct(name, checked)
+
+
+SKELETON_REAL_ELEMENTS = 1 << 14
+
+_SIZED_FACTORIES = frozenset({torch.empty, torch.empty_strided, torch.zeros, torch.ones,
+                              torch.full, torch.rand, torch.randn, torch.randint,
+                              torch.randperm, torch.eye})
+
+_INIT_IN_PLACE = frozenset(getattr(torch.Tensor, name) for name in (
+    "normal_", "uniform_", "fill_", "zero_", "bernoulli_", "exponential_", "random_",
+    "log_normal_", "cauchy_", "geometric_", "erfinv_", "clamp_", "mul_", "add_", "sub_",
+    "div_", "copy_"))
+
+
+class _LargeTensorsOnMeta(TorchFunctionMode):
+    """Sized tensor factories called without a device create large tensors on `meta`.
+
+    Function modes are per thread, so a service building real models in other threads is not
+    affected. The meta call costs nothing and tells the size before anything is allocated.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SIZED_FACTORIES:
+            if kwargs.get("device") is None:
+                meta = func(*args, **{**kwargs, "device": "meta"})
+                if meta.numel() > SKELETON_REAL_ELEMENTS:
+                    return meta
+        elif func in _INIT_IN_PLACE and args[0].is_meta:
+            return args[0]  # initialising a placeholder: nothing to compute (and meta's
+            # Python decompositions of random ops cost milliseconds each)
+        return func(*args, **kwargs)
+
+
+def _construct(name: str, checked: dict[str, Any]) -> nn.Module:
     try:
         return _builder(name)(**checked)
     except TypeError as exc:
@@ -161,10 +223,10 @@ def build(name: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
 
 
 def input_spec(name: str) -> InputSpec:
-    """The default input spec for ``name`` (a fresh dict each call)."""
+    """The default input spec for ``name``."""
     _check_name(name)
     if name in CIFAR_NAMES:
-        return copy.deepcopy(CIFAR_SPEC)
+        return CIFAR_SPEC
     if name.startswith(TIMM_PREFIX):
         return _timm_spec(name.removeprefix(TIMM_PREFIX))
     resize, crop = _TORCHVISION_SIZES.get(name.removeprefix(TORCHVISION_PREFIX), (256, 224))
@@ -179,7 +241,6 @@ def _timm_spec(model: str) -> InputSpec:
     if cfg is None:
         return imagenet_spec()
     _, h, w = cfg.input_size
-    spec = imagenet_spec(resize=int(h / (cfg.crop_pct or 0.875)), crop=h)  # timm floors
-    spec["shape"] = [cfg.input_size[0], h, w]
-    spec["mean"], spec["std"] = list(cfg.mean), list(cfg.std)
-    return spec
+    resize = int(h / (cfg.crop_pct or 0.875))  # timm floors
+    return InputSpec(shape=(cfg.input_size[0], h, w), mean=tuple(cfg.mean), std=tuple(cfg.std),
+                     resize=resize, crop=h)

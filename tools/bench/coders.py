@@ -3,7 +3,8 @@
 The streams are read back from the files (index streams of the quantized files, byte-shuffled
 raw-value streams of the `none` file), re-coded with each coder and with ``encode_best``
 ("auto"), compared with the order-0 entropy bound, and decoded to time each coder.
-Run alone: ``python tools/bench/coders.py``.
+Run alone: ``python tools/bench/coders.py``. ``--synthetic`` instead measures every coder's
+size and encode/decode speed on three synthetic streams (the tables in docs/CODERS.md).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-from _common import PackConfig, ensure_packed, md_table, verdict
+from _common import PackConfig, ensure_packed, md_table, median_time, verdict
 
 from runtime import coders
 from runtime.coders import CODERS, CodedStream
@@ -72,7 +74,7 @@ def read_streams(path: Path, role: str) -> list[Stream]:
                     continue
                 symbols = read_stream(packed, rec, f"{tensor.name}/{r}")
                 out.append(Stream(f"{tensor.name}/{r}", symbols, rec.alphabet_size,
-                                  rec.blob.length + rec.params_nbytes, rec.coder))
+                                  rec.blob.length + rec.params_nbytes(), rec.coder))
     return out
 
 
@@ -281,10 +283,51 @@ def run(workdir: Path, repeats: int = 5, log=print) -> CoderResults:
     return CoderResults(results, render(results, repeats))
 
 
+def synthetic_streams(n: int) -> dict[str, tuple[np.ndarray, int]]:
+    """Seeded synthetic streams: dense 4-bit, 70%-zero 4-bit, dense bytes."""
+    rng = np.random.default_rng(0)
+    zero70 = np.where(rng.random(n) < 0.7, 0, rng.integers(1, 16, n))
+    return {
+        "16-level dense": (rng.integers(0, 16, n), 16),
+        "16-level 70%-zero": (zero70, 16),
+        "256-level dense": (rng.integers(0, 256, n), 256),
+    }
+
+
+def synthetic(count: int, repeats: int) -> str:
+    """Markdown: size against the entropy bound and encode/decode speed of every coder on
+    `count` synthetic symbols; times are the median of `repeats` runs."""
+    parts = [f"{count:,} symbols per stream; times: median of {repeats} runs, single thread."]
+    for name, (symbols, k) in synthetic_streams(count).items():
+        h = coders.entropy_bits(symbols, k)
+        bound = h * count / 8
+        rows: list[list[object]] = []
+        for coder in CODERS:
+            stream = coders.encode(symbols, k, coder)
+            if not np.array_equal(coders.decode(stream, count, k), symbols):
+                raise RuntimeError(f"{coder} does not round-trip {name}")
+            t_enc = median_time(partial(coders.encode, symbols, k, coder), repeats)
+            t_dec = median_time(partial(coders.decode, stream, count, k), repeats)
+            rows.append([coder, f"{len(stream.payload):,}", f"{stream.params_nbytes():,}",
+                         f"{stream.nbytes / bound:.4f}", f"{count / t_enc / 1e6:.1f}",
+                         f"{count / t_dec / 1e6:.1f}"])
+        parts += ["", f"{name} (K={k}): entropy {h:.4f} bits/symbol = {bound:,.0f} bytes", "",
+                  md_table(["coder", "payload B", "params B", "total / entropy",
+                            "encode Msym/s", "decode Msym/s"], rows, "lrrrrr")]
+    return "\n".join(parts)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5, help="timing rounds (median)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="synthetic streams instead of the packed resnet20 files")
+    parser.add_argument("--count", type=int, default=4_000_000,
+                        help="symbols per synthetic stream (default 4,000,000)")
     args = parser.parse_args(argv)
+    if args.synthetic:
+        print(synthetic(args.count, args.repeats))
+        return 0
     with tempfile.TemporaryDirectory(prefix="wp-bench-") as tmp:
         result = run(Path(tmp), args.repeats, log=lambda s: print(s, file=sys.stderr))
     print(result.markdown)

@@ -44,13 +44,13 @@ def interleaved(a: quant.OnnxSession, b: quant.OnnxSession, x: np.ndarray, round
                 warmup: int = 3) -> tuple[float, float]:
     """Median images/s of `a` and `b` on batch `x`, alternating which goes first."""
     for _ in range(warmup):
-        a.run(x), b.run(x)
+        a(x), b(x)
     times: dict[int, list[float]] = {0: [], 1: []}
     for r in range(rounds):
         order = (0, 1) if r % 2 == 0 else (1, 0)
         for i in order:
             start = time.perf_counter()
-            (a, b)[i].run(x)
+            (a, b)[i](x)
             times[i].append(time.perf_counter() - start)
     return (x.shape[0] / statistics.median(times[0]), x.shape[0] / statistics.median(times[1]))
 

@@ -37,9 +37,8 @@ from packer.methods.pqf.kmeans import kmeans
 from packer.methods.pqf.layers import attach_pq, subvectors
 from packer.methods.pqf.method import distillation_loss
 from packer.training import DataSpec, build_datasets
-from packer.training.loop import EpochSampler
 from runtime import load
-from runtime.data import cifar10_dataset, collate_skipping, make_loader
+from runtime.data import ShardSampler, cifar10_dataset, collate_skipping, make_loader
 from runtime.evaluate import evaluate
 from runtime.zoo.cifar_resnet import cifar_resnet20
 
@@ -168,7 +167,7 @@ def speed(args: argparse.Namespace) -> list[dict[str, Any]]:
             ("plain, labels", plain, None), ("pq, labels", pq, None),
             ("pq, distillation", pq, distillation_loss(teacher, 1.0))):
         loader = DataLoader(train_set, args.batch_size, num_workers=args.workers,
-                            sampler=EpochSampler(len(train_set), n, args.seed),
+                            sampler=ShardSampler(len(train_set), seed=args.seed, limit=n),
                             collate_fn=collate_skipping)
         model.train()
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])

@@ -184,8 +184,10 @@ class FBSMethod(Method):
                 checkpoint = (Path(f"{opts['checkpoint']}.ratios-"
                                    + "-".join(f"{r:g}" for r in ratios[:i + 1]))
                               if opts["checkpoint"] else None)
+                settings = _stage_settings(job, ratios[:i + 1], stage_epochs[:i + 1])
                 stage["training"] = self._train(job, model, gates, stage_epochs_i, data,
-                                                train_set, val_set, teacher, checkpoint)
+                                                train_set, val_set, teacher, checkpoint,
+                                                settings)
             stages.append(stage)
         for gate in gates.values():
             gate.last_saliency = None
@@ -207,7 +209,8 @@ class FBSMethod(Method):
 
     def _train(self, job: CompressJob, model: nn.Module, gates: dict[str, ChannelGate],
                epochs: int, data: DataSpec, train_set: Any, val_set: Any,
-               teacher: nn.Module | None, checkpoint: Path | None) -> dict[str, Any]:
+               teacher: nn.Module | None, checkpoint: Path | None,
+               settings: dict[str, Any]) -> dict[str, Any]:
         opts = job.config.options
         for p in model.parameters():
             p.requires_grad_(True)
@@ -216,7 +219,8 @@ class FBSMethod(Method):
                           batch_size=data.batch_size, workers=data.workers,
                           train_limit=opts["train_limit"] or None,
                           val_limit=opts["val_limit"] or None, seed=job.seed,
-                          checkpoint=checkpoint, progress=job.progress)
+                          checkpoint=checkpoint, progress=job.progress,
+                          method_settings=settings)
         base = (distillation_loss(teacher, opts["distill_temperature"]) if teacher is not None
                 else _cross_entropy)
         hooks = TrainHooks(loss=_with_saliency_penalty(base, list(gates.values()), opts["l1"]))
@@ -228,6 +232,20 @@ class FBSMethod(Method):
         return {**result.as_dict(), "validated_on": validated_on,
                 "schedule": f"{opts['optimizer']}, lr {opts['lr']:g} cosine to "
                             f"{opts['lr_min']:g} per batch over {epochs} epochs"}
+
+
+STAGE_INDEPENDENT = ("ratio", "epochs", "final_epochs")
+"""Options whose effect on stage i is in its schedule prefix (ratios and epochs so far)."""
+
+
+def _stage_settings(job: CompressJob, ratios: list[float], epochs: list[int]) -> dict[str, Any]:
+    """What decides stage i's result, for its resume checkpoint: the job's settings with the
+    final ratio and epoch counts replaced by the schedule up to this stage, so runs sharing a
+    prefix of the schedule (ratio 0.5 after 0.7; fbs and fbs+kmeans) share its stages."""
+    settings = job.settings()
+    options = {k: v for k, v in settings["options"].items() if k not in STAGE_INDEPENDENT}
+    return {**settings, "method": "fbs", "options": options, "stage_ratios": ratios,
+            "stage_epochs": epochs}
 
 
 def _set_keep(gates: dict[str, ChannelGate], convs: dict[str, nn.Conv2d], ratio: float) -> None:

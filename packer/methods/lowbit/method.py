@@ -38,8 +38,8 @@ from packer.methods.lowbit.quantizers import (
     WeightQuantizer,
 )
 from packer.methods.pqf.method import PQFMethod, distillation_loss
-from packer.methods.weightfix.schedule import recalibrate_bn
 from packer.training import DataSpec, TrainConfig, TrainHooks, build_datasets, fit
+from packer.training.batchnorm import recalibrate_batchnorm
 from runtime.errors import ConfigError, DataError
 from runtime.format.features import ACTIVATION_QUANT
 from runtime.format.records import ActivationQuantRecord
@@ -154,7 +154,7 @@ class LowBitMethod(Method):
         train_set, val_set = (build_datasets(data, opts["holdout"], job.seed)
                               if data is not None else (None, None))
         if train_set is not None and opts["bn_recalibration"] > 0:
-            recalibrate_bn(model, train_set, opts["bn_recalibration"], data.batch_size,
+            recalibrate_batchnorm(model, train_set, opts["bn_recalibration"], data.batch_size,
                            data.workers, job.seed)
             self.report[f"{self.name}_bn_recalibrated_on"] = opts["bn_recalibration"]
         if epochs > 0:
@@ -195,7 +195,8 @@ class LowBitMethod(Method):
                           batch_size=data.batch_size, workers=data.workers,
                           train_limit=opts["train_limit"] or None,
                           val_limit=opts["val_limit"] or None, seed=job.seed,
-                          checkpoint=opts["checkpoint"], progress=job.progress)
+                          checkpoint=opts["checkpoint"], progress=job.progress,
+                          method_settings=job.settings())
         hooks = TrainHooks(loss=distillation_loss(teacher, opts["distill_temperature"])
                            if teacher is not None else None)
         result = fit(model, train_set, val_set, cfg, hooks)

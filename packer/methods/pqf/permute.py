@@ -2,12 +2,13 @@
 
 Groups come from the model's torch.fx graph: a *channel space* is a tensor's channel axis;
 a Conv/Linear writes a new space (its rows are the group's parents) and reads one (its columns
-are children), BatchNorm and element-wise ops stay in their input's space, and `a + b` merges
-the spaces of a and b, so a residual stream (all its writers and readers) is one group.
-Permuting a space's channels everywhere at once leaves the function unchanged. A space that
-reaches the network's input or output, an unknown op, a channel concatenation, or an option-A
-pad shortcut (which maps channel c to c + pad of a wider space, tying two spaces together) is
-not permuted, and the report says why.
+are children), BatchNorm, element-wise ops and spatial slicing stay in their input's space,
+and `a + b` merges the spaces of a and b, so a residual stream (all its writers and readers)
+is one group. Permuting a space's channels everywhere at once leaves the function unchanged.
+A space that reaches the network's input or output, an unknown op, a channel concatenation, or
+channel zero-padding (an option-A shortcut maps channel c to c + pad of a wider space, tying
+two spaces together) is not permuted, and the report says why. Everything is read from the
+traced graph, so no model's own classes need to be known here.
 
 Objective (the paper's): log det Cov of a child's sub-vectors after permuting its input
 channels, summed over the group's optimisable children (the reference used only the first).
@@ -27,8 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-
-from runtime.zoo.cifar_resnet import PadShortcut
 
 _WRITERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -56,11 +55,6 @@ class Group:
     @property
     def label(self) -> str:
         return ",".join(self.writers) or "?"
-
-
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, PadShortcut) or super().is_leaf_module(m, qualname)
 
 
 class _Spaces:
@@ -103,7 +97,7 @@ class _Spaces:
 def find_groups(model: nn.Module) -> list[Group]:
     """Every channel space of the model with its writers, norms, readers and blockers."""
     try:
-        graph = _Tracer().trace(model)
+        graph = fx.Tracer().trace(model)
     except Exception as exc:  # fx raises many kinds on untraceable Python control flow
         raise ValueError(f"cannot trace the model with torch.fx: {exc}") from None
     modules = dict(model.named_modules())
@@ -144,10 +138,6 @@ def find_groups(model: nn.Module) -> list[Group]:
                     pooled.add(node)
             elif isinstance(m, nn.Flatten) and args and args[0] in pooled and m.start_dim == 1:
                 space[node] = src
-            elif isinstance(m, PadShortcut):
-                why = f"option-A pad shortcut {node.target} (channel c -> c+{m.pad_channels})"
-                sp.facts[src].blocked.append(why)
-                space[node] = sp.new(why)
             else:
                 block_all(node, f"{type(m).__name__} {node.target}")
                 space[node] = sp.new(f"output of {type(m).__name__} {node.target}")
@@ -176,6 +166,13 @@ def _function_node(node: fx.Node, sp: _Spaces, space: dict[fx.Node, int], pooled
         for other in args[1:]:
             src = sp.union(src, space[other])
         space[node] = src
+    elif target is operator.getitem and first_is_tensor and _keeps_channels(node.args[1]):
+        space[node] = src  # x[:, :, ::2, ::2]: spatial slicing keeps every channel in place
+    elif target is F.pad and first_is_tensor and _pads_channels(node) is not None:
+        why = (f"channel zero-padding in {_where(node)} (an option-A pad shortcut: channel c "
+               f"-> c+{_pads_channels(node)})")
+        block_all(node, why)
+        space[node] = sp.new(why)
     elif target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d) and len(args) == 1:
         space[node] = src
         if node.args[1:2] in ((1,), ((1, 1),)):
@@ -187,6 +184,28 @@ def _function_node(node: fx.Node, sp: _Spaces, space: dict[fx.Node, int], pooled
     else:
         block_all(node, f"operation {name}")
         space[node] = sp.new(f"output of {name}")
+
+
+def _where(node: fx.Node) -> str:
+    """The module a traced operation ran in (its qualified name), else the node's name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack), node.name) if stack else node.name
+
+
+def _keeps_channels(index: Any) -> bool:
+    """An index that takes every sample and every channel as they are (dims 0 and 1 whole)."""
+    whole = slice(None)
+    return isinstance(index, tuple) and len(index) >= 2 and index[0] == whole \
+        and index[1] == whole and all(isinstance(i, slice) for i in index[2:])
+
+
+def _pads_channels(node: fx.Node) -> int | None:
+    """For F.pad of an N, C, H, W tensor that pads channels: the channels added in front."""
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    if not isinstance(pad, tuple | list) or len(pad) < 6 or not all(
+            isinstance(p, int) for p in pad):
+        return None
+    return pad[4] if pad[4] or pad[5] else None
 
 
 def _flattens_from_1(node: fx.Node) -> bool:

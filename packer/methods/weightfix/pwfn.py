@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from packer.config import Option
+from packer.config import Option, closed_interval
 from packer.methods.base import CompressJob, Method
 from packer.methods.weightfix.bayes import (
     Gaussian,
@@ -27,35 +27,29 @@ from packer.methods.weightfix.bayes import (
     sigma_gradient_hook,
 )
 from packer.methods.weightfix.fixed import FixedParams
-from packer.methods.weightfix.schedule import (
-    FixingRun,
-    check_schedule,
-    closed_interval,
-    fixable_names,
-)
+from packer.methods.weightfix.loop import FixingRun, fixable_names
+from packer.methods.weightfix.options import RUN_OPTIONS, check_epochs, check_schedule
 from packer.methods.weightfix.zscore import SIGMA_JOINS, cluster_round
-from packer.training import TrainConfig, TrainHooks, world_size
+from packer.training import TrainConfig, TrainHooks
+from runtime.distributed import world_size
 from runtime.tensors import CompressedTensor
 
 ROUNDS = [0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0]
 START_FRACTION = 0.05  # round 0 trains on 5% of the training images, as the reference
 
 
-def _epochs(v: int) -> str | None:
-    return None if 0 <= v <= 1000 else "epochs must be between 0 and 1000"
-
-
 class PWFNMethod(Method):
     name = "pwfn"
     chain_rank = 2
+    trains = True
     summary = "probabilistic weight fixing: learned sigmas decide which power of two (PWFN)"
     options = {
         "lr": Option(1e-3, "SGD learning rate (momentum 0.9, weight decay 1e-4)", float,
                      check=closed_interval(1e-9, 10.0, "lr"), per_layer=False),
         "start_epochs": Option(1, "round-0 epochs (on 5% of the training images)", int,
-                               check=_epochs, per_layer=False),
+                               check=check_epochs, per_layer=False),
         "rest_epochs": Option(3, "epochs before each later round (0 with start_epochs=0: "
-                              "post-training, no data needed)", int, check=_epochs,
+                              "post-training, no data needed)", int, check=check_epochs,
                               per_layer=False),
         "rounds": Option(ROUNDS, "cumulative fraction fixed after each round", list,
                          check=lambda v: check_schedule(v, "rounds"), per_layer=False),
@@ -80,20 +74,8 @@ class PWFNMethod(Method):
                              choices=SIGMA_JOINS, per_layer=False),
         "grad_clip": Option(1.0, "gradient norm clip (0: off)", float,
                             check=closed_interval(0.0, 1e6, "grad_clip"), per_layer=False),
-        "train_limit": Option(0, "training images per epoch, drawn at random (0: all)", int,
-                              check=closed_interval(0, 10**9, "train_limit"), per_layer=False),
-        "val_limit": Option(0, "validation images for the per-round log (0: all)", int,
-                            check=closed_interval(0, 10**9, "val_limit"), per_layer=False),
-        "checkpoint": Option(None, "round checkpoint file, written after every round", str,
-                             per_layer=False),
-        "resume": Option(False, "continue from `checkpoint`", bool, per_layer=False),
+        **RUN_OPTIONS,
     }
-
-    def __init__(self) -> None:
-        self.report: dict[str, Any] = {}
-
-    def extra_report(self, job: CompressJob | None = None) -> dict[str, Any]:
-        return dict(self.report)
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         opts = job.config.options

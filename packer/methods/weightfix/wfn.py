@@ -16,32 +16,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from packer.config import Option
+from packer.config import Option, closed_interval, open_interval
 from packer.methods.base import CompressJob, Method
 from packer.methods.weightfix.fixed import FixedParams
 from packer.methods.weightfix.greedy import fix_step
+from packer.methods.weightfix.loop import FixingRun, fixable_names
+from packer.methods.weightfix.options import RUN_OPTIONS, check_epochs, check_schedule
 from packer.methods.weightfix.regulariser import cluster_distance, regularised_loss
-from packer.methods.weightfix.schedule import (
-    FixingRun,
-    check_schedule,
-    closed_interval,
-    fixable_names,
-    open_interval,
-    recalibrate_bn,
-)
-from packer.training import TrainConfig, TrainHooks
+from packer.training import TrainConfig, TrainHooks, recalibrate_batchnorm
 from runtime.tensors import CompressedTensor
 
 PERCENTAGES = [0.3, 0.6, 0.8, 0.9, 0.95, 0.975, 0.99, 0.9975, 0.999, 1.0]
 
 
-def _epochs(v: int) -> str | None:
-    return None if 0 <= v <= 1000 else "epochs must be between 0 and 1000"
-
-
 class WFNMethod(Method):
     name = "wfn"
     chain_rank = 2
+    trains = True
     summary = "weight fixing to powers of two, network-wide, with retraining (WFN)"
     options = {
         "distance_allowed": Option(0.0075, "delta: allowed mean distance to a centre at the "
@@ -54,10 +45,10 @@ class WFNMethod(Method):
                               list, check=lambda v: check_schedule(v, "percentages"),
                               per_layer=False),
         "first_epoch": Option(0, "training epochs before the first fixing step", int,
-                              check=_epochs, per_layer=False),
+                              check=check_epochs, per_layer=False),
         "fixing_epochs": Option(3, "training epochs after each fixing step but the last "
                                 "(0: post-training fixing, no data needed)", int,
-                                check=_epochs, per_layer=False),
+                                check=check_epochs, per_layer=False),
         "zero_distance": Option(2.0 ** -7, "gamma0: |w| below this joins the 0 centre", float,
                                 check=open_interval(0.0, 1.0, "zero_distance"),
                                 per_layer=False),
@@ -77,24 +68,12 @@ class WFNMethod(Method):
                             check=closed_interval(0.0, 1e6, "grad_clip"), per_layer=False),
         "refix": Option(False, "re-cluster already fixed weights every step (the reference's "
                         "behaviour)", bool, per_layer=False),
-        "train_limit": Option(0, "training images per epoch, drawn at random (0: all)", int,
-                              check=closed_interval(0, 10**9, "train_limit"), per_layer=False),
-        "val_limit": Option(0, "validation images for the per-iteration log (0: all)", int,
-                            check=closed_interval(0, 10**9, "val_limit"), per_layer=False),
         "bn_recalibration": Option(2048, "training images to re-estimate BatchNorm statistics "
                                    "on after each fixing step (0: off; needs data)", int,
                                    check=closed_interval(0, 10**7, "bn_recalibration"),
                                    per_layer=False),
-        "checkpoint": Option(None, "iteration checkpoint file, written after every fixing "
-                             "step", str, per_layer=False),
-        "resume": Option(False, "continue from `checkpoint`", bool, per_layer=False),
+        **RUN_OPTIONS,
     }
-
-    def __init__(self) -> None:
-        self.report: dict[str, Any] = {}
-
-    def extra_report(self, job: CompressJob | None = None) -> dict[str, Any]:
-        return dict(self.report)
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         opts = job.config.options
@@ -119,8 +98,8 @@ class WFNMethod(Method):
         result = fix_step(fixed.flat_values(), fixed.flat_fixed(), schedule[t], distance,
                           opts["calculation_type"] == "relative", opts["zero_distance"])
         fixed.set_fixed(result.values, result.fixed)
-        recalibrate_bn(run.job.model, run.train_set, opts["bn_recalibration"], run.batch_size,
-                       run.workers, run.job.seed + t)
+        recalibrate_batchnorm(run.job.model, run.train_set, opts["bn_recalibration"],
+                              run.batch_size, run.workers, run.job.seed + t)
         return {"target": schedule[t], "distance": round(distance, 6),
                 "newly_fixed": result.newly_fixed, "max_order": result.max_order,
                 "mean_distance": round(result.distance_mean, 6)}
