@@ -5,10 +5,11 @@
 
 `select` packs candidate recipes at ratio 0.5 on a short schedule and scores each packed
 file on 5,000 training images held out of training (the seeded split `holdout=5000`
-trains without); it never reads the test set. `table` trains the recipe chosen there
-(RECIPE, committed before measuring) at keep ratios 0.7, 0.5 and 0.3 and evaluates each
-packed file once on the 10,000 test images, next to the uncompressed baseline and the
-untrained gates (epochs=0), all measured by the same code in the same run. Per point:
+trains without); it never reads the test set. It records the candidate with the best
+held-out top-1 in docs/results/fbs-select.json. `table` trains that recipe (and refuses to
+run without it) at keep ratios 0.7, 0.5 and 0.3 (`--ratios`) and evaluates each packed file
+once on the 10,000 test images, next to the uncompressed baseline and the untrained gates
+(epochs=0), all measured by the same code in the same run. Per point:
 
 * top-1 and the MACs executed per image, counted by `runtime.gating.MacCounter` over the
   10,000 test images while they are evaluated (kept output channels x input channels that
@@ -72,9 +73,8 @@ BAR_RATIO, BAR_DROP, BAR_MACS = 0.5, 2.5, 0.55
 HISTOGRAM_LAYER = "layer3.1.conv2"  # reads layer3.1.conv1's gated output
 FREQUENCY_LAYER = "layer3.1.conv1"
 
-# Chosen on the held-out split by `select` (docs/results/fbs-select.md). The table uses
-# exactly these.
-RECIPE: tuple[str, ...] = ("lr=1e-3", "distill=true")
+SELECTED = RESULTS_DIR / "fbs-select.json"
+"""Written by `select`: the recipe with the best held-out top-1, which `table` trains."""
 
 SELECT_CANDIDATES: dict[str, tuple[str, ...]] = {
     "lr 1e-3, distillation": ("lr=1e-3", "distill=true"),
@@ -165,40 +165,61 @@ def dense_model() -> torch.nn.Module:
 # --- commands -----------------------------------------------------------------------------------
 
 
+def chosen_recipe() -> tuple[str, tuple[str, ...]]:
+    """The recipe `select` chose on the held-out split (label, --set values)."""
+    if not SELECTED.is_file():
+        raise SystemExit(f"{SELECTED} is missing: run `python tools/bench/fbs.py select` "
+                         "first (the recipe is chosen on held-out images, never on test)")
+    doc = json.loads(SELECTED.read_text(encoding="utf-8"))
+    return doc["label"], tuple(doc["sets"])
+
+
 def select(args: argparse.Namespace) -> str:
     """Held-out comparison of recipes on a short schedule at ratio 0.5; test not read."""
     rows = []
+    scores: dict[str, float] = {}
     for label, sets in SELECT_CANDIDATES.items():
         with cpu_lock(args.lock), tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "m.fb"
             overrides = fbs_overrides(BAR_RATIO, args.epochs,
-                                      (*sets, f"train_limit={args.train_limit}"))
+                                      (*sets, f"train_limit={args.train_limit}",
+                                       f"val_limit={args.val_limit}"))
             report = pack_point("fbs", overrides, out, args.workers)
             holdout = build_datasets(data_spec(args.workers), HOLDOUT, SEED)[1]
             top1, counter = counted_accuracy(load(out), holdout, args.workers)
         summary = counter.summary()
         detail = training_detail(report)
+        scores[label] = top1
         print(json.dumps({"label": label, "holdout": top1, **summary, "stages": detail}),
               file=sys.stderr, flush=True)
         rows.append([label, f"{top1:.2f}", f"{summary['macs_ratio']:.3f}",
                      " | ".join(" / ".join(f"{v:.2f}" for v in s["holdout_by_epoch"])
                                 for s in detail), f"{report['pack_s']:.0f}"])
+    best = max(scores, key=lambda label: scores[label])  # first listed wins a tie
+    tmp = SELECTED.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"label": best, "sets": list(SELECT_CANDIDATES[best]),
+                               "holdout_top1": scores[best]}, indent=1) + "\n",
+                   encoding="utf-8")
+    tmp.replace(SELECTED)
     return "\n\n".join([
         f"Held-out split: {HOLDOUT} training images (seed {SEED}), never trained on; the "
         "test images are not read. The pretrained model saw these images in its own "
         "training, so held-out accuracies run higher than test accuracies; they rank "
         f"recipes. Each candidate: fbs at ratio {BAR_RATIO}, stages 0.9 -> 0.7 -> 0.5, "
-        f"{args.epochs} epoch(s) of {args.train_limit:,} images per stage, Adam with a "
+        f"{args.epochs} epoch(s) of {args.train_limit:,} images per stage (each stage's "
+        f"best epoch picked on {args.val_limit:,} of the held-out images), Adam with a "
         "cosine learning rate per stage, L1 1e-8 on the saliencies, distillation at T=4 "
         "from the uncompressed model or cross-entropy on the labels.",
         md_table(["recipe", "held-out top-1", "MACs executed / dense",
                   "held-out top-1 by epoch, per stage (0 = start)", "pack s"], rows),
+        f"Chosen (best held-out top-1; `table` trains it, read from {SELECTED.name}): "
+        f"**{best}** (`{' '.join(SELECT_CANDIDATES[best])}`).",
     ])
 
 
-def _point(ratio: float, args: argparse.Namespace, workdir: Path,
+def _point(ratio: float, args: argparse.Namespace, workdir: Path, recipe: tuple[str, ...],
            dense: torch.nn.Module, images: torch.Tensor) -> dict[str, Any]:
-    extra = (*RECIPE, f"checkpoint={workdir / 'stages'}")
+    extra = (*recipe, f"train_limit={args.train_limit}", f"checkpoint={workdir / 'stages'}")
     overrides = fbs_overrides(ratio, args.epochs, extra)
     with cpu_lock(args.lock):
         fbs_file = workdir / f"fbs-{ratio}.fb"
@@ -260,6 +281,9 @@ def _figure(counter: MacCounter, ratio: float, path: Path) -> dict[str, Any]:
 
 
 def table(args: argparse.Namespace) -> str:
+    label, recipe = chosen_recipe()
+    if BAR_RATIO not in args.ratios:
+        raise SystemExit(f"--ratios must include the bar's ratio {BAR_RATIO}")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     dense = dense_model()
@@ -270,7 +294,7 @@ def table(args: argparse.Namespace) -> str:
         pack_point("fbs", fbs_overrides(BAR_RATIO, 0, ()), untrained_file, args.workers)
         untrained, untrained_counter = counted_accuracy(load(untrained_file), test_set(),
                                                         args.workers)
-    results = [_point(ratio, args, workdir, dense, images) for ratio in RATIOS]
+    results = [_point(ratio, args, workdir, recipe, dense, images) for ratio in args.ratios]
     bar_point = next(r for r in results if r["ratio"] == BAR_RATIO)
     figure = _figure(bar_point["counter"], BAR_RATIO, RESULTS_DIR / "fbs-kept.png")
 
@@ -304,14 +328,21 @@ def table(args: argparse.Namespace) -> str:
                   f"{torch.cat(layer.live_inputs).float().mean():.1f}",
                   f"{layer.executed / layer.images / layer.dense:.3f}"]
                  for name, layer in bar_point["counter"].gated_layers().items()]
-    recipe = " ".join(RECIPE)
+    missing = [r for r in RATIOS if r not in args.ratios]
+    command = ("python tools/bench/fbs.py table --ratios "
+               + " ".join(f"{r:g}" for r in (*args.ratios, *missing))
+               + f" --epochs {args.epochs} --train-limit {args.train_limit}")
+    not_run = ([f"**Not measured in this run:** ratio {', '.join(f'{r:g}' for r in missing)} "
+                f"(`{command}` measures them, resuming the stages trained here from "
+                "--workdir)."] if missing else [])
     return "\n\n".join([
         f"ResNet-20 on CIFAR-10 (`{checkpoint_path('resnet20').name}`), uncompressed baseline "
         f"**{base:.2f}%** top-1 on the 10,000 test images, measured in this run. Every fbs "
-        f"row is a packed file (`--method fbs`, recipe `{recipe}`, chosen on the held-out "
-        "split: fbs-select.md) evaluated once on the test images with `runtime.load`. "
-        f"Training: train/ minus {HOLDOUT} held-out images (seed {SEED}); stages "
-        f"0.9 -> 0.7 -> ... -> ratio, {args.epochs} epoch(s) each, Adam with a cosine "
+        f"row is a packed file (`--method fbs`, recipe {label}: `{' '.join(recipe)}`, "
+        "chosen on the held-out split: fbs-select.md) evaluated once on the test images "
+        f"with `runtime.load`. Training: train/ minus {HOLDOUT} held-out images (seed "
+        f"{SEED}); stages 0.9 -> 0.7 -> ... -> ratio, {args.epochs} epoch(s) each of "
+        f"{args.train_limit:,} images drawn afresh per epoch, Adam with a cosine "
         "learning rate per stage, each stage keeping its epoch with the best held-out "
         "top-1; L1 1e-8 on the saliencies. The default gates: the 18 block 3x3 convs "
         "(conv1 and the classifier plain; this ResNet-20 has no downsample convs).",
@@ -320,6 +351,7 @@ def table(args: argparse.Namespace) -> str:
                   "fbs+kmeans bytes (ratio)", "fbs+kmeans top-1",
                   f"bar (ratio {BAR_RATIO}: within {BAR_DROP} points, <= {BAR_MACS}x MACs)"],
                  rows),
+        *not_run,
         "MACs are counted per test image while the 10,000 images are evaluated "
         "(runtime.gating.MacCounter): a gated conv costs kept output channels x input "
         "channels that are not all zero x 9 x output pixels, plus its predictor "
@@ -363,7 +395,7 @@ def table(args: argparse.Namespace) -> str:
         "The longer schedule (the reference trains each stage up to 100 epochs), not run "
         "here: `packer compress resnet20-cifar10jpg.pth -o r20-fbs.fb --method fbs+kmeans "
         "--cifar10 ../shared/data/cifar10 --set ratio=0.5 --set epochs=30 "
-        f"--set holdout={HOLDOUT} --set {' --set '.join(RECIPE)} --set checkpoint=ck/fbs` "
+        f"--set holdout={HOLDOUT} --set {' --set '.join(recipe)} --set checkpoint=ck/fbs` "
         "(about 90 epochs: some 3 hours on this machine's 2 cores alone, minutes on a GPU).",
     ])
 
@@ -375,8 +407,15 @@ def main() -> int:
     s = sub.add_parser("select", help="held-out selection of the training recipe")
     s.add_argument("--epochs", type=int, default=1, help="per stage")
     s.add_argument("--train-limit", type=int, default=15000, help="images per epoch")
+    s.add_argument("--val-limit", type=int, default=HOLDOUT,
+                   help="held-out images that pick each stage's best epoch (the final score "
+                        f"uses all {HOLDOUT})")
     t = sub.add_parser("table", help="the chosen recipe at ratios 0.7, 0.5, 0.3, on test")
     t.add_argument("--epochs", type=int, default=5, help="per stage")
+    t.add_argument("--train-limit", type=int, default=45000,
+                   help="training images per epoch (drawn afresh each epoch)")
+    t.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS),
+                   help=f"keep ratios to measure, in order; must include {BAR_RATIO}")
     t.add_argument("--workdir", default="/tmp/fbs-bench",
                    help="packed files and stage checkpoints (kept: a rerun resumes)")
     t.add_argument("--rounds", type=int, default=9, help="latency rounds")

@@ -102,6 +102,7 @@ class FBSMethod(Method):
     summary = "Feature Boosting and Suppression: per-image channel gating (saves MACs)"
     chain_rank = 0
     changes_model = True
+    trains = True
     options: ClassVar[dict[str, Option]] = {
         "ratio": Option(0.5, "fraction of its output channels each gated conv keeps per image, "
                         "in (0, 1]: k = round(C_out * ratio)", float,
