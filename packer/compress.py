@@ -116,7 +116,9 @@ def pack(req: PackRequest) -> dict[str, Any]:
     arch = resolve(checkpoint.state_dict, req.arch, checkpoint.module)
     state_dict = arch.model.state_dict()
     weights = compressible_weights(arch.model)
-    _check_globs(config, state_dict, [n.rsplit(".", 1)[0] for n in weights])
+    # Settings may name the tensors a stage adds (fbs: `*.gate.method=none`).
+    _check_globs(config, [*state_dict, *method.added_tensors(arch.model, config)],
+                 [n.rsplit(".", 1)[0] for n in weights])
     targets = [n for n in weights if config.for_tensor(n).get("method") != "none"]
     if not targets and req.method != "none":
         raise WeightpackError("the model has no Conv or Linear weight left to compress")
@@ -193,11 +195,10 @@ def _check_features(req: PackRequest, arch: ResolvedArchitecture,
                           "quantization (bits_a); drop one of the two")
 
 
-def _check_globs(config: MethodConfig, state_dict: dict[str, torch.Tensor],
-                 layers: list[str]) -> None:
+def _check_globs(config: MethodConfig, tensor_names: list[str], layers: list[str]) -> None:
     """A per-layer setting whose glob matches nothing would silently do nothing: refuse it,
     naming the Conv/Linear `layers` it could have meant (the closest, then first and last)."""
-    unmatched = config.unmatched_globs(state_dict)
+    unmatched = config.unmatched_globs(tensor_names)
     if not unmatched:
         return
     glob = unmatched[0]

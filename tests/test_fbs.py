@@ -23,7 +23,7 @@ from runtime.decode import decode_tensor
 from runtime.errors import ConfigError, DataError
 from runtime.format.reader import open_packed
 from runtime.gating import gates_of
-from runtime.tensors import ScalarCodebookTensor, UniformTensor
+from runtime.tensors import RawTensor, ScalarCodebookTensor, UniformTensor
 from runtime.zoo.cifar_resnet import cifar_resnet20
 from tests.packing import method_job
 
@@ -198,14 +198,18 @@ def test_calibrated_fbs_file_exports_int8_and_evaluates(tmp_path: Path, shared_d
     assert result["precision"] == "int8" and "fp32 torch backend only" in result["macs_note"]
 
 
-@pytest.mark.parametrize(("chain", "form"), [("fbs+int8", UniformTensor),
-                                             ("fbs+uniform", UniformTensor),
-                                             ("fbs+kmeans+int8", UniformTensor)])
-def test_other_weight_chains_keep_the_gates(tmp_path: Path, shared_dir: Path, chain,
+@pytest.mark.parametrize(("chain", "sets", "form"), [
+    ("fbs+int8", (), UniformTensor),
+    ("fbs+uniform", (), UniformTensor),
+    ("fbs+kmeans+int8", (), UniformTensor),
+    # a glob may name the predictors before fbs adds them: they stay raw
+    ("fbs+kmeans", ("*.gate.method=none",), RawTensor),
+])
+def test_other_weight_chains_keep_the_gates(tmp_path: Path, shared_dir: Path, chain, sets,
                                             form) -> None:
     out = tmp_path / "m.fb"
     report = pack(PackRequest(_r20(shared_dir), out, method=chain, progress=False,
-                              overrides=["epochs=0", "ratio=0.3"]))
+                              overrides=["epochs=0", "ratio=0.3", *sets]))
     assert report["required_features"] == ["channel_gating"]
     with open_packed(out) as packed:
         assert len(packed.model.channel_gates) == 18

@@ -107,6 +107,12 @@ class Method:
         this config; the packer checks before any work that the model can carry them."""
         return frozenset()
 
+    def added_tensors(self, model: torch.nn.Module, config: MethodConfig) -> list[str]:
+        """Names of the tensors `compress` will add to the model (a stage that changes it,
+        CompressJob.replace_model), known before any work, so per-layer settings may name
+        them (`*.gate.method=none`)."""
+        return []
+
 
 class PerTensorMethod(Method):
     """A post-training method that treats each weight on its own."""

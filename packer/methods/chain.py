@@ -133,6 +133,10 @@ class ChainMethod(Method):
         return frozenset().union(*(stage.required_features(c)
                                    for stage, c in zip(self.stages, config.stages, strict=True)))
 
+    def added_tensors(self, model: torch.nn.Module, config: MethodConfig) -> list[str]:
+        return [name for stage, c in zip(self.stages, config.stages, strict=True)
+                for name in stage.added_tensors(model, c)]
+
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         chain_config = job.config
         produced: dict[str, CompressedTensor] = {}

@@ -137,6 +137,12 @@ class FBSMethod(Method):
     def required_features(self, config: MethodConfig) -> frozenset[str]:
         return frozenset({CHANNEL_GATING})
 
+    def added_tensors(self, model: nn.Module, config: MethodConfig) -> list[str]:
+        if isinstance(model, torch.jit.ScriptModule):
+            return []  # refused by compress, with the reason
+        return [f"{name}.{GATE_CHILD}.{p}" for name in select_gates(model, config)
+                for p in ("weight", "bias")]
+
     def extra_report(self, job: CompressJob | None = None) -> dict[str, Any]:
         return dict(self.report)
 
