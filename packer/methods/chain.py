@@ -16,7 +16,9 @@ A stage may change the model itself (`Method.changes_model`: fbs installs channe
 their predictors) through `CompressJob.replace_model`: later stages then get the new model,
 and the predictor weights among their targets, so `fbs+kmeans` clusters them like any other
 layer. Only methods that take such a model (`Method.takes_changed_model`, the per-tensor
-methods) may follow. The file then needs every stage's runtime features.
+methods) may follow. Per-layer settings may name the tensors such a stage will add
+(`Method.added_tensors`, known before any work: `*.gate.method=none`). The file then needs
+every stage's runtime features.
 """
 
 from __future__ import annotations
