@@ -350,6 +350,23 @@ def test_input_spec_over_64_channels_is_a_limit(tmp_path: Path) -> None:
         open_packed(path)
 
 
+
+@pytest.mark.parametrize("shape,resize,crop", [
+    ((3, 33554432, 32), 0, 0),  # fuzz campaign 10, case 85804: a 12.9 GB input
+    ((3, 32, 32), 1 << 14, 0),
+    ((3, 32, 32), 0, 1 << 14),
+])
+def test_input_spec_over_2_26_elements_is_a_limit(tmp_path: Path, shape, resize, crop) -> None:
+    records, data = encode({"x": RawTensor(torch.zeros(1), torch.float32)})
+    spec = replace(CIFAR_SPEC, shape=shape, resize=resize or None, crop=crop or None)
+    path = tmp_path / "m.fb"
+    record = ModelRecord(producer="t", method="t", method_config_json="{}", source_sha256="",
+                         architecture=builder_arch(), input=spec, num_classes=1,
+                         tensors=tuple(records), fp32_bytes=4)
+    write_packed(path, record, data)
+    with pytest.raises(LimitExceeded, match="input spec declares an image over 67,108,864"):
+        open_packed(path)
+
 # --- bytes and arithmetic ---------------------------------------------------------------------
 
 

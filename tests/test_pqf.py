@@ -277,7 +277,7 @@ def test_finetune_through_the_shared_loop(tmp_path: Path) -> None:
 
 
 def test_distillation_loss_is_zero_against_itself() -> None:
-    from packer.methods.pqf.method import distillation_loss
+    from packer.training.finetune import distillation_loss
 
     torch.manual_seed(0)
     net = nn.Linear(5, 3)

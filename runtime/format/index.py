@@ -42,6 +42,11 @@ MAX_ALPHABET = 1 << 16
 MAX_CLASSES = 1 << 20
 MAX_ENTRIES = 1 << 21  # tensors, class names and activation scales together
 MAX_INPUT_CHANNELS = 64
+# One input image as the file declares it (C x H x W, and C x side^2 for resize and crop): a
+# service builds inputs of this size, so a hostile file must not declare gigabytes (fuzz case
+# 85804 of campaign 10: 3 x 33,554,432 x 32). 2^26 elements = 256 MiB at fp32; a 3 x 4096 x
+# 4096 image is 50 M.
+MAX_INPUT_ELEMENTS = 1 << 26
 MAX_FEATURES = 64
 MAX_ACTIVATION_BITS = 8
 
@@ -237,7 +242,12 @@ class _Parser:
             raise FormatError("input spec needs a C,H,W shape and one mean and std per channel")
         if not all(math.isfinite(m) for m in mean) or not all(0 < s < math.inf for s in std):
             raise FormatError("input spec mean/std must be finite, std positive")
-        return InputSpec(shape, mean, std, fb.Resize() or None, fb.Crop() or None)
+        resize, crop = fb.Resize(), fb.Crop()
+        channels, height, width = shape
+        if max(channels * height * width, channels * max(resize, crop) ** 2) > MAX_INPUT_ELEMENTS:
+            raise LimitExceeded(f"input spec declares an image over {MAX_INPUT_ELEMENTS:,} "
+                                f"elements (shape {list(shape)}, resize {resize}, crop {crop})")
+        return InputSpec(shape, mean, std, resize or None, crop or None)
 
     def architecture(self, fb) -> ArchitectureRecord:
         if fb is None:

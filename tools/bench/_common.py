@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import os
 import platform
+import re
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -130,22 +134,22 @@ def machine_lines() -> list[str]:
         f"- software: Python {platform.python_version()}, torch {torch.__version__} "
         f"(torch threads {torch.get_num_threads()}), numpy {np.__version__}",
         f"- code: {code_state()}",
+        f"- load: 1-minute load average {os.getloadavg()[0]:.1f} when written "
+        f"({usable_cpus()} CPUs; above that, other jobs shared them and times ran slower)",
     ]
 
 
 def code_state() -> str:
     """The git commit and the files that differ from it (the code actually benchmarked)."""
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                                  check=True, timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    dirty = [line[3:] for line in git("status", "--porcelain").splitlines()
-             if line[3:] and not line[3:].startswith(("tools/bench/", "docs/RESULTS.md"))]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                                capture_output=True, text=True, check=True,
+                                timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    dirty = dirty_files()
     if not dirty:
-        return f"commit {commit}, no uncommitted changes outside tools/bench/"
+        return f"commit {commit}, no uncommitted changes"
     return f"commit {commit} + uncommitted changes in {', '.join(dirty)}"
 
 
@@ -169,14 +173,15 @@ RESULTS_DIR = REPO_ROOT / "docs" / "results"
 
 
 def dirty_files() -> list[str]:
-    """Tracked or untracked files that differ from HEAD, outside docs/results/ (the outputs)."""
+    """Tracked or untracked files that differ from HEAD, outside the outputs (docs/results/
+    and the index docs/RESULTS.md generated from it)."""
     try:
         out = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT,
                              capture_output=True, text=True, check=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return ["(git status failed)"]
     return [line[3:] for line in out.splitlines()
-            if line[3:] and not line[3:].startswith("docs/results/")]
+            if line[3:] and not line[3:].startswith(("docs/results/", "docs/RESULTS.md"))]
 
 
 def refuse_dirty_tree(allow_dirty: bool) -> None:
@@ -187,8 +192,58 @@ def refuse_dirty_tree(allow_dirty: bool) -> None:
                          "for a run that is marked as such): " + ", ".join(dirty[:8]))
 
 
-def write_results(name: str, title: str, command: str, body: str) -> Path:
-    """Write docs/results/<name>.md whole: title, how it was made, then the measured body.
+def add_results_args(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark that writes docs/results/ shares."""
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="measure uncommitted code anyway; the results file then says so "
+                             "in its first lines")
+    parser.add_argument("--no-write", action="store_true",
+                        help="print the report only; leave docs/results/ alone")
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command that regenerates a results file, as a user would type it."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", f"tools/bench/{Path(script).name}", *args])
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One acceptance bar: its wording, the numbers it was judged on, and the verdict."""
+
+    name: str
+    ok: bool
+    measured: str
+
+
+BAR_FAILED = 3
+"""Exit status of a benchmark that ran to the end with a bar failing (errors exit 1 or 2)."""
+BARS_HEADING = "## Bars"
+_BAR_LINE = re.compile(r"^- \*\*(PASS|FAIL)\*\* (.+?) — (.*)$")
+
+
+def bars_section(bars: Sequence[Bar]) -> str:
+    """The ``## Bars`` section of a results file (parsed back by :func:`parse_bars`)."""
+    return "\n".join([BARS_HEADING, "", *(f"- **{verdict(b.ok)}** {b.name} — {b.measured}"
+                                           for b in bars)])
+
+
+def parse_bars(text: str) -> list[Bar]:
+    """The bars a results file states, in order."""
+    out, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            inside = line.strip() == BARS_HEADING
+            continue
+        match = _BAR_LINE.match(line) if inside else None
+        if match:
+            out.append(Bar(match.group(2), match.group(1) == "PASS", match.group(3)))
+    return out
+
+
+def write_results(name: str, title: str, command: str, body: str,
+                  bars: Sequence[Bar] = ()) -> Path:
+    """Write docs/results/<name>.md whole: title, how it was made, its bars, then the body.
 
     The header names the command and the commit; a run on a dirty tree says so in its first
     lines, so no figure can pass for committed code when it was not.
@@ -197,8 +252,9 @@ def write_results(name: str, title: str, command: str, body: str) -> Path:
     dirty = dirty_files()
     warning = ([f"> **NOT REPRODUCIBLE: measured with changes not in the commit below "
                 f"({', '.join(dirty[:8])}).**", ""] if dirty else [])
+    sections = [bars_section(bars), ""] if bars else []
     text = "\n".join([f"# {title}", "", *warning, f"Regenerate: `{command}`", "",
-                      *machine_lines(), "", body.rstrip(), ""])
+                      *machine_lines(), "", *sections, body.rstrip(), ""])
     path = RESULTS_DIR / f"{name}.md"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")

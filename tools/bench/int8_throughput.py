@@ -9,7 +9,8 @@ the median of the rounds. Then top-1 of both graphs on the test images. Also pri
 op types ORT's optimizer left in each graph (QLinearConv appears only if it fused the QDQ
 nodes).
 
-Run alone: ``python tools/bench/int8_throughput.py [--limit 10000] [--threads 2]``.
+Writes docs/results/int8_throughput.md:
+``python tools/bench/int8_throughput.py [--limit 10000] [--threads 2] [--allow-dirty]``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from _common import PackConfig, ensure_packed, machine_lines, md_table, setup_torch, shared_dir
+from _common import (
+    BAR_FAILED,
+    Bar,
+    PackConfig,
+    add_results_args,
+    command_line,
+    ensure_packed,
+    md_table,
+    refuse_dirty_tree,
+    setup_torch,
+    shared_dir,
+    verdict,
+    write_results,
+)
 
 from runtime import quant
 from runtime.data import cifar10_dataset, make_loader
@@ -75,12 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=15, help="timed runs of each graph (>= 5)")
     ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
+    add_results_args(ap)
     args = ap.parse_args(argv)
+    if not args.no_write:
+        refuse_dirty_tree(args.allow_dirty)
     setup_torch(1)
     calib, _ = load_images("train", args.calib_images)
     images, targets = load_images("test", args.limit)
     x = np.ascontiguousarray(images[: args.batch].numpy())
-    speed_rows, acc_rows, op_lines = [], [], []
+    speed_rows, acc_rows, op_lines, bars = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for model_name, method in CASES:
@@ -94,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             exact = sum(pack.exact_layers().values())
             if method == "int8" or model_name == "resnet20":
                 f_ips, q_ips = interleaved(ort_fp32, ort_int8, x, args.rounds)
+                ok = q_ips / f_ips >= TARGET
                 speed_rows.append([f"{model_name} ({method} pack)", f"{f_ips:.0f}",
-                                   f"{q_ips:.0f}", f"{q_ips / f_ips:.2f}x",
-                                   "yes" if q_ips / f_ips >= TARGET else "no"])
+                                   f"{q_ips:.0f}", f"{q_ips / f_ips:.2f}x", verdict(ok)])
+                bars.append(Bar(f"int8 {model_name} ({method} pack): int8 graph >= {TARGET}x "
+                                "the fp32 graph's images/s on onnxruntime CPU", ok,
+                                f"{q_ips / f_ips:.2f}x ({q_ips:.0f} vs {f_ips:.0f} images/s)"))
             if model_name == "resnet20":
                 f_acc, q_acc = top1(ort_fp32, images, targets), top1(ort_int8, images, targets)
                 acc_rows.append([f"{model_name} {method}", f"{exact}/{len(pack.weights)}",
@@ -104,20 +124,33 @@ def main(argv: list[str] | None = None) -> int:
             if (model_name, method) == ("resnet20", "int8"):
                 for tag, graph in (("fp32", fp32), ("int8", int8)):
                     op_lines.append(f"- {tag}: {optimized_ops(graph, args.threads, work, tag)}")
-    print(f"## Int8 QDQ vs fp32 on onnxruntime CPU (batch {args.batch}, "
-          f"{args.threads} intra-op threads, ORT_ENABLE_ALL, median of {args.rounds} "
-          "interleaved runs)\n")
-    print(md_table(["model", "fp32 img/s", "int8 img/s", "int8 / fp32", f">= {TARGET}x"],
-                   speed_rows))
-    print(f"\nTop-1 on {len(images)} test images (activations calibrated on "
-          f"{len(calib)} train images, percentile 99.99; ORT sessions):\n")
-    print(md_table(["pack", "layers exact in int8", "fp32 top-1", "int8 top-1", "delta"],
-                   acc_rows))
-    print("\nOp types in ORT's optimized resnet20 graphs:\n")
-    print("\n".join(op_lines))
-    print()
-    print("\n".join(machine_lines()))
-    return 0
+    body = "\n".join([
+        f"Throughput: batch {args.batch}, {args.threads} intra-op threads, ORT_ENABLE_ALL, median "
+        f"of {args.rounds} interleaved runs (the order alternates every round, after warm-up).",
+        "",
+        md_table(["model", "fp32 img/s", "int8 img/s", "int8 / fp32", f">= {TARGET}x"],
+                 speed_rows),
+        "",
+        f"Top-1 on {len(images):,} test images (activations calibrated on {len(calib):,} train "
+        "images, percentile 99.99; ORT sessions):",
+        "",
+        md_table(["pack", "layers exact in int8", "fp32 top-1", "int8 top-1", "delta"],
+                 acc_rows),
+        "",
+        "Op types in ORT's optimized resnet20 graphs "
+        "(`SessionOptions.optimized_model_filepath`):",
+        "",
+        *op_lines,
+        "",
+        "Absolute images/s move with the load of this shared machine; the ratio is timed in "
+        "interleaved rounds and moves much less.",
+    ])
+    if not args.no_write:
+        path = write_results("int8_throughput", "Int8 QDQ vs fp32 on onnxruntime CPU",
+                             command_line(__file__, argv), body, bars)
+        print(f"wrote {path}", file=sys.stderr)
+    print(body)
+    return 0 if all(b.ok for b in bars) else BAR_FAILED
 
 
 if __name__ == "__main__":

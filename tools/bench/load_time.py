@@ -3,7 +3,8 @@
 The plain path is ``torch.load(fp32 state_dict, weights_only=True)`` + ``runtime.zoo.build`` +
 ``load_state_dict``. All variants run interleaved (the order rotates every round) after one
 untimed warm-up each, so background load on a noisy machine hits them alike; each figure is
-the median of the rounds. Run alone: ``python tools/bench/load_time.py [--model resnet56]``.
+the median of the rounds. Writes docs/results/load_time.md:
+``python tools/bench/load_time.py [--model resnet56] [--allow-dirty] [--no-write]``.
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from _common import (
+    BAR_FAILED,
+    Bar,
     PackConfig,
+    add_results_args,
     arch_of,
     checkpoint_path,
+    command_line,
     ensure_packed,
     md_table,
+    refuse_dirty_tree,
     setup_torch,
     verdict,
+    write_results,
 )
 
 import runtime
@@ -120,7 +127,14 @@ class LoadResults:
 
     @property
     def ok(self) -> bool:
-        return all(self.ratio(c.label) <= BAR_RATIO for c in PACKED)
+        return all(b.ok for b in self.bars())
+
+    def bars(self) -> list[Bar]:
+        return [Bar(f"load {self.model} {c.label}: runtime.load <= {BAR_RATIO}x the torch path",
+                    self.ratio(c.label) <= BAR_RATIO,
+                    f"ratio {self.ratio(c.label):.2f} (median "
+                    f"{self.timings[c.label].median * 1e3:.1f} ms vs "
+                    f"{self.timings[BASELINE].median * 1e3:.1f} ms)") for c in PACKED]
 
 
 def run(workdir: Path, model: str = "resnet56", repeats: int = 9, log=print) -> LoadResults:
@@ -179,7 +193,8 @@ def render(res: LoadResults, repeats: int) -> str:
         "cache). Ratio = median / median of the torch path; paired = median of the per-round "
         "ratios. Indented rows break the packed load down and are timed in the same rounds; the "
         "diagnostic row is the same K=32 model packed with `coder=ans` for every stream (not "
-        "judged by the bar).",
+        "judged by the bar). Absolute times move with the load of this shared machine; the "
+        "ratios are timed side by side in the same rounds.",
     ])
 
 
@@ -188,15 +203,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="resnet56", choices=("resnet20", "resnet56"))
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds (>= 7)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    add_results_args(parser)
     args = parser.parse_args(argv)
     if args.repeats < 7:
         parser.error("--repeats must be at least 7")
+    if not args.no_write:
+        refuse_dirty_tree(args.allow_dirty)
     setup_torch(args.threads)
     with tempfile.TemporaryDirectory(prefix="wp-bench-") as tmp:
         result = run(Path(tmp), args.model, args.repeats,
                      log=lambda s: print(s, file=sys.stderr))
+    if not args.no_write:
+        path = write_results("load_time", f"Load time: runtime.load vs torch ({args.model})",
+                             command_line(__file__, argv), result.markdown, result.bars())
+        print(f"wrote {path}", file=sys.stderr)
     print(result.markdown)
-    return 0 if result.ok else 1
+    return 0 if result.ok else BAR_FAILED
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
-"""PQF size/accuracy curve on the shared ResNet-20, and k-means/permutation timing on ResNet-18.
+"""PQF on the shared ResNet-20: recipe choice on validation, the bar, curves, speed, timing.
 
-    python tools/bench/pqf.py curve --ks 16 32 64 128 256 --val-limit 2000 -o pqf_curve.json
-    python tools/bench/pqf.py finetune --k 64 --epochs 2 --train-limit 10000 -o pqf_ft.json
-    python tools/bench/pqf.py ftcurve --configs 64:small:off 64:large:on --epochs 1 \
-        --train-limit 2000 --distill -o pqf_ftcurve.json
-    python tools/bench/pqf.py timing -o pqf_timing.json     # torchvision resnet18, random weights
-    python tools/bench/pqf.py speed --threads 2             # training images/s, plain vs PQ
+    python tools/bench/pqf.py select          # candidate recipes A-D: short proxy runs,
+                                              #   scored on held-out train images only
+    python tools/bench/pqf.py bar             # the chosen recipe, full length; test once
+    python tools/bench/pqf.py curve           # size/top-1 over k, blocks, permutations
+    python tools/bench/pqf.py ftcurve         # the same points after a short fine-tuning
+    python tools/bench/pqf.py speed           # training images/s, OpenMP wait policies
+    python tools/bench/pqf.py timing          # k-means/permutations on torchvision resnet18
+    python tools/bench/pqf.py refsize         # the paper's analytic size rule, resnet18/50
 
-Every point is a real packed file (packer.compress.pack): `file_bytes` are bytes on disk and
-`ratio` is fp32 bytes / file bytes; top-1 is measured by loading that file with the runtime.
+Each mode writes docs/results/pqf-<mode>.md whole (commit it after the run). Every point is
+a real packed file (packer.compress.pack): `file bytes` are bytes on disk, `ratio` is fp32
+bytes / file bytes; top-1 is measured by loading that file with the runtime, next to the
+uncompressed baseline evaluated on the same in-memory images in the same run.
 """
 
 from __future__ import annotations
@@ -20,13 +24,39 @@ import argparse
 import copy
 import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import (
+    BAR_FAILED,
+    RESULTS_DIR,
+    Bar,
+    add_results_args,
+    checkpoint_path,
+    command_line,
+    md_table,
+    refuse_dirty_tree,
+    setup_torch,
+    verdict,
+    write_results,
+)
+from _eval import (
+    cifar10_root,
+    load_fp32,
+    margin_note,
+    standard_error,
+    test_set,
+    top1,
+    validation_set,
+)
 from torch.utils.data import DataLoader
 
 from packer.compress import PackRequest, compressible_weights, pack
@@ -35,113 +65,302 @@ from packer.methods import CompressJob
 from packer.methods.pqf import PQFMethod
 from packer.methods.pqf.kmeans import kmeans
 from packer.methods.pqf.layers import attach_pq, subvectors
-from packer.methods.pqf.method import distillation_loss
+from packer.methods.pqf.size import reference_size
 from packer.training import DataSpec, build_datasets
+from packer.training.finetune import distillation_loss
 from runtime import load
-from runtime.data import ShardSampler, cifar10_dataset, collate_skipping, make_loader
-from runtime.evaluate import evaluate
-from runtime.zoo.cifar_resnet import cifar_resnet20
+from runtime.data import ShardSampler, collate_skipping
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("WEIGHTPACK_SHARED", REPO.parent / "shared"))
-MODEL = SHARED / "models/cifar10/resnet20-cifar10jpg.pth"
-DATA = SHARED / "data/cifar10"
-BASELINE_TOP1 = 88.25
+MODEL = "resnet20"
+ARCH = "cifar_resnet20"
+BAR_RATIO = 15.0
+BAR_LOSS = 2.5
+"""The bar: a PQF point with ratio >= 15 within 2.5 points of the baseline's top-1 on all
+10,000 test images (88.25 - 2.5 = 85.75% for the shared ResNet-20)."""
+BAR_EPOCHS = 10
+BAR_TRAIN_LIMIT = 25_000
+"""The bar run's length: 250,000 training images in all (10 epochs of 25,000 drawn at random
+from the 45,000 not held out). Earlier bar runs used 15 epochs of every image (~700,000); on
+this 2-core machine, shared with other engineers' jobs (~60 images/s), that is 3 hours, so the
+budget of one run is cut to about a third and said so beside the result."""
+HOLDOUT = 5000
+"""Training images held out (seeded) to choose recipes and epochs on; the bar run trains on
+the other 45,000."""
 
 
-def _point(overrides: list[str], val_limit: int | None, data: DataSpec | None,
-           seed: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Recipe:
+    """A candidate bar recipe: small blocks, Adam 1e-3 cosine to 1e-6, batch 128, distillation."""
+
+    name: str
+    description: str
+    overrides: tuple[str, ...]
+
+
+_K = ("k=64", "layer3.*.k=128")
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("A", "k=64, layer3 K=128; raw tensors fp32; classifier PQ'd; distillation T=1",
+           (*_K, "distill=true", "distill_temperature=1")),
+    Recipe("B", "A + raw tensors fp16, layer2.[12] K=128",
+           (*_K, "layer2.[12].*.k=128", "fp16=true", "distill=true", "distill_temperature=1")),
+    Recipe("C", "B + classifier kept raw (fp16)",
+           (*_K, "layer2.[12].*.k=128", "fp16=true", "linear.method=none", "distill=true",
+            "distill_temperature=1")),
+    Recipe("D", "C with distillation at T=4",
+           (*_K, "layer2.[12].*.k=128", "fp16=true", "linear.method=none", "distill=true",
+            "distill_temperature=4")),
+)}
+"""Declared before any of them is run; `select` ranks them on held-out training images."""
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _pack(overrides: Sequence[str], out: Path, seed: int, workers: int,
+          batch_size: int = 128, train: bool = True) -> tuple[dict[str, Any], float]:
+    data = (DataSpec("cifar10", cifar10_root(), batch_size=batch_size, workers=workers)
+            if train else None)
+    started = time.perf_counter()
+    report = pack(PackRequest(checkpoint_path(MODEL), out, method="pqf",
+                              overrides=list(overrides), progress=False, data=data, seed=seed))
+    return report, time.perf_counter() - started
+
+
+def _history(report: dict[str, Any]) -> str:
+    ft = report.get("pqf_finetune") or {}
+    values = [ft.get("start_top1"), *(h.get("top1") for h in ft.get("history", []))]
+    return ", ".join("—" if v is None else f"{v:.2f}" for v in values)
+
+
+# --- select: recipes ranked on held-out training images ----------------------------------------
+
+
+def select(args: argparse.Namespace) -> tuple[str, list[Bar]]:
+    proxy = [f"finetune_epochs={args.epochs}", f"train_limit={args.train_limit}",
+             f"holdout={args.holdout}"]
+    val = validation_set(args.holdout, args.seed)
+    base_val = top1(load_fp32(MODEL), val)
+    _log(f"uncompressed model on the held-out images: {base_val:.2f}")
+    rows, scored = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "m.fb"
-        started = time.perf_counter()
-        method = PQFMethod()
-        report = _pack_with(method, overrides, out, data, seed)
-        pack_s = time.perf_counter() - started
-        model = load(out)
-        test = cifar10_dataset(DATA, "test")
-        top1 = evaluate(model, make_loader(test, 500, 1, limit=val_limit), progress=False).top1
-    extra = method.extra_report()
-    perms = extra.get("pqf_permutations", [])
-    return {
-        "overrides": overrides, "file_bytes": report["file_bytes"],
-        "ratio": round(report["ratio"], 2), "top1": round(top1, 2),
-        "drop": round(BASELINE_TOP1 - top1, 2), "val_images": val_limit or 10000,
-        "reference_bits": extra.get("reference_bits"), "reference_mib": extra.get("reference_mib"),
-        "groups_permuted": sum(1 for g in perms if g.get("applied")),
-        "groups_skipped": sum(1 for g in perms if "skipped" in g),
-        "empty_reseeded": sum(v.get("empty_reseeded", 0)
-                              for v in extra.get("pqf_layers", {}).values()),
-        "timings": extra.get("pqf_timings"), "finetune": extra.get("pqf_finetune"),
-        "pack_s": round(pack_s, 1),
-    }
+        for recipe in RECIPES.values():
+            report, seconds = _pack([*recipe.overrides, *proxy], Path(tmp) / "m.fb",
+                                    args.seed, args.workers)
+            ft = report["pqf_finetune"]
+            score = float(ft["best_top1"])
+            eligible = report["ratio"] >= BAR_RATIO
+            scored.append((eligible, score, report["ratio"], recipe.name))
+            _log(f"{recipe.name}: {report['file_bytes']:,} B ratio {report['ratio']:.2f} "
+                 f"held-out best {score:.2f} (epoch {ft['best_epoch']}), {seconds:.0f} s")
+            rows.append([f"**{recipe.name}**", recipe.description, f"{report['file_bytes']:,}",
+                         f"{report['ratio']:.2f}", "yes" if eligible else "no",
+                         _history(report), f"{score:.2f} (epoch {ft['best_epoch']})",
+                         f"{seconds:.0f}"])
+    eligible = [s for s in scored if s[0]]
+    if not eligible:
+        raise SystemExit(f"no recipe reaches ratio {BAR_RATIO}")
+    chosen = max(eligible, key=lambda s: (s[1], s[2]))[3]
+    se = standard_error(max(s[1] for s in scored), args.holdout)
+    body = "\n".join([
+        f"Candidate recipes for the PQF bar (ratio >= {BAR_RATIO:g}) on the shared ResNet-20, "
+        f"each fine-tuned for a **proxy** of the full run: {args.epochs} epochs of "
+        f"{args.train_limit:,} random training images (cosine schedule over the proxy), seed "
+        f"{args.seed}, then scored by its best top-1 on the **{args.holdout:,} held-out "
+        "training images** (the packer's `holdout`, the same draw the bar run validates on). "
+        "No test image is read by this mode.",
+        "",
+        md_table(["recipe", "what", "file bytes", "ratio", f"ratio >= {BAR_RATIO:g}",
+                  "held-out top-1 per epoch (0 = before fine-tuning)", "score (best)", "pack s"],
+                 rows, "llrrlllr"),
+        "",
+        f"Chosen: **{chosen}** (the highest held-out score among recipes at ratio >= "
+        f"{BAR_RATIO:g}). Run the bar with `python tools/bench/pqf.py bar` (it reads this "
+        "choice).",
+        "",
+        f"The uncompressed model scores {base_val:.2f}% on these held-out images (they were in "
+        "its training set, so the numbers read high; they rank recipes, they do not estimate "
+        f"test accuracy). The best score on {args.holdout:,} images has a binomial standard "
+        f"error of about {se:.2f} points; the recipes are compared on the same images, which "
+        "helps, but a difference of a few tenths between two short proxy runs of one seed is "
+        "within noise. The proxy is short because one full-length run of one recipe takes "
+        "from half an hour to hours of this shared 2-core machine.",
+    ])
+    return body, []
 
 
-def _pack_with(method: PQFMethod, overrides: list[str], out: Path, data: DataSpec | None,
-               seed: int) -> dict[str, Any]:
-    """Run pack() while keeping a handle on the method object it uses (for its report)."""
-    import packer.methods as methods
-
-    original = methods.METHODS["pqf"]
-    methods.METHODS["pqf"] = lambda: method  # type: ignore[assignment]
-    try:
-        return pack(PackRequest(MODEL, out, method="pqf", overrides=overrides, progress=False,
-                                data=data, seed=seed))
-    finally:
-        methods.METHODS["pqf"] = original
+def chosen_recipe() -> str:
+    """The recipe `select` chose, from its results file."""
+    path = RESULTS_DIR / "pqf-select.md"
+    match = re.search(r"^Chosen: \*\*(\w+)\*\*", path.read_text(encoding="utf-8")
+                      if path.exists() else "", re.M)
+    if not match:
+        raise SystemExit(f"no recipe choice in {path}: run `python tools/bench/pqf.py select` "
+                         "first, or pass --recipe")
+    return match.group(1)
 
 
-def curve(args: argparse.Namespace) -> list[dict[str, Any]]:
+# --- bar: the chosen recipe at full length, test evaluated once --------------------------------
+
+
+def bar(args: argparse.Namespace) -> tuple[str, list[Bar]]:
+    name = args.recipe or chosen_recipe()
+    recipe = RECIPES[name]
+    overrides = [*recipe.overrides, f"finetune_epochs={args.epochs}", f"holdout={args.holdout}"]
+    if args.train_limit:
+        overrides.append(f"train_limit={args.train_limit}")
+    if args.checkpoint:
+        overrides.append(f"checkpoint={args.checkpoint}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.keep) if args.keep else Path(tmp) / "m.fb"
+        report, seconds = _pack(overrides, out, args.seed, args.workers)
+        ft = report["pqf_finetune"]
+        _log(f"packed {report['file_bytes']:,} B ratio {report['ratio']:.2f} in {seconds:.0f} s; "
+             f"best held-out epoch {ft['best_epoch']} ({ft['best_top1']:.2f})")
+        test = test_set(ARCH, args.test_limit)
+        base = top1(load_fp32(MODEL), test)
+        acc = top1(load(out), test)
+    n = len(test)
+    need = base - BAR_LOSS
+    ok = report["ratio"] >= BAR_RATIO and acc >= need
+    measured = (f"recipe {name}: {acc:.2f}% at ratio {report['ratio']:.2f} "
+                f"({report['file_bytes']:,} bytes); baseline {base:.2f}% on the same {n:,} "
+                f"images, so the bar is >= {need:.2f}%" + margin_note(acc - need, acc, n))
+    bars = [Bar(f"resnet20 a PQF point with ratio >= {BAR_RATIO:g} within {BAR_LOSS} pts of "
+                f"the baseline (top-1 on {n:,} test images)", ok, measured)]
+    epochs = [[str(i), "—" if h.get("top1") is None else f"{h['top1']:.2f}",
+               f"{h.get('images_per_s', 0):.0f}" if h.get("images_per_s") else "—"]
+              for i, h in enumerate(ft.get("history", []), start=1)]
+    ref_bytes = report["reference_bits"] / 8
+    body = "\n".join([
+        f"Recipe **{name}** ({recipe.description}), chosen on held-out training images by "
+        "`python tools/bench/pqf.py select` ([pqf-select.md](pqf-select.md)), fine-tuned for "
+        f"{args.epochs} epoch(s) on the {50000 - args.holdout:,} other training images"
+        + (f" ({args.train_limit:,} per epoch)" if args.train_limit else "") +
+        f", seed {args.seed}; the epoch kept is the best on the {args.holdout:,} held-out "
+        "images. The test images are read once, after packing, for the two rows below.",
+        "",
+        "```",
+        "packer compress --method pqf " + " ".join(f"--set '{o}'" for o in overrides
+                                                     if not o.startswith("checkpoint="))
+        + f" --seed {args.seed} --cifar10 ../shared/data/cifar10 --workers {args.workers} "
+        "resnet20-cifar10jpg.pth -o r20-pqf.fb",
+        "```",
+        "",
+        md_table(["model", "file bytes", "ratio vs fp32", f"top-1 % ({n:,} test images)",
+                  "delta pts", "best epoch (held-out top-1)", "fine-tuning s"], [
+            ["resnet20 fp32 baseline (torch.load)", f"{checkpoint_path(MODEL).stat().st_size:,}",
+             "—", f"{base:.2f}", "0.00", "—", "—"],
+            [f"resnet20 pqf, recipe {name}", f"{report['file_bytes']:,}",
+             f"{report['ratio']:.2f}", f"{acc:.2f}", f"{acc - base:+.2f}",
+             f"{ft['best_epoch']} ({ft['best_top1']:.2f})", f"{ft['seconds']:.0f}"]]),
+        "",
+        f"Standard error of one top-1 on {n:,} images: {standard_error(acc, n):.2f} points.",
+        f"The reference's analytic size rule gives {report['reference_bits']:,} bits = "
+        f"{ref_bytes:,.0f} bytes (ratio {report['reference_ratio']:.2f}); the file is "
+        f"{report['file_bytes'] - ref_bytes:+,.0f} bytes from it (the file also carries its "
+        "index, alignment padding and entropy-coded rather than fixed-width codes).",
+        "",
+        "Held-out top-1 after each epoch (epoch 0, before fine-tuning: "
+        f"{ft['start_top1']:.2f}):",
+        "",
+        md_table(["epoch", "held-out top-1", "train images/s"], epochs),
+    ])
+    return body, bars
+
+
+# --- curve: before fine-tuning ------------------------------------------------------------------
+
+
+def _curve_points(ks: Sequence[int]) -> list[tuple[int, bool, bool]]:
+    """(k, large blocks, permutations). With small blocks every ResNet-20 child is a 3x3 conv
+    with d = 9, so no group is optimisable and permutations are a no-op: one row covers both."""
+    return [(k, large, perm) for k in ks for large in (False, True)
+            for perm in ((False, True) if large else (False,))]
+
+
+def _perm_note(report: dict[str, Any], perm: bool) -> str:
+    if not perm:
+        return "off"
+    groups = report.get("pqf_permutations", [])
+    applied = sum(1 for g in groups if g.get("applied"))
+    skipped = sum(1 for g in groups if "skipped" in g)
+    return f"on ({applied} applied, {skipped} skipped)"
+
+
+def curve(args: argparse.Namespace) -> tuple[str, list[Bar]]:
+    test = test_set(ARCH, args.test_limit)
+    base = top1(load_fp32(MODEL), test)
     rows = []
-    for k in args.ks:
-        for large in (False, True):
-            for perm in ((False, True) if large else (False,)):
-                # Small blocks on ResNet-20: every child is a 3x3 conv with d=9, so no group
-                # is optimisable and permutations are a no-op; one row covers both.
-                o = [f"k={k}", f"large_subvectors={str(large).lower()}",
-                     f"use_permutations={str(perm).lower()}", "finetune_epochs=0",
-                     f"kmeans_iters={args.kmeans_iters}", f"sls_iterations={args.sls}"]
-                row = _point(o, args.val_limit, None, args.seed)
-                row.update(k=k, blocks="large" if large else "small", permutations=perm,
-                           epochs=0)
-                print(json.dumps({k2: row[k2] for k2 in ("k", "blocks", "permutations",
-                                                         "file_bytes", "ratio", "top1",
-                                                         "pack_s")}), flush=True)
-                rows.append(row)
-    return rows
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, large, perm in _curve_points(args.ks):
+            o = [f"k={k}", f"large_subvectors={str(large).lower()}",
+                 f"use_permutations={str(perm).lower()}", "finetune_epochs=0",
+                 f"kmeans_iters={args.kmeans_iters}", f"sls_iterations={args.sls}"]
+            out = Path(tmp) / "m.fb"
+            report, _ = _pack(o, out, args.seed, args.workers, train=False)
+            acc = top1(load(out), test)
+            _log(f"k={k} large={large} perm={perm}: {report['file_bytes']:,} B "
+                 f"ratio {report['ratio']:.2f} top-1 {acc:.2f}")
+            rows.append([str(k), "large" if large else "small", _perm_note(report, perm),
+                         f"{report['file_bytes']:,}", f"{report['ratio']:.2f}", f"{acc:.2f}"])
+    body = "\n".join([
+        f"PQ without fine-tuning: `src` k-means, {args.kmeans_iters} iterations, kmeans++ init, "
+        f"{args.sls:,} SLS swaps per permutation group, seed {args.seed}. Top-1 on {len(test):,} "
+        f"test images by loading each packed file; the uncompressed baseline scores {base:.2f}% "
+        "on the same images. Every point is reported; nothing is chosen here.",
+        "",
+        md_table(["k", "blocks", "permutations", "file bytes", "ratio", "top-1 %"], rows,
+                 "lllrrr"),
+    ])
+    return body, []
 
 
-def finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
-    data = DataSpec("cifar10", DATA, batch_size=args.batch_size, workers=args.workers)
-    o = [f"k={args.k}", f"large_subvectors={str(args.large).lower()}",
-         f"finetune_epochs={args.epochs}", f"train_limit={args.train_limit}",
-         f"val_limit={args.ft_val_limit}", f"kmeans_iters={args.kmeans_iters}",
-         f"sls_iterations={args.sls}", f"lr={args.lr}",
-         f"distill={str(args.distill).lower()}"]
-    row = _point(o + args.set, args.val_limit, data, args.seed)
-    row.update(k=args.k, blocks="large" if args.large else "small", epochs=args.epochs,
-               distill=args.distill,
-               train_limit=args.train_limit)
-    print(json.dumps(row), flush=True)
-    return [row]
+# --- ftcurve: the curve after a short fine-tuning -----------------------------------------------
 
 
-def ftcurve(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Short fine-tuning of several points (`--configs K:small|large:on|off ...`)."""
+def ftcurve(args: argparse.Namespace) -> tuple[str, list[Bar]]:
+    points = [(k, large, perm) for k, large, perm in _curve_points(args.ks)]
+    common = ["finetune_epochs=1", f"train_limit={args.train_limit}",
+              f"holdout={args.holdout}", "distill=true", f"distill_temperature={args.temperature}",
+              f"kmeans_iters={args.kmeans_iters}", f"sls_iterations={args.sls}"]
+    test = test_set(ARCH, args.test_limit)
+    base = top1(load_fp32(MODEL), test)
     rows = []
-    for spec in args.configs:
-        k, blocks, perm = spec.split(":")
-        args.k, args.large = int(k), blocks == "large"
-        args.set = [*args.base_set, f"use_permutations={'true' if perm == 'on' else 'false'}"]
-        row = finetune(args)[0]
-        row["permutations"] = perm == "on"
-        rows.append(row)
-    return rows
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, large, perm in points:
+            o = [f"k={k}", f"large_subvectors={str(large).lower()}",
+                 f"use_permutations={str(perm).lower()}", *common]
+            out = Path(tmp) / "m.fb"
+            report, seconds = _pack(o, out, args.seed, args.workers)
+            acc = top1(load(out), test)
+            ft = report["pqf_finetune"]
+            _log(f"k={k} large={large} perm={perm}: {report['file_bytes']:,} B top-1 {acc:.2f} "
+                 f"({seconds:.0f} s)")
+            rows.append([str(k), "large" if large else "small", _perm_note(report, perm),
+                         f"{report['file_bytes']:,}", f"{report['ratio']:.2f}",
+                         f"{ft['start_top1']:.2f}", f"{ft['best_top1']:.2f} "
+                         f"(epoch {ft['best_epoch']})", f"{acc:.2f}", f"{seconds:.0f}"])
+    body = "\n".join([
+        f"Each point fine-tuned for 1 epoch of {args.train_limit:,} random training images with "
+        f"distillation (T={args.temperature:g}, Adam 1e-3 cosine), the better of epoch 0/1 "
+        f"kept by its top-1 on {args.holdout:,} held-out training images; then top-1 on "
+        f"{len(test):,} test images (baseline {base:.2f}% on the same images). Every point "
+        "is reported; nothing is chosen on the test images.",
+        "",
+        md_table(["k", "blocks", "permutations", "file bytes", "ratio",
+                  "held-out top-1 before", "held-out top-1 kept", "test top-1 %", "pack s"],
+                 rows, "lllrrrrrr"),
+    ])
+    return body, []
+
+
+# --- speed: training images/s under both OpenMP wait policies ------------------------------------
 
 
 def _pq_resnet20(k: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(the shared ResNet-20, a copy with every planned layer product-quantized at k)."""
-    plain = cifar_resnet20()
-    plain.load_state_dict(torch.load(MODEL, map_location="cpu", weights_only=True))
+    plain = load_fp32(MODEL)
     pq = copy.deepcopy(plain)
     method = PQFMethod()
     cfg = build_config("pqf", method.options, {}, [f"k={k}", "finetune_epochs=0"])
@@ -153,19 +372,16 @@ def _pq_resnet20(k: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     return plain, pq
 
 
-def speed(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Training images/s of plain vs PQ ResNet-20 (labels, distillation) on the real loader.
-
-    Run with OMP_WAIT_POLICY=ACTIVE to see the spinning slowdown packer now avoids.
-    """
+def speed_child(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One policy's measurement (run in a subprocess: libgomp reads the policy once)."""
     plain, pq = _pq_resnet20(args.k)
     teacher = copy.deepcopy(plain).eval()
-    train_set, _ = build_datasets(DataSpec("cifar10", DATA))
+    train_set, _ = build_datasets(DataSpec("cifar10", cifar10_root()))
     n = args.batches * args.batch_size
     rows = []
     for name, model, loss_fn in (
-            ("plain, labels", plain, None), ("pq, labels", pq, None),
-            ("pq, distillation", pq, distillation_loss(teacher, 1.0))):
+            ("plain ResNet-20, labels", plain, None), ("PQ ResNet-20, labels", pq, None),
+            ("PQ ResNet-20, distillation", pq, distillation_loss(teacher, 1.0))):
         loader = DataLoader(train_set, args.batch_size, num_workers=args.workers,
                             sampler=ShardSampler(len(train_set), seed=args.seed, limit=n),
                             collate_fn=collate_skipping)
@@ -180,16 +396,44 @@ def speed(args: argparse.Namespace) -> list[dict[str, Any]]:
             loss.backward()
             optimizer.step()
             compute += time.perf_counter() - started
-        row = {"step": name, "images": n, "threads": torch.get_num_threads(),
-               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-               "compute_images_per_s": round(n / compute, 1)}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        rows.append({"step": name, "images_per_s": n / compute})
     return rows
 
 
-def timing(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """k-means and permutation wall time on torchvision resnet18 (random weights), CPU."""
+def speed(args: argparse.Namespace) -> tuple[str, list[Bar]]:
+    results: dict[str, list[dict[str, Any]]] = {}
+    for policy in ("ACTIVE", "PASSIVE"):
+        env = {**os.environ, "OMP_WAIT_POLICY": policy}
+        cmd = [sys.executable, __file__, "speed-child", "--k", str(args.k), "--batches",
+               str(args.batches), "--batch-size", str(args.batch_size), "--workers",
+               str(args.workers), "--threads", str(args.threads), "--seed", str(args.seed)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        results[policy] = json.loads(out.strip().splitlines()[-1])
+        _log(f"{policy}: {results[policy]}")
+    rows = [[a["step"], f"{a['images_per_s']:.0f}", f"{p['images_per_s']:.0f}"]
+            for a, p in zip(results["ACTIVE"], results["PASSIVE"], strict=True)]
+    load1 = os.getloadavg()[0]
+    body = "\n".join([
+        f"Training steps (compute only; data loading excluded) on the real CIFAR-10 loader, "
+        f"batch {args.batch_size}, {args.batches} batches per row, Adam, {args.threads} torch "
+        f"threads; PQ layers at k={args.k}. Each policy runs in its own process "
+        "(`OMP_WAIT_POLICY` is read once, when torch loads). `packer` sets PASSIVE unless the "
+        "variable is set. Load average when the run ended: " + f"{load1:.1f}.",
+        "",
+        md_table(["step", "ACTIVE img/s (spinning)", "PASSIVE img/s (the packer's default)"],
+                 rows),
+        "",
+        "On an idle machine spinning threads are a little faster (waking a sleeping thread "
+        "takes time); on a machine shared with another CPU job a spinning thread waits out the "
+        "other job's time slice. Compare the columns only within one run.",
+    ])
+    return body, []
+
+
+# --- timing and the analytic size rule on torchvision models -----------------------------------
+
+
+def timing(args: argparse.Namespace) -> tuple[str, list[Bar]]:
     import torchvision
 
     rows = []
@@ -205,49 +449,131 @@ def timing(args: argparse.Namespace) -> list[dict[str, Any]]:
         started = time.perf_counter()
         method.compress(job)
         rep = method.extra_report()
-        row = {"model": "torchvision.resnet18 (random weights)",
-               "blocks": "large" if large else "small", "kmeans_iters": args.kmeans_iters,
-               "sls_iterations": args.sls, "threads": torch.get_num_threads(),
-               **rep["pqf_timings"], "total_s": round(time.perf_counter() - started, 1),
-               "reference_bits": rep["reference_bits"], "reference_mib": rep["reference_mib"],
-               "reference_ratio": rep["reference_ratio"],
-               "groups_permuted": sum(1 for g in rep["pqf_permutations"] if g.get("applied"))}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
+        t = rep["pqf_timings"]
+        applied = sum(1 for g in rep["pqf_permutations"] if g.get("applied"))
+        rows.append(["large" if large else "small", f"{t['kmeans_s']:.1f}",
+                     f"{t['permutation_s']:.1f}", str(applied),
+                     f"{time.perf_counter() - started:.1f}"])
+        _log(str(rows[-1]))
+    body = "\n".join([
+        f"torchvision resnet18 with random weights (`fc.k=2048`), `src` k-means "
+        f"{args.kmeans_iters} iterations over all 20 layers, {args.sls:,} SLS swaps per "
+        f"permutation group, {torch.get_num_threads()} torch threads, CPU.",
+        "",
+        md_table(["blocks", "k-means s", "permutations s", "groups permuted", "total s"], rows),
+    ])
+    return body, []
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("curve", "finetune", "ftcurve", "timing", "speed"))
-    p.add_argument("--batches", type=int, default=8, help="speed: batches per step kind")
-    p.add_argument("--configs", nargs="+", default=["64:small:off"])
+PAPER_SIZES = {
+    ("resnet18", "small"): "1.54 MB, 28.94x", ("resnet18", "large"): "1.03 MB, 43.3x",
+    ("resnet50", "small"): "5.09 MB, 19.1x", ("resnet50", "large"): "3.19 MB, 30.6x",
+}
+"""Quoted from ../shared/docs/METHODS.md (the reference README's table), not measured here."""
+
+
+def refsize(args: argparse.Namespace) -> tuple[str, list[Bar]]:
+    import torchvision
+
+    rows = []
+    for arch, fc_k in (("resnet18", 2048), ("resnet50", 1024)):
+        for large in (False, True):
+            model = getattr(torchvision.models, arch)().eval()
+            method = PQFMethod()
+            sets = [f"fc.k={fc_k}", f"large_subvectors={str(large).lower()}",
+                    "finetune_epochs=0"]
+            if large and arch == "resnet50":
+                sets.append("pw_subvector_size=8")
+            cfg = build_config("pqf", method.options, {}, sets)
+            plans, _ = method.plan(CompressJob(model, model.state_dict(),
+                                               compressible_weights(model), cfg))
+            size = reference_size(model, plans)
+            blocks = "large" if large else "small"
+            rows.append([f"torchvision {arch}", blocks, f"`{' '.join(sets[:1] + sets[3:])}`",
+                         f"{size['reference_bits']:,}", f"{size['reference_mib']:.2f}",
+                         f"{size['reference_ratio']:.2f}",
+                         f"*{PAPER_SIZES[(arch, blocks)]} (quoted)*"])
+    body = "\n".join([
+        "The reference's analytic size rule (`PQFMethod` report: BN folded to two fp32 vectors, "
+        "codebooks 16 bits x K x d, codes log2 K bits, everything else 32 bits), computed from "
+        "the layer plans alone (no k-means needed). The last column is quoted from "
+        "`../shared/docs/METHODS.md`, not measured.",
+        "",
+        md_table(["model", "blocks", "settings", "reference bits", "MiB", "ratio",
+                  "paper (quoted)"], rows, "llllrrr"),
+    ])
+    return body, []
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+TITLES = {
+    "select": "PQF: bar recipes ranked on held-out training images",
+    "bar": "PQF: the bar on the shared ResNet-20",
+    "curve": "PQF: size and top-1 before fine-tuning (ResNet-20)",
+    "ftcurve": "PQF: size and top-1 after a short fine-tuning (ResNet-20)",
+    "speed": "PQF: fine-tuning speed and the OpenMP wait policy",
+    "timing": "PQF: k-means and permutation time (torchvision resnet18)",
+    "refsize": "PQF: the reference's analytic size rule (torchvision resnet18/50)",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=(*TITLES, "speed-child"))
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="bar: recipe to run (default: the one `select` chose)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"fine-tuning epochs (select: 2 per proxy run; bar: {BAR_EPOCHS})")
+    p.add_argument("--train-limit", type=int, default=None,
+                   help="training images per epoch (select: 15,000; ftcurve: 20,000; "
+                   f"bar: {BAR_TRAIN_LIMIT:,}; 0: all)")
+    p.add_argument("--holdout", type=int, default=HOLDOUT,
+                   help="training images held out for validation (ftcurve uses 1,000)")
+    p.add_argument("--test-limit", type=int, default=None, help="test images (default: all)")
     p.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64, 128, 256])
-    p.add_argument("--k", type=int, default=64)
-    p.add_argument("--large", action="store_true")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--distill", action="store_true")
-    p.add_argument("--set", action="append", default=[], help="extra pqf KEY=VALUE")
-    p.add_argument("--train-limit", type=int, default=0)
-    p.add_argument("--ft-val-limit", type=int, default=1000, help="per-epoch validation images")
-    p.add_argument("--val-limit", type=int, default=None, help="final test images (all)")
-    p.add_argument("--kmeans-iters", type=int, default=100)
-    p.add_argument("--sls", type=int, default=10_000)
+    p.add_argument("--k", type=int, default=64, help="speed: k of the PQ layers")
+    p.add_argument("--temperature", type=float, default=4.0, help="ftcurve: distillation T")
+    p.add_argument("--kmeans-iters", type=int, default=None,
+                   help="k-means iterations (curve/timing: 30/10; else the method's 100)")
+    p.add_argument("--sls", type=int, default=None, help="SLS swaps per group (curve: 2,000)")
+    p.add_argument("--batches", type=int, default=8, help="speed: batches per step kind")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="data loader workers")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-o", "--output", type=Path)
+    p.add_argument("--checkpoint", help="bar: resumable fine-tuning checkpoint path")
+    p.add_argument("--keep", help="bar: keep the packed file here")
+    add_results_args(p)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    args.base_set = list(args.set)
-    modes = {"curve": curve, "finetune": finetune, "ftcurve": ftcurve, "timing": timing,
-             "speed": speed}
-    rows = modes[args.mode](args)
-    if args.output:
-        args.output.write_text(json.dumps(rows, indent=1) + "\n")
-    return 0
+    setup_torch(args.threads)
+    if args.mode == "speed-child":
+        print(json.dumps(speed_child(args)))
+        return 0
+    defaults = {"select": {"epochs": 2, "train_limit": 15_000},
+                "bar": {"epochs": BAR_EPOCHS, "train_limit": BAR_TRAIN_LIMIT},
+                "ftcurve": {"train_limit": 20_000, "kmeans_iters": 100, "sls": 10_000},
+                "curve": {"kmeans_iters": 30, "sls": 2000},
+                "timing": {"kmeans_iters": 10, "sls": 10_000}}.get(args.mode, {})
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.mode == "ftcurve" and args.holdout == HOLDOUT:
+        args.holdout = 1000
+    if not args.no_write:
+        refuse_dirty_tree(args.allow_dirty)
+    mode = {"select": select, "bar": bar, "curve": curve, "ftcurve": ftcurve, "speed": speed,
+            "timing": timing, "refsize": refsize}[args.mode]
+    body, bars = mode(args)
+    if not args.no_write:
+        path = write_results(f"pqf-{args.mode}", TITLES[args.mode],
+                             command_line(__file__, argv), body, bars)
+        _log(f"wrote {path}")
+    print(body)
+    for b in bars:
+        _log(f"BAR {verdict(b.ok)}: {b.name} -- {b.measured}")
+    return 0 if all(b.ok for b in bars) else BAR_FAILED
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torchvision
 from _common import (
+    BAR_FAILED,
+    Bar,
     PackConfig,
     checkpoint_path,
     md_table,
@@ -130,10 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{', '.join(f'{x:.1f}' for x in load)} (2 cores shared by several engineers; CPU "
         f"seconds are this process's own).",
     ])
-    path = write_results("report_time", "packer report: time to draw a report", COMMAND, body)
-    print(path.read_text(encoding="utf-8"))
     full50 = statistics.median(r["wall"] for r in runs[(next(iter(models)), "full")])
-    return 0 if full50 < BAR_SECONDS else 1
+    bar = Bar(f"report ResNet-50 (packed file + --compare original + activations) in < "
+              f"{BAR_SECONDS:.0f} s wall on CPU", full50 < BAR_SECONDS,
+              f"median {full50:.1f} s of {args.rounds} rounds")
+    path = write_results("report_time", "packer report: time to draw a report", COMMAND, body,
+                         [bar])
+    print(path.read_text(encoding="utf-8"))
+    return 0 if bar.ok else BAR_FAILED
 
 
 if __name__ == "__main__":

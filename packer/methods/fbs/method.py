@@ -26,8 +26,15 @@ from torch import Tensor, nn
 from packer.config import MethodConfig, Option
 from packer.methods.base import CompressJob, Method
 from packer.methods.lowbit.method import COMMON_OPTIONS as TRAINING_OPTIONS
-from packer.methods.pqf.method import distillation_loss
-from packer.training import DataSpec, TrainConfig, TrainHooks, build_datasets, fit
+from packer.training import (
+    DataSpec,
+    TrainConfig,
+    TrainHooks,
+    build_datasets,
+    distillation_loss,
+    fit,
+)
+from packer.training.finetune import validated_on
 from runtime.errors import ConfigError, DataError
 from runtime.format.features import CHANNEL_GATING
 from runtime.format.records import ChannelGateRecord
@@ -234,9 +241,7 @@ class FBSMethod(Method):
         result = fit(model, train_set, val_set, cfg, hooks)
         for p in model.parameters():
             p.requires_grad_(False)
-        validated_on = (f"{opts['holdout']} held-out train images" if opts["holdout"]
-                        else "the test/val split")
-        return {**result.as_dict(), "validated_on": validated_on,
+        return {**result.as_dict(), "validated_on": validated_on(opts["holdout"]),
                 "schedule": f"{opts['optimizer']}, lr {opts['lr']:g} cosine to "
                             f"{opts['lr_min']:g} per batch over {epochs} epochs"}
 

@@ -37,9 +37,10 @@ from packer.methods.lowbit.quantizers import (
     TernaryQuantizer,
     WeightQuantizer,
 )
-from packer.methods.pqf.method import PQFMethod, distillation_loss
-from packer.training import DataSpec, TrainConfig, TrainHooks, build_datasets, fit
+from packer.methods.pqf.method import PQFMethod
+from packer.training import DataSpec, build_datasets
 from packer.training.batchnorm import recalibrate_batchnorm
+from packer.training.finetune import finetune
 from runtime.errors import ConfigError, DataError
 from runtime.format.features import ACTIVATION_QUANT
 from runtime.format.records import ActivationQuantRecord
@@ -187,24 +188,9 @@ class LowBitMethod(Method):
     def _train(self, job: CompressJob, epochs: int, data: DataSpec, train_set: Any,
                val_set: Any, teacher: nn.Module | None) -> dict[str, Any]:
         opts = job.config.options
-        model = job.model
-        for p in model.parameters():
-            p.requires_grad_(True)
-        cfg = TrainConfig(epochs=epochs, lr=opts["lr"], lr_min=opts["lr_min"],
-                          weight_decay=opts["weight_decay"], optimizer=opts["optimizer"],
-                          batch_size=data.batch_size, workers=data.workers,
-                          train_limit=opts["train_limit"] or None,
-                          val_limit=opts["val_limit"] or None, seed=job.seed,
-                          checkpoint=opts["checkpoint"], progress=job.progress,
-                          method_settings=job.settings())
-        hooks = TrainHooks(loss=distillation_loss(teacher, opts["distill_temperature"])
-                           if teacher is not None else None)
-        result = fit(model, train_set, val_set, cfg, hooks)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        validated_on = (f"{opts['holdout']} held-out train images" if opts["holdout"]
-                        else "the test/val split")
-        return {**result.as_dict(), "validated_on": validated_on,
+        report = finetune(job, epochs, data, train_set, val_set, teacher,
+                          weight_decay=opts["weight_decay"], optimizer=opts["optimizer"])
+        return {**report,
                 "schedule": f"{opts['optimizer']}, lr {opts['lr']:g} cosine to "
                             f"{opts['lr_min']:g} per batch over {epochs} epochs"}
 

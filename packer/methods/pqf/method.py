@@ -14,8 +14,7 @@ import logging
 import time
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 from packer.config import Option, closed_interval
@@ -31,7 +30,8 @@ from packer.methods.pqf.layers import (
 )
 from packer.methods.pqf.permute import permute_model
 from packer.methods.pqf.size import reference_size
-from packer.training import DataSpec, TrainConfig, TrainHooks, build_datasets, fit, training_data
+from packer.training import DataSpec, build_datasets, training_data
+from packer.training.finetune import finetune
 from runtime.distributed import local_device
 from runtime.errors import ConfigError, DataError
 from runtime.tensors import CompressedTensor
@@ -206,40 +206,6 @@ class PQFMethod(Method):
 
     def _finetune(self, job: CompressJob, epochs: int, data: DataSpec,
                   teacher: nn.Module | None) -> dict[str, Any]:
-        opts = job.config.options
-        model = job.model
-        for p in model.parameters():
-            p.requires_grad_(True)  # codebooks, biases, BN, uncompressed layers; codes are buffers
-        train_set, val_set = build_datasets(data, opts["holdout"], job.seed)
-        cfg = TrainConfig(epochs=epochs, lr=opts["lr"], lr_min=opts["lr_min"],
-                          batch_size=data.batch_size, workers=data.workers,
-                          train_limit=opts["train_limit"] or None,
-                          val_limit=opts["val_limit"] or None, seed=job.seed,
-                          checkpoint=opts["checkpoint"], progress=job.progress,
-                          method_settings=job.settings())
-        hooks = TrainHooks(loss=distillation_loss(teacher, opts["distill_temperature"])
-                           if teacher is not None else None)
-        result = fit(model, train_set, val_set, cfg, hooks)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        validated_on = (f"{opts['holdout']} held-out train images" if opts["holdout"]
-                        else "the test/val split")
-        return {**result.as_dict(), "validated_on": validated_on}
-
-
-def distillation_loss(teacher: nn.Module, temperature: float):
-    """KL(teacher || student) at `temperature`, scaled by T^2: the compressed model learns the
-    original's whole output distribution, more signal per image than one label (as in BGD)."""
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-
-    def loss(net: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
-        del targets
-        if next(teacher.parameters()).device != images.device:
-            teacher.to(images.device)
-        with torch.no_grad():
-            soft = torch.softmax(teacher(images) / temperature, dim=1)
-        log_p = torch.log_softmax(net(images) / temperature, dim=1)
-        return torch.nn.functional.kl_div(log_p, soft, reduction="batchmean") * temperature**2
-
-    return loss
+        # codebooks, biases, BN and uncompressed layers train; codes are buffers
+        train_set, val_set = build_datasets(data, job.config.options["holdout"], job.seed)
+        return finetune(job, epochs, data, train_set, val_set, teacher)

@@ -1,0 +1,106 @@
+"""The benchmark results files: written whole with their bars, parsed back by the index."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench"
+sys.path.insert(0, str(BENCH))
+
+import _common  # noqa: E402
+import _eval  # noqa: E402
+import summary  # noqa: E402
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(_common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(summary, "RESULTS_DIR", tmp_path)
+    return tmp_path
+
+
+def test_bars_round_trip_through_a_results_file(results_dir):
+    bars = [_common.Bar("resnet20 int8 within 0.2 pt at ratio >= 3.8", True,
+                        "int8: delta +0.06 pts, ratio 4.10"),
+            _common.Bar("load resnet56 kmeans K=32: runtime.load <= 2.0x the torch path", False,
+                        "ratio 2.93 (median 119.5 ms vs 40.8 ms)")]
+    path = _common.write_results("demo", "Demo", "python tools/bench/demo.py", "| a |\n", bars)
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("# Demo\n")
+    assert "Regenerate: `python tools/bench/demo.py`" in text
+    assert "- code: commit " in text
+    assert _common.parse_bars(text) == bars
+    assert not list(results_dir.glob("*.tmp"))
+
+
+def test_parse_bars_reads_only_the_bars_section():
+    text = "\n".join(["# T", "", "## Bars", "", "- **PASS** a — 1", "", "## Other", "",
+                      "- **FAIL** b — 2"])
+    assert _common.parse_bars(text) == [_common.Bar("a", True, "1")]
+
+
+def test_summary_indexes_every_bar_with_its_file(results_dir):
+    _common.write_results("coders", "Coders", "python tools/bench/coders.py", "body",
+                          [_common.Bar("ans near the bound", True, "1.002x")])
+    _common.write_results("wfn", "WFN", "python tools/bench/wfn.py", "body",
+                          [_common.Bar("a wfn point", False, "87.0%")])
+    text = summary.render(summary.results_files())
+    assert "## Bars (1 of 2 pass)" in text
+    assert "- **PASS** ans near the bound — 1.002x ([coders](results/coders.md))" in text
+    assert "- **FAIL** a wfn point — 87.0% ([wfn](results/wfn.md))" in text
+    assert text.index("coders.md") < text.index("wfn.md")  # summary.ORDER
+    not_measured = text[text.index("## Not measured yet"):]
+    assert "- accuracy: `python tools/bench/accuracy.py`" in not_measured
+    assert "- wfn:" not in not_measured
+
+
+def test_refuse_dirty_tree(monkeypatch):
+    monkeypatch.setattr(_common, "dirty_files", lambda: ["packer/x.py"])
+    with pytest.raises(SystemExit, match="refusing to measure a dirty tree"):
+        _common.refuse_dirty_tree(False)
+    _common.refuse_dirty_tree(True)  # allowed, and marked by write_results
+
+
+def test_standard_error_and_margin_note():
+    assert _eval.standard_error(88.0, 10_000) == pytest.approx(0.325, abs=1e-3)
+    assert _eval.margin_note(0.5, 88.0, 10_000) == ""
+    assert "smaller than the standard error" in _eval.margin_note(0.1, 88.0, 10_000)
+
+
+def test_summary_indexes_files_it_does_not_know_and_writes_only_the_index(results_dir,
+                                                                         tmp_path, monkeypatch):
+    (results_dir / "zeta.md").write_text("# Zeta\n\nRegenerate: `python tools/bench/zeta.py`\n"
+                                         "\n- date: d\n- code: commit abc\n", encoding="utf-8")
+    _common.write_results("accuracy", "Methods", "python tools/bench/accuracy.py", "body")
+    out = tmp_path / "index" / "RESULTS.md"
+    out.parent.mkdir()
+    monkeypatch.setattr(summary, "OUT", out)
+    before = {p.name: p.read_bytes() for p in results_dir.glob("*.md")}
+    assert summary.main([]) == 0
+    assert {p.name: p.read_bytes() for p in results_dir.glob("*.md")} == before
+    text = out.read_text(encoding="utf-8")
+    assert text.index("accuracy.md") < text.index("zeta.md")  # unknown files follow, by name
+    assert "`python tools/bench/zeta.py`" in text
+    assert summary.main(["--check"]) == 0
+    out.write_text(text + "hand-written figure: 99%\n", encoding="utf-8")
+    assert summary.main(["--check"]) == 1
+
+
+DOCS = [BENCH.parents[1] / "README.md", *sorted((BENCH.parents[1] / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_docs_link_only_results_files_that_exist(doc):
+    """A page that quotes a figure names the results file holding it: that file must exist."""
+    import re
+
+    for target in re.findall(r"\]\(((?:docs/)?results/[^)#]+\.md)", doc.read_text("utf-8")):
+        assert (doc.parent / target).is_file(), f"{doc.name} links {target}, which is missing"
+
+
+def test_results_index_is_current():
+    """docs/RESULTS.md is generated: `python tools/bench/summary.py` rewrites it."""
+    assert summary.main(["--check"]) == 0
