@@ -48,7 +48,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    BAR_FAILED,
     RESULTS_DIR,
+    Bar,
+    add_results_args,
     checkpoint_path,
     md_table,
     refuse_dirty_tree,
@@ -280,7 +283,7 @@ def _figure(counter: MacCounter, ratio: float, path: Path) -> dict[str, Any]:
             "channels": int(hits.size)}
 
 
-def table(args: argparse.Namespace) -> str:
+def table(args: argparse.Namespace) -> tuple[str, list[Bar]]:
     label, recipe = chosen_recipe()
     if BAR_RATIO not in args.ratios:
         raise SystemExit(f"--ratios must include the bar's ratio {BAR_RATIO}")
@@ -305,6 +308,13 @@ def table(args: argparse.Namespace) -> str:
                  f"{untrained - base:+.2f}", f"{u['macs_executed'] / 1e6:.2f}M",
                  f"{u['macs_ratio']:.3f}", "-", "-", "-", ""])
     lat_rows = []
+    bars = [Bar(f"resnet20 fbs ratio {BAR_RATIO}: within {BAR_DROP} pts of the baseline with "
+                f"executed MACs <= {BAR_MACS}x dense", base - bar_point["top1"] <= BAR_DROP
+                and bar_point["macs_ratio"] <= BAR_MACS,
+                f"top-1 {bar_point['top1']:.2f} vs {base:.2f} "
+                f"({bar_point['top1'] - base:+.2f}), MACs {bar_point['macs_ratio']:.3f}x "
+                f"over the 10,000 test images, {len(bar_point['stages'])} stages x "
+                f"{args.epochs} epoch(s) of {args.train_limit:,} images")]
     for r in results:
         ok = (verdict(base - r["top1"] <= BAR_DROP and r["macs_ratio"] <= BAR_MACS)
               if r["ratio"] == BAR_RATIO else "")
@@ -335,7 +345,7 @@ def table(args: argparse.Namespace) -> str:
     not_run = ([f"**Not measured in this run:** ratio {', '.join(f'{r:g}' for r in missing)} "
                 f"(`{command}` measures them, resuming the stages trained here from "
                 "--workdir)."] if missing else [])
-    return "\n\n".join([
+    body = "\n\n".join([
         f"ResNet-20 on CIFAR-10 (`{checkpoint_path('resnet20').name}`), uncompressed baseline "
         f"**{base:.2f}%** top-1 on the 10,000 test images, measured in this run. Every fbs "
         f"row is a packed file (`--method fbs`, recipe {label}: `{' '.join(recipe)}`, "
@@ -398,6 +408,7 @@ def table(args: argparse.Namespace) -> str:
         f"--set holdout={HOLDOUT} --set {' --set '.join(recipe)} --set checkpoint=ck/fbs` "
         "(about 90 epochs: some 3 hours on this machine's 2 cores alone, minutes on a GPU).",
     ])
+    return body, bars
 
 
 def main() -> int:
@@ -425,18 +436,22 @@ def main() -> int:
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--lock", default="/tmp/wp-heavy.lock",
                        help="flock file taken per point ('' for none)")
-        p.add_argument("--allow-dirty", action="store_true")
+        add_results_args(p)
     args = parser.parse_args()
     refuse_dirty_tree(args.allow_dirty)
     setup_torch(args.threads)
     command = "python tools/bench/fbs.py " + shlex.join(sys.argv[1:])
     if args.command == "select":
-        path = write_results("fbs-select", "FBS: held-out selection of the recipe", command,
-                             select(args))
+        name, title, body, bars = ("fbs-select", "FBS: held-out selection of the recipe",
+                                   select(args), [])
     else:
-        path = write_results("fbs", "FBS channel gating on ResNet-20", command, table(args))
-    print(path)
-    return 0
+        name, title = "fbs", "FBS channel gating on ResNet-20"
+        body, bars = table(args)
+    if args.no_write:
+        print(body)
+    else:
+        print(write_results(name, title, command, body, bars))
+    return BAR_FAILED if any(not b.ok for b in bars) else 0
 
 
 if __name__ == "__main__":
