@@ -20,7 +20,8 @@ from runtime.coders import CODERS
 from runtime.errors import ConfigError
 
 CODER_CHOICES = ("auto", *CODERS)
-"""What `--coder` and the per-layer `coder` option accept: a coder, or `auto` (the smallest)."""
+"""What `--coder` and the per-layer `coder` option accept: a coder, or `auto` (the smallest,
+preferring the fast-decoding coders: `runtime.coders.encode_best`)."""
 
 
 @dataclass(frozen=True)

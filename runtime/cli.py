@@ -3,40 +3,31 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from runtime import quant
-from runtime.atomic import atomic_write, check_output
+from runtime import __version__
 from runtime.cli_common import (
     Parser,
     add_command,
     add_common_flags,
+    existing_file,
     main as cli_main,
     print_json,
     progress_enabled,
 )
-from runtime.data import (
-    calibration_dataset,
-    cifar10_dataset,
-    image_folder_dataset,
-    imagenet_dataset,
-    make_loader,
-)
-from runtime.distributed import init_distributed, local_rank, rank, world_size
 from runtime.errors import DataError, printable
-from runtime.evaluate import evaluate
-from runtime.format.reader import open_packed
-from runtime.format.records import InputSpec
-from runtime.gating import MacCounter
-from runtime.loader import load
-from runtime.onnx import export_onnx, session
-from runtime.report import build_report, format_report, inspect_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from runtime.evaluate import EvalPlan
+    from runtime.format.records import InputSpec
+    from runtime.gating import MacCounter
+
+# Heavy libraries (torch, onnx, onnxruntime) are imported inside the commands that use them,
+# so --help, --version and argument errors answer at once (tools/bench/startup.py).
 
 EPILOG = """examples:
   runtime eval r20.fb --cifar10 ../shared/data/cifar10
@@ -52,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="runtime", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"runtime {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     e = add_command(
@@ -75,8 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="any <class>/<image> folder, classes in sorted order")
     e.add_argument("--limit", type=int, help="evaluate N images spread evenly over the set")
     e.add_argument("--batch-size", type=int, default=256, help="default 256")
-    e.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="data-loading processes (default: up to 4)")
+    e.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes (default: on the CPU one per 4 cores beyond "
+                   "the first 4, at most 4, the model's threads taking the rest; with a GPU "
+                   "up to 8)")
     e.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     e.add_argument("--backend", default="torch", choices=["torch", "onnx"],
                    help="torch module (default) or an onnxruntime session "
@@ -107,16 +101,24 @@ def _parser() -> argparse.ArgumentParser:
         sub, "export", help="write a standalone ONNX model for any ONNX server",
         description="Export a packed file as an ONNX model (onnxruntime, Triton, TensorRT). "
         "--compact keeps codebooks and indices inside the ONNX file and rebuilds each weight "
-        "with Gather when the session starts.",
+        "with Gather when the session starts. --int8 writes the 8-bit graph in the form its "
+        "server runs fastest (--target).",
         examples=["runtime export r20.fb --onnx r20.onnx",
                   "runtime export r20.fb --onnx r20.onnx --compact  # smaller on disk",
-                  "runtime export m.fb --onnx m.onnx --int8  # QDQ graph, the file's scales"])
+                  "runtime export m.fb --onnx m.onnx --int8  # for onnxruntime, the file's "
+                  "scales",
+                  "runtime export m.fb --onnx m.onnx --int8 --target tensorrt"])
     x.add_argument("file", type=Path, help="packed .fb file")
     x.add_argument("--onnx", type=Path, required=True, metavar="OUT", help="output .onnx file")
     x.add_argument("--compact", action="store_true",
                    help="store indices + codebooks, not fp32 weights (verified to fold)")
     x.add_argument("--int8", action="store_true",
                    help="QDQ graph with int8 weights and the file's activation scales")
+    x.add_argument("--target", choices=["onnxruntime", "tensorrt"],
+                   help="with --int8: the graph's form, for the server that runs it (default "
+                   "onnxruntime: uint8 activations, ReLU as a table, fused by onnxruntime's "
+                   "CPU kernels; tensorrt: int8 zero point 0, the Q/DQ placement TensorRT "
+                   "wants)")
     add_common_flags(x)
     x.set_defaults(func=_export)
 
@@ -133,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _device(name: str) -> torch.device:
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -143,6 +147,8 @@ def _device(name: str) -> torch.device:
 
 
 def _dataset(args: argparse.Namespace, spec: InputSpec, num_classes: int):
+    from runtime.data import cifar10_dataset, image_folder_dataset, imagenet_dataset
+
     if args.cifar10 is not None:
         if num_classes and num_classes != 10:
             raise DataError(f"this model has {num_classes} classes; CIFAR-10 has 10")
@@ -157,62 +163,77 @@ def _dataset(args: argparse.Namespace, spec: InputSpec, num_classes: int):
 
 def _start_distributed(device: torch.device) -> tuple[torch.device, bool]:
     """Under torchrun join the process group; one GPU per process."""
+    import torch
+
+    from runtime.distributed import init_distributed, local_rank
+
     if not init_distributed(cuda=device.type == "cuda"):
         return device, False
     return (torch.device("cuda", local_rank()) if device.type == "cuda" else device), True
 
 
-def _act_scales(args: argparse.Namespace, spec: InputSpec) -> dict[str, float] | None:
+def _act_scales(args: argparse.Namespace, spec: InputSpec, workers: int
+                ) -> dict[str, float] | None:
     """Scales measured now with --calib-data, else None (use the file's own)."""
     if args.calib_data is None:
         return None
+    from runtime import quant
+    from runtime.data import calibration_dataset, make_loader
+    from runtime.loader import load
+
     dataset = calibration_dataset(args.calib_data, spec)
     count = min(args.calib_images, len(dataset))
-    return quant.calibrate(load(args.file), make_loader(dataset, 64, args.workers, count))
+    return quant.calibrate(load(args.file), make_loader(dataset, 64, workers, count))
 
 
-def _model_for_eval(args: argparse.Namespace, device: torch.device,
-                    spec: InputSpec) -> tuple[Any, str]:
+def _model_for_eval(args: argparse.Namespace, device: torch.device, spec: InputSpec,
+                    plan: EvalPlan) -> tuple[Any, str]:
     """The model to evaluate, and which provider runs it."""
+    from runtime import quant
+    from runtime.loader import load
+    from runtime.onnx import session
+
     if args.int8:
         if device.type != "cpu" and args.backend == "torch":
             raise DataError("--int8 with the torch backend simulates int8 on the CPU; "
                             "use --backend onnx (TensorRT or CUDA provider) for GPU int8")
-        model = quant.int8_model(args.file, _act_scales(args, spec), backend=args.backend,
-                                 device=device.type)
+        model = quant.int8_model(args.file, _act_scales(args, spec, plan.workers),
+                                 backend=args.backend, device=device.type,
+                                 threads=plan.threads)
         if isinstance(model, quant.OnnxSession):
             return model, model.provider
         return model, "cpu"
     if args.backend == "onnx":
         providers = ["CPUExecutionProvider"] if device.type == "cpu" else None
-        sess = session(args.file, providers=providers)
+        sess = session(args.file, providers=providers, threads=plan.threads)
         return sess, sess.provider
-    return load(args.file, device=device), device.type
+    from runtime.evaluate import fold_batchnorm
+
+    return fold_batchnorm(load(args.file, device=device)), device.type
 
 
 def _export(args: argparse.Namespace) -> int:
+    from runtime.atomic import check_output
+
+    existing_file(args.file)
     check_output(args.onnx, example="model.onnx")
     if args.int8:
         if args.compact:
             raise DataError("--int8 and --compact cannot be combined yet; pick one")
-        pack = quant.load_int8(args.file)
-        if not pack.act_scales:
-            raise quant.NoActivationScales(f"{args.file}: has no activation scales; pack it "
-                                           "with --calib-data DIR")
-        try:
-            model = quant.qdq_model(pack, pack.act_scales)
-        except quant.NoActivationScales as exc:
-            raise quant.NoActivationScales(f"{args.file}: {exc}") from None
-        atomic_write(args.onnx, [model.SerializeToString()])
-        report = {"path": str(args.onnx), "onnx_bytes": args.onnx.stat().st_size,
-                  "packed_bytes": args.file.stat().st_size, "int8": True}
-        report["onnx_to_packed"] = round(report["onnx_bytes"] / report["packed_bytes"], 4)
+        from runtime.quant import export_int8
+
+        report = export_int8(args.file, args.onnx, args.target)
     else:
+        if args.target is not None:
+            raise DataError("--target chooses the int8 graph's form; add --int8")
+        from runtime.onnx import export_onnx
+
         report = export_onnx(args.file, args.onnx, compact=args.compact)
     if args.json:
         print_json(report)
     else:
-        kind = "int8 QDQ" if args.int8 else "compact" if args.compact else "standalone"
+        kind = (f"int8 QDQ for {report['target']}" if args.int8
+                else "compact" if args.compact else "standalone")
         # Not "(7.21x)": beside a packed file that reads as its compression ratio, which is
         # fp32 over packed bytes (`runtime inspect`), not this.
         print(f"{args.onnx}: {report['onnx_bytes']:,} bytes ({kind} ONNX; "
@@ -222,20 +243,37 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import contextlib
+
     if args.limit is not None and args.limit < 1:
         raise DataError("--limit must be at least 1")
+    if args.workers is not None and args.workers < 0:
+        raise DataError("--workers must be at least 0")
+    existing_file(args.file)
+    import torch
+
+    from runtime.data import make_loader
+    from runtime.distributed import rank, world_size
+    from runtime.evaluate import eval_plan, evaluate
+    from runtime.format.reader import open_packed
+    from runtime.gating import MacCounter
+    from runtime.report import build_report
+
     device, distributed = _start_distributed(_device(args.device))
+    plan = eval_plan(device.type, args.workers)
     try:
         with open_packed(args.file) as packed:
             report, spec = build_report(packed), packed.model.input
         dataset = _dataset(args, spec, report["num_classes"])
-        model, provider = _model_for_eval(args, device, spec)
-        loader = make_loader(dataset, args.batch_size, args.workers, args.limit,
-                             distributed=distributed, pin_memory=device.type == "cuda")
-        counting = isinstance(model, torch.nn.Module) and args.backend == "torch" and not args.int8
-        with MacCounter(model) if counting else contextlib.nullcontext() as counter:
-            result = evaluate(model, loader, device if args.backend == "torch" else "cpu",
-                              progress=progress_enabled(args))
+        with plan.applied():
+            model, provider = _model_for_eval(args, device, spec, plan)
+            loader = make_loader(dataset, args.batch_size, plan.workers, args.limit,
+                                 distributed=distributed, pin_memory=device.type == "cuda")
+            counting = (isinstance(model, torch.nn.Module) and args.backend == "torch"
+                        and not args.int8)
+            with MacCounter(model) if counting else contextlib.nullcontext() as counter:
+                result = evaluate(model, loader, device if args.backend == "torch" else "cpu",
+                                  progress=progress_enabled(args))
         macs = _macs(counter, distributed) if counting else {
             "macs_note": "MACs are counted on the fp32 torch backend only"}
         me, world = rank(), world_size()
@@ -246,6 +284,7 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     out = {**result.as_dict(), "backend": args.backend, "provider": provider,
            "precision": "int8" if args.int8 else "fp32", "processes": world,
+           "workers": plan.workers, "threads": plan.threads,
            "file": str(args.file),
            "file_bytes": report["file_bytes"], "ratio": report["ratio"], **macs}
     if args.json:
@@ -263,6 +302,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _macs(counter: MacCounter, distributed: bool) -> dict[str, Any]:
     """The counter's summary; under torchrun, over every process's images."""
+    import torch
+
     summary = counter.summary()
     if distributed:
         totals = torch.tensor([summary["macs_executed"] * summary["macs_images"],
@@ -278,6 +319,9 @@ def _macs(counter: MacCounter, distributed: bool) -> dict[str, Any]:
 
 def print_inspect(path: Path, as_json: bool, verify: bool = False) -> int:
     """`inspect` for both CLIs: the per-tensor table and totals, or the JSON report."""
+    existing_file(path)
+    from runtime.report import format_report, inspect_file
+
     report = inspect_file(path, verify)
     if as_json:
         print_json(report)
@@ -304,6 +348,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    existing_file(args.file)
+    from runtime.format.reader import open_packed
+    from runtime.loader import load
+
     with open_packed(args.file) as packed:
         blobs = packed.verify()
     model = load(args.file)

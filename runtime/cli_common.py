@@ -38,6 +38,14 @@ def add_command(sub: argparse._SubParsersAction, name: str, *, help: str, descri
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def existing_file(path: os.PathLike | str) -> os.PathLike | str:
+    """Report a missing input file at once, before the command imports torch: its loader
+    would report the same, seconds later."""
+    if not os.path.lexists(path):
+        raise WeightpackError(f"{path}: no such file")
+    return path
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object on stdout instead of tables")

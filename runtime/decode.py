@@ -1,6 +1,22 @@
-"""Turn the index records and blobs of a packed file back into compressed tensors."""
+"""Turn the index records and blobs of a packed file back into compressed or dense tensors.
+
+Two consumers: ``decode_tensor`` rebuilds one tensor's compressed form (codebook and indices,
+codes and scales: what int8 export and reports need), and ``decode_state_dict`` decodes every
+tensor straight to its dense values, which is what loading needs and where the time goes. The
+latter writes all dense tensors into one block of memory (huge pages where Linux offers them:
+a fresh page costs more to fault in than its values cost to decode) and decodes the large
+tensors on a thread pool, since zstd, numpy and torch release the GIL while they work. Both
+apply the same field rules first and compute the arithmetic docs/FORMAT.md specifies, so they
+agree bit for bit (tests/test_format_spec.py, tests/test_golden.py).
+"""
 
 from __future__ import annotations
+
+import contextlib
+import mmap
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +40,13 @@ from runtime.tensors import (
     VectorCodebookTensor,
 )
 
+PARALLEL_ELEMENTS = 1 << 16
+"""Tensors from this size up are decoded on the thread pool; smaller ones cost more to hand
+over than to decode (a ResNet's BatchNorm vectors, its first convolution)."""
+
+ARENA_ALIGNMENT = 64
+HUGE_PAGE_BYTES = 2 << 20
+
 
 def shuffle_bytes(data: np.ndarray) -> np.ndarray:
     """Group byte k of every element together: float exponents become long runs zstd likes."""
@@ -31,13 +54,20 @@ def shuffle_bytes(data: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(data.reshape(-1).view(np.uint8).reshape(-1, item).T).reshape(-1)
 
 
-def unshuffle_bytes(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def unshuffle_bytes(data: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None
+                    ) -> np.ndarray:
+    """Inverse of :func:`shuffle_bytes`, into ``out`` (a uint8 array of the size) if given."""
     item = dtype.itemsize
-    return np.ascontiguousarray(data.reshape(item, -1).T).reshape(-1).view(dtype)
+    planes = data.reshape(item, -1).T
+    if out is None:
+        return np.ascontiguousarray(planes).reshape(-1).view(dtype)
+    out.reshape(-1, item)[...] = planes
+    return out.view(dtype)
 
 
 def read_stream(packed: PackedFile, stream: StreamRecord, what: str) -> np.ndarray:
-    payload = bytes(packed.blob(stream.blob, what))
+    # The coders read the memory-mapped blob in place: nothing is copied before decoding.
+    payload = packed.blob(stream.blob, what)
     coded = coders.CodedStream(**stream.coder_params(), payload=payload)
     symbols = coders.decode(coded, stream.count, stream.alphabet_size)
     if symbols.shape != (stream.count,):
@@ -99,22 +129,9 @@ def _check_fields(record: TensorRecord) -> None:
                                   f"to coder {stream.coder}")
 
 
-def decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor:
-    """Rebuild one tensor's compressed form, checking every size against the index first."""
-    try:
-        return _decode_tensor(packed, record)
-    except WeightpackError as exc:
-        if str(packed.path) in str(exc):
-            raise
-        raise type(exc)(f"{packed.path}: {exc}") from None
-    except MemoryError:
-        raise LimitExceeded(f"{packed.path}: not enough memory to decode tensor {record.name!r} "
-                            f"({record.numel:,} elements)") from None
-
-
-def _decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor:
-    name = printable(record.name)  # for messages
-    dtype = torch_dtype(record.dtype)
+def check_record(record: TensorRecord) -> None:
+    """Every rule on a tensor's index fields (docs/FORMAT.md, "Tensor"), before any blob of it
+    is read: the first part of decoding it."""
     _check_fields(record)
     if record.scheme == "raw":
         values = record.values
@@ -125,74 +142,243 @@ def _decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor
         store = numpy_dtype(record.values_dtype)
         _require(values.alphabet_size == 256 and values.count == record.numel * store.itemsize,
                  record, "values stream size does not match the shape")
-        data = unshuffle_bytes(read_stream(packed, values, f"{name}/values"), store)
-        if record.values_dtype == "bool" and data.size and int(data.view(np.uint8).max()) > 1:
-            raise CorruptBlob(f"{name}/values: a bool byte is neither 0 nor 1")
-        tensor = numpy_to_tensor(data.reshape(record.shape), record.values_dtype)
-        return RawTensor(tensor, dtype)
-
+        return
     indices = record.indices
     _require(indices is not None, record, f"{record.scheme} tensor without indices")
     _require(record.dtype in FLOAT_NAMES, record, "quantized tensor of a non-float dtype")
     if record.scheme == "uniform":
-        return _uniform(packed, record, indices, dtype)
-    codebook_rec = record.codebook
-    _require(codebook_rec is not None, record, "codebook scheme without a codebook")
-    _require(codebook_rec.dtype in FLOAT_NAMES, record, "codebook is not a float array")
+        _require(1 <= record.bits <= 16 and indices.alphabet_size == 1 << record.bits, record,
+                 "bit width and alphabet disagree")
+        _require(indices.count == record.numel, record, "code count differs from the shape")
+        _require(-1 <= record.axis < len(record.shape), record,
+                 "quantization axis outside the shape")
+        _require(abs(record.symbol_offset) <= MAX_CODE_SHIFT, record,
+                 f"symbol offset {record.symbol_offset} is outside -2**16..2**16")
+        _require(_channels(record) > 0, record, "quantization axis has no channels")
+        scales = record.scales
+        _require(scales is not None and scales.dtype == "float32"
+                 and scales.shape == (_channels(record),), record, "scales do not match the axis")
+        zp = record.zero_points
+        _require(zp is None or (zp.dtype == "int32" and zp.shape == (_channels(record),)),
+                 record, "zero points do not match the axis")
+        return
+    codebook = record.codebook
+    _require(codebook is not None, record, "codebook scheme without a codebook")
+    _require(codebook.dtype in FLOAT_NAMES, record, "codebook is not a float array")
     if record.scheme == "scalar_codebook":
-        _require(codebook_rec.shape == (indices.alphabet_size,), record,
+        _require(codebook.shape == (indices.alphabet_size,), record,
                  "codebook size differs from the index alphabet")
         _require(indices.count == record.numel, record, "index count differs from the shape")
-        codebook = numpy_to_tensor(read_array(packed, codebook_rec, f"{name}/codebook"),
-                                   codebook_rec.dtype)
-        symbols = read_stream(packed, indices, f"{name}/indices")
-        idx = torch.from_numpy(symbols.astype(np.int32)).reshape(record.shape)
-        return ScalarCodebookTensor(codebook, idx, dtype)
-    # vector_codebook
+        return
     d = record.subvector_size
     _require(record.layout == 0, record, f"vector layout {record.layout} is unknown")
-    _require(d >= 1 and codebook_rec.shape == (indices.alphabet_size, d), record,
+    _require(d >= 1 and codebook.shape == (indices.alphabet_size, d), record,
              "codebook shape differs from K x d")
     _require(record.numel % d == 0 and indices.count == record.numel // d, record,
              "index count differs from the shape / d")
-    codebook = numpy_to_tensor(read_array(packed, codebook_rec, f"{name}/codebook"),
-                               codebook_rec.dtype)
-    symbols = read_stream(packed, indices, f"{name}/indices")
-    idx = torch.from_numpy(symbols.astype(np.int32))
+
+
+def _channels(record: TensorRecord) -> int:
+    return 1 if record.axis == -1 else record.shape[record.axis]
+
+
+@dataclass
+class _Parts:
+    """A tensor's blobs, read and decoded but not yet combined: ``symbols`` (indices or
+    codes, or the raw values restored to their stored dtype), and the arrays."""
+
+    symbols: np.ndarray
+    codebook: np.ndarray | None = None
+    scales: np.ndarray | None = None
+    zero_points: np.ndarray | None = None
+
+
+def _read_parts(packed: PackedFile, record: TensorRecord, raw_out: np.ndarray | None = None
+                ) -> _Parts:
+    """The tensor's arrays, then its stream (docs/FORMAT.md, check 19: each blob's CRC-32 as
+    it is read, then its coder); `check_record` has passed. Raw values are restored into
+    `raw_out` (uint8, their size) when given."""
+    name = printable(record.name)  # for messages
+    if record.scheme == "raw":
+        store = numpy_dtype(record.values_dtype)
+        data = unshuffle_bytes(read_stream(packed, record.values, f"{name}/values"), store,
+                               raw_out)
+        if record.values_dtype == "bool" and data.size and int(data.view(np.uint8).max()) > 1:
+            raise CorruptBlob(f"{name}/values: a bool byte is neither 0 nor 1")
+        return _Parts(data)
+    parts = _Parts(np.empty(0))
+    if record.scheme == "uniform":
+        parts.scales = read_array(packed, record.scales, f"{name}/scales")
+        if record.zero_points is not None:
+            zp = read_array(packed, record.zero_points, f"{name}/zero_points")
+            _require(int(np.abs(zp.astype(np.int64)).max()) <= MAX_CODE_SHIFT, record,
+                     "a zero point is outside -2**16..2**16")
+            parts.zero_points = zp
+    else:
+        parts.codebook = read_array(packed, record.codebook, f"{name}/codebook")
+    parts.symbols = read_stream(packed, record.indices, f"{name}/indices")
+    return parts
+
+
+@contextlib.contextmanager
+def _file_errors(packed: PackedFile, record: TensorRecord) -> Iterator[None]:
+    """Errors name the file; running out of memory is a limit of the file, not a crash."""
+    try:
+        yield
+    except WeightpackError as exc:
+        if str(packed.path) in str(exc):
+            raise
+        raise type(exc)(f"{packed.path}: {exc}") from None
+    except MemoryError:
+        raise LimitExceeded(f"{packed.path}: not enough memory to decode tensor {record.name!r} "
+                            f"({record.numel:,} elements)") from None
+
+
+def decode_tensor(packed: PackedFile, record: TensorRecord) -> CompressedTensor:
+    """Rebuild one tensor's compressed form, checking every size against the index first."""
+    with _file_errors(packed, record):
+        check_record(record)
+        return _compressed(record, _read_parts(packed, record))
+
+
+def _compressed(record: TensorRecord, parts: _Parts) -> CompressedTensor:
+    dtype = torch_dtype(record.dtype)
+    if record.scheme == "raw":
+        return RawTensor(numpy_to_tensor(parts.symbols.reshape(record.shape),
+                                         record.values_dtype), dtype)
+    if record.scheme == "uniform":
+        axis = None if record.axis == -1 else record.axis
+        zero_points = None if parts.zero_points is None else torch.from_numpy(
+            parts.zero_points.copy())
+        codes = torch.from_numpy(parts.symbols.astype(np.int32) + np.int32(record.symbol_offset))
+        return UniformTensor(codes.reshape(record.shape), torch.from_numpy(parts.scales.copy()),
+                             zero_points, record.bits, axis, dtype)
+    codebook = numpy_to_tensor(parts.codebook, record.codebook.dtype)
+    idx = torch.from_numpy(parts.symbols.astype(np.int32))
+    if record.scheme == "scalar_codebook":
+        return ScalarCodebookTensor(codebook, idx.reshape(record.shape), dtype)
     return VectorCodebookTensor(codebook, idx, record.shape, dtype)
 
 
-def _uniform(packed: PackedFile, record: TensorRecord, indices: StreamRecord,
-             dtype: torch.dtype) -> UniformTensor:
-    name = printable(record.name)
-    _require(1 <= record.bits <= 16 and indices.alphabet_size == 1 << record.bits, record,
-             "bit width and alphabet disagree")
-    _require(indices.count == record.numel, record, "code count differs from the shape")
-    _require(-1 <= record.axis < len(record.shape), record, "quantization axis outside the shape")
-    _require(abs(record.symbol_offset) <= MAX_CODE_SHIFT, record,
-             f"symbol offset {record.symbol_offset} is outside -2**16..2**16")
-    axis = None if record.axis == -1 else record.axis
-    channels = 1 if axis is None else record.shape[axis]
-    _require(channels > 0, record, "quantization axis has no channels")
-    scales_rec = record.scales
-    _require(scales_rec is not None and scales_rec.dtype == "float32"
-             and scales_rec.shape == (channels,), record, "scales do not match the axis")
-    scales = torch.from_numpy(read_array(packed, scales_rec, f"{name}/scales").copy())
-    zero_points = None
-    if record.zero_points is not None:
-        zp = record.zero_points
-        _require(zp.dtype == "int32" and zp.shape == (channels,), record,
-                 "zero points do not match the axis")
-        zp_values = read_array(packed, zp, f"{name}/zero_points")
-        _require(int(np.abs(zp_values.astype(np.int64)).max()) <= MAX_CODE_SHIFT, record,
-                 "a zero point is outside -2**16..2**16")
-        zero_points = torch.from_numpy(zp_values.copy())
-    symbols = read_stream(packed, indices, f"{name}/indices")
-    codes = torch.from_numpy(symbols.astype(np.int32) + np.int32(record.symbol_offset))
-    return UniformTensor(codes.reshape(record.shape), scales, zero_points, record.bits, axis,
-                         dtype)
+# --- dense decoding ------------------------------------------------------------------------
 
 
-def decode_state_dict(packed: PackedFile) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, dequantized to its original dtype."""
-    return {t.name: decode_tensor(packed, t).dequantize() for t in packed.model.tensors}
+def _fast_path(record: TensorRecord) -> bool:
+    """Whether `_dense_into` computes this tensor in place: every float32 result and raw values
+    kept at their own dtype (anything needing a float conversion takes `dequantize()`)."""
+    if record.scheme == "raw":
+        return record.values_dtype == record.dtype and record.dtype != "bool"
+    return record.dtype == "float32"
+
+
+def _dense_into(record: TensorRecord, parts: _Parts, out: torch.Tensor) -> None:
+    """Write the tensor's values into `out` (1-D, its dtype, numel elements), with the
+    arithmetic of `dequantize()` (docs/FORMAT.md) done in place."""
+    if record.scheme == "raw":
+        return  # restored in place by _read_parts
+    symbols = parts.symbols
+    if record.scheme != "uniform":
+        # codebook entries to float32 (exact from 16-bit floats, rounded from float64)
+        table = torch.from_numpy(parts.codebook.astype(np.float32))
+        index = torch.from_numpy(symbols.astype(np.int32))
+        if record.scheme == "vector_codebook":
+            out = out.view(-1, record.subvector_size)
+        torch.index_select(table, 0, index, out=out)
+        return
+    # code = symbol + offset - zero_point: exact integers below 2**18, so exact in float32,
+    # then one float32 product with the channel's scale. numpy, not torch: torch splits these
+    # element-wise ops over its intra-op threads, and on a busy machine every small one then
+    # waits for a descheduled thread (2 ms for a 36,864-element multiply instead of 20 us).
+    values = out.numpy().reshape(record.shape)
+    values[...] = symbols.reshape(record.shape)
+    view = [1] * len(record.shape)
+    if record.axis != -1:
+        view[record.axis] = -1
+    shift = np.float32(record.symbol_offset)
+    if parts.zero_points is not None:
+        np.add(values, (shift - parts.zero_points.astype(np.float32)).reshape(view), out=values)
+    elif shift:
+        np.add(values, shift, out=values)
+    np.multiply(values, parts.scales.astype(np.float32).reshape(view), out=values)
+
+
+def _arena(nbytes: int) -> torch.Tensor:
+    """Zeroed uint8 memory for every dense tensor of a file. From 2 MiB up it is anonymous
+    memory advised to use huge pages: faulting in 4 KiB pages one by one took longer than
+    decoding into them (100 MB: ~45 ms -> ~18 ms on Linux with transparent huge pages on
+    madvise). The tensors made from it keep it alive."""
+    if nbytes >= HUGE_PAGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        with contextlib.suppress(OSError):  # advice only
+            memory.madvise(mmap.MADV_HUGEPAGE)
+        return torch.frombuffer(memory, dtype=torch.uint8)
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def decode_state_dict(packed: PackedFile, threads: int | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, dequantized to its original dtype.
+
+    The large tensors are decoded on ``threads`` threads (default: torch's intra-op thread
+    count), the others on this one.
+    The tensors that can be are views into one shared block of memory (as with
+    ``torch.load(mmap=True)``; ``torch.save`` of one of them alone saves the whole block).
+    Errors are those of decoding the tensors one by one in index order.
+    """
+    records = packed.model.tensors
+    offsets: dict[str, int] = {}
+    size = 0
+    for record in records:
+        if _fast_path(record):
+            offsets[record.name] = size
+            size += -(-record.numel * torch_dtype(record.dtype).itemsize // ARENA_ALIGNMENT
+                      ) * ARENA_ALIGNMENT
+    try:
+        arena = _arena(size)
+    except (MemoryError, OSError):
+        raise LimitExceeded(f"{packed.path}: not enough memory for the {size:,} bytes of its "
+                            "tensors") from None
+
+    def decode(record: TensorRecord) -> torch.Tensor:
+        with _file_errors(packed, record):
+            check_record(record)
+            if record.name not in offsets:
+                return _compressed(record, _read_parts(packed, record)).dequantize()
+            dtype = torch_dtype(record.dtype)
+            start = offsets[record.name]
+            out = arena[start:start + record.numel * dtype.itemsize]
+            parts = _read_parts(packed, record, out.numpy() if record.scheme == "raw" else None)
+            out = out.view(dtype)
+            _dense_into(record, parts, out)
+            return out.view(record.shape)
+
+    workers = max(1, threads if threads is not None else torch.get_num_threads())
+    large = [r for r in records if r.numel >= PARALLEL_ELEMENTS] if workers > 1 else []
+    results: dict[str, Future | torch.Tensor] = {}
+    if large:
+        with ThreadPoolExecutor(min(workers, len(large))) as pool:
+            for record in sorted(large, key=lambda r: -r.numel):  # longest first
+                results[record.name] = pool.submit(decode, record)
+            _decode_rest(records, results, decode)
+    else:
+        _decode_rest(records, results, decode)
+    # In index order, so the error raised is the one a decode one by one would raise.
+    return {r.name: _result(results[r.name]) for r in records}
+
+
+def _decode_rest(records: tuple[TensorRecord, ...], results: dict, decode) -> None:
+    """The tensors not on the pool, on this thread; an error is kept for its turn."""
+    for record in records:
+        if record.name not in results:
+            try:
+                results[record.name] = decode(record)
+            except WeightpackError as exc:
+                results[record.name] = exc
+
+
+def _result(value: Future | torch.Tensor | WeightpackError) -> torch.Tensor:
+    if isinstance(value, Future):
+        value = value.result()
+    if isinstance(value, WeightpackError):
+        raise value
+    return value

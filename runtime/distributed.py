@@ -20,6 +20,7 @@ __all__ = [
     "launch_world_size",
     "local_device",
     "local_rank",
+    "local_world_size",
     "rank",
     "world_size",
 ]
@@ -39,6 +40,12 @@ def launch_rank() -> int:
 def local_rank() -> int:
     """This process's index on its machine: the GPU it takes."""
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """How many processes torchrun started on this machine (1 without torchrun): they share
+    its cores."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def is_distributed() -> bool:

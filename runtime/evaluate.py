@@ -7,9 +7,11 @@ summed over all processes (give each its shard with ``make_loader(distributed=Tr
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,10 +20,79 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from runtime.distributed import is_distributed, rank
+from runtime.distributed import is_distributed, local_world_size, rank
 from runtime.errors import ArchitectureError, DataError
 
-__all__ = ["EvalResult", "evaluate"]
+__all__ = ["EvalPlan", "EvalResult", "eval_plan", "evaluate", "fold_batchnorm"]
+
+MAX_CPU_WORKERS = 4
+MAX_GPU_WORKERS = 8
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (what `nproc` prints)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(device: str, cores: int) -> int:
+    """Data-loading processes for an evaluation on `device` with `cores` CPUs.
+
+    On the CPU the model and the loader share the cores: every worker takes a core from the
+    model's threads, and a few cores decode images faster than the rest run the model
+    (tools/bench/eval_speed.py: on 2 cores 0 workers beat 1 and 4), so no worker up to 4
+    cores, then one per 4 cores, at most 4. With a GPU the CPU only loads: up to 8 workers.
+    """
+    if device != "cpu":
+        return max(1, min(MAX_GPU_WORKERS, cores - 1))
+    return 0 if cores <= 4 else min(MAX_CPU_WORKERS, cores // 4)
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """How an evaluation uses the CPUs: loader processes, and the threads the model runs on
+    (torch's intra-op threads, or onnxruntime's; None: the library's default)."""
+
+    workers: int
+    threads: int | None
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """torch's intra-op threads set to `threads` for the duration (restored after)."""
+        before = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+def eval_plan(device: str, workers: int | None = None, cores: int | None = None) -> EvalPlan:
+    """Workers (`workers`, else `default_workers`) and model threads that together use each of
+    the `cores` (default: the usable CPUs, shared evenly by the processes torchrun started on
+    this machine) once: on the CPU the model gets the cores the workers leave, never fewer
+    than one."""
+    cores = cores or max(1, usable_cpus() // max(1, local_world_size()))
+    if workers is None:
+        workers = default_workers(device, cores)
+    threads = max(1, cores - workers) if device == "cpu" else None
+    return EvalPlan(workers, threads)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` with each BatchNorm that follows a convolution folded into it
+    (torch.fx), for inference: on the CPU a ResNet's BatchNorms took ~13% of torch's forward
+    (tools/bench/eval_speed.py). The same arithmetic up to float rounding. A model torch.fx
+    cannot trace is returned as it is."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model.eval())
+    except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError):
+        return model
 
 
 @dataclass(frozen=True)

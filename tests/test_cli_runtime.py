@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+import torch
 
 import runtime
 from packer.compress import PackRequest, pack
@@ -80,3 +82,50 @@ def test_export_writes_a_loadable_onnx(calibrated: Path, tmp_path: Path, flags, 
     assert model.ir_version <= 10
     if "--int8" in flags:
         assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+
+
+def _zero_point_types(model: onnx.ModelProto) -> set[int]:
+    inits = {t.name: t for t in model.graph.initializer}
+    return {inits[n.input[2]].data_type for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+
+
+def test_int8_export_targets(calibrated: Path, tmp_path: Path, capsys) -> None:
+    """--target onnxruntime (the default) writes the graph onnxruntime's CPU kernels fuse
+    (uint8 activations): a plain InferenceSession runs QLinearConv without our process's help,
+    computing what runtime.session(int8=True) computes; --target tensorrt keeps int8 with zero
+    point 0, the graph runtime.quant.qdq_model builds."""
+    import onnxruntime as ort
+
+    paths = {}
+    for target in ("onnxruntime", "tensorrt"):
+        paths[target] = tmp_path / f"{target}.onnx"
+        flags = ["--int8", "--json"] + ([] if target == "onnxruntime" else ["--target", target])
+        assert runtime_cli.main(["export", str(calibrated), "--onnx", str(paths[target]),
+                                 *flags]) == 0
+        assert json.loads(capsys.readouterr().out)["target"] == target
+    ours, trt = (onnx.load(str(paths[t])) for t in ("onnxruntime", "tensorrt"))
+    assert _zero_point_types(ours) == {onnx.TensorProto.UINT8}
+    assert _zero_point_types(trt) == {onnx.TensorProto.INT8}
+    used = {i for n in ours.graph.node for i in n.input}
+    assert all(t.name in used for t in ours.graph.initializer)  # no int8 zero point left over
+    pack = quant.load_int8(calibrated)
+    assert trt.graph == quant.qdq_model(pack, pack.act_scales).graph
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.intra_op_num_threads = 1
+    plain = ort.InferenceSession(str(paths["onnxruntime"]), options,
+                                 providers=["CPUExecutionProvider"])
+    ops = quant.graph_types(onnx.load(str(tmp_path / "optimized.onnx")))
+    assert ops.get("QLinearConv", 0) >= 19 and "Conv" not in ops, ops
+    x = torch.randn(8, 3, 32, 32).numpy()
+    ours_out = plain.run(None, {plain.get_inputs()[0].name: x})[0]
+    sess = runtime.session(calibrated, int8=True, providers=["CPUExecutionProvider"], threads=1)
+    assert np.array_equal(sess.run(None, {sess.input_name: x})[0], ours_out)
+
+
+def test_target_needs_int8(calibrated: Path, tmp_path: Path, capsys) -> None:
+    assert runtime_cli.main(["export", str(calibrated), "--onnx", str(tmp_path / "m.onnx"),
+                             "--target", "tensorrt"]) == 2
+    assert "--int8" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from runtime import data, zoo
 from runtime.errors import DataError
-from runtime.evaluate import EvalResult, evaluate
+from runtime.evaluate import EvalResult, eval_plan, evaluate, fold_batchnorm
 from tests.assets import require
 
 DIST_LIMIT = 69  # odd on purpose: the two shards differ in size and must not be padded
@@ -96,3 +96,53 @@ def test_distributed_gloo_equals_single_process(shared_dir: Path, tmp_path: Path
             single.top5,
             single.skipped,
         )
+
+
+@pytest.mark.parametrize(("device", "cores", "workers", "plan"), [
+    ("cpu", 1, None, (0, 1)),
+    ("cpu", 2, None, (0, 2)),  # measured: 0 workers beat 1 and 4 on 2 cores
+    ("cpu", 16, None, (4, 12)),
+    ("cpu", 64, None, (4, 60)),
+    ("cpu", 2, 3, (3, 1)),  # asked for: the model keeps one thread
+    ("cuda", 2, None, (1, None)),
+    ("cuda", 16, None, (8, None)),
+])
+def test_eval_plan_uses_each_core_once(device: str, cores: int, workers: int | None,
+                                       plan: tuple[int, int | None]) -> None:
+    got = eval_plan(device, workers, cores=cores)
+    assert (got.workers, got.threads) == plan
+
+
+def test_eval_plan_sets_and_restores_torch_threads() -> None:
+    before = torch.get_num_threads()
+    with eval_plan("cpu", 0, cores=1).applied():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_fold_batchnorm_keeps_the_outputs(shared_dir: Path) -> None:
+    model = cifar_resnet20(shared_dir).eval()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fold_batchnorm_leaves_an_untraceable_model_alone() -> None:
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    model = Branchy()
+    assert fold_batchnorm(model) is model
+
+
+def test_eval_plan_shares_the_cores_among_local_processes(monkeypatch) -> None:
+    monkeypatch.setattr("runtime.evaluate.usable_cpus", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert eval_plan("cpu") == eval_plan("cpu", cores=4)

@@ -120,7 +120,7 @@ def test_export_checks_the_output_before_any_work(flags: list[str], fb: Path, tm
     def work(*args, **kwargs):
         raise AssertionError("work started before the output was checked")
 
-    monkeypatch.setattr("runtime.cli.export_onnx", work)
+    monkeypatch.setattr("runtime.onnx.export_onnx", work)  # imported when the command runs
     monkeypatch.setattr("runtime.quant.load_int8", work)
     assert runtime_cli.main(["export", str(fb), "--onnx", str(tmp_path), *flags]) == 2
     assert "is a directory" in one_error_line(capsys.readouterr().err, "runtime")

@@ -144,6 +144,44 @@ def test_index_checks_come_before_layout_checks(tmp_path: Path) -> None:
         open_packed(path)
 
 
+def _layout_outcome(check) -> str:
+    try:
+        check()
+    except LayoutError as exc:
+        return str(exc)
+    return "ok"
+
+
+def test_the_vectorised_blob_walk_matches_the_walk_blob_by_blob(tmp_path: Path) -> None:
+    """reader._check_layout (array operations) reports exactly what the documented walk does,
+    blob by blob (_check_layout_slowly), on many random placements over one data section."""
+    records, data = encode({f"t{i}": RawTensor(torch.randn(40 + 7 * i), torch.float32)
+                            for i in range(6)}, coder="raw")
+    path = write(tmp_path / "m.fb", records, data)
+    blob = bytearray(path.read_bytes())
+    data_offset = struct.unpack_from("<Q", blob, 32)[0]
+    blob[data_offset + 200] = 7  # a non-zero byte for some placements to expose
+    path.write_bytes(bytes(blob))
+    rng = np.random.default_rng(0)
+    outcomes = set()
+    with open_packed(path) as packed:
+        model = packed.model
+        for _ in range(300):
+            tensors = []
+            for t in model.tensors:
+                ref = t.values.blob
+                offset = int(max(0, ref.offset + rng.choice([0, 0, 0, -64, 64, -8, 8, 1])))
+                length = int(max(0, ref.length + rng.choice([0, 0, 0, 64, -20, 300])))
+                tensors.append(replace(t, values=replace(t.values, blob=replace(
+                    ref, offset=offset, length=length))))
+            packed.model = replace(model, tensors=tuple(tensors))
+            fast, slow = _layout_outcome(packed._check_layout), _layout_outcome(
+                packed._check_layout_slowly)
+            assert fast == slow
+            outcomes.add(fast.split(" ")[0])
+    assert len(outcomes) >= 4  # the placements reach several different checks
+
+
 # --- zero-length and shared blobs -------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from runtime.cli_common import add_common_flags, print_json, progress_enabled
+from runtime.cli_common import add_common_flags, existing_file, print_json, progress_enabled
 
 DESCRIPTION = """\
 Draw a model and its packed file: per-layer weight histograms (before and after, codebook
@@ -58,6 +58,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    existing_file(args.model)  # at once, before the imports below
     from packer.report import ReportOptions, write_report
 
     options = ReportOptions(samples=args.samples, max_kernels=args.max_kernels,

@@ -2,7 +2,8 @@
 
 ``encode`` turns a numpy symbol array over an alphabet of ``K`` letters (1 <= K <= 65536) into a
 :class:`CodedStream`; ``decode`` inverts it from the stored fields alone. ``encode_best`` tries
-several coders and keeps the one with the smallest honest cost (payload plus parameter tables).
+several coders and keeps the smallest honest cost (payload plus parameter tables), preferring the
+fast-decoding coders unless a slow one saves more than 1 %.
 The byte layouts are documented in ``docs/CODERS.md``.
 """
 
@@ -37,9 +38,12 @@ from runtime.coders._packed import (
 from runtime.errors import CorruptBlob
 
 __all__ = [
+    "BYTE_WIDE",
     "CODERS",
+    "FAST_CODERS",
     "FORMAT_VERSION",
     "MAX_ZSTD_EXPANSION",
+    "SLOW_MARGIN_PERCENT",
     "CodedStream",
     "CoderParams",
     "decode",
@@ -98,13 +102,41 @@ def decode(stream: CodedStream, count: int, alphabet_size: int) -> np.ndarray:
     return out
 
 
-def encode_best(
-    symbols: np.ndarray, alphabet_size: int, coders: Iterable[str] = CODERS
-) -> tuple[CodedStream, dict[str, int]]:
-    """Try each coder and keep the smallest by ``nbytes``; ties go to the earlier name in
-    ``CODERS`` so the choice never depends on the order of ``coders``.
+FAST_CODERS: tuple[str, ...] = ("raw", "zstd")
+"""Coders decoded by C code that releases the GIL, at hundreds of M symbols/s: bit-unpacking in
+numpy and libzstd. The others (``huffman``, ``ans``) decode at 5-60 M symbols/s here, 5-50x
+slower, and hold the GIL (docs/CODERS.md, "Measurements")."""
 
-    Returns the winning stream and ``{coder: nbytes}`` for every coder tried.
+SLOW_MARGIN_PERCENT = 1
+"""``encode_best`` takes a slow coder only when it is more than this many percent smaller than
+the smallest fast one: a stream grows by at most this much for a decode 5-50x faster."""
+
+BYTE_WIDE = "zstd8"
+"""Label in ``encode_best``'s sizes of the zstd stream over one byte per symbol (K <= 256)."""
+
+
+def _candidates(flat: np.ndarray, k: int, names: list[str]) -> dict[str, CodedStream]:
+    """Each coder's stream, plus zstd over byte-wide symbols when that is not its own width."""
+    out: dict[str, CodedStream] = {}
+    for name in names:
+        out[name] = _ENCODERS[name](flat, k)
+        if name == "zstd" and out[name].bits < 8 and k > 1:
+            out[BYTE_WIDE] = encode_zstd(flat, k, bits=8)
+    return out
+
+
+def encode_best(
+    symbols: np.ndarray, alphabet_size: int, coders: Iterable[str] = CODERS,
+    slow_margin_percent: int = SLOW_MARGIN_PERCENT,
+) -> tuple[CodedStream, dict[str, int]]:
+    """The writer's ``auto``: try each coder, and zstd also over byte-wide symbols; keep the
+    smallest fast-decoding stream (:data:`FAST_CODERS`) unless a slow one is more than
+    ``slow_margin_percent`` smaller (``slow_margin_percent=0``: the smallest of all). Among equal
+    sizes the earlier of ``CODERS`` wins (zstd's tight width before its byte-wide one), so the
+    choice never depends on the order of ``coders``.
+
+    Returns the chosen stream and ``{candidate: nbytes}`` for every candidate tried (the
+    byte-wide zstd one under :data:`BYTE_WIDE`).
     """
     names = list(dict.fromkeys(coders))
     if not names:
@@ -113,7 +145,13 @@ def encode_best(
         check_version(name, 1)
     names.sort(key=CODERS.index)
     flat = prepare_symbols(symbols, alphabet_size)
-    k = int(alphabet_size)
-    streams = [_ENCODERS[name](flat, k) for name in names]
-    best = min(streams, key=lambda s: s.nbytes)  # min keeps the first of equal sizes
-    return best, {s.coder: s.nbytes for s in streams}
+    streams = _candidates(flat, int(alphabet_size), names)
+    ordered = list(streams.values())  # CODERS order, byte-wide zstd right after zstd
+    best = min(ordered, key=lambda s: s.nbytes)  # min keeps the first of equal sizes
+    fast = [s for s in ordered if s.coder in FAST_CODERS]
+    if fast and best.coder not in FAST_CODERS:
+        quick = min(fast, key=lambda s: s.nbytes)
+        # Integer form of quick <= best * (1 + margin / 100): exact, platform-independent.
+        if quick.nbytes * 100 <= best.nbytes * (100 + slow_margin_percent):
+            best = quick
+    return best, {label: s.nbytes for label, s in streams.items()}

@@ -63,8 +63,11 @@ def _pack_groups(symbols: np.ndarray, bits: int) -> bytes:
     return acc.view(np.uint8).reshape(groups, 16)[:, :bits].tobytes()[:nbytes]
 
 
-def unpack(payload: bytes, count: int, bits: int, alphabet_size: int) -> np.ndarray:
-    """Inverse of :func:`pack`; the caller has checked ``len(payload)`` already."""
+def unpack(payload: bytes, count: int, bits: int, alphabet_size: int, owned: bool = False
+           ) -> np.ndarray:
+    """Inverse of :func:`pack`; the caller has checked ``len(payload)`` already. ``owned``:
+    the payload is the caller's own bytes object, so the result may be a (read-only) view of it
+    instead of a copy (a payload in a memory-mapped file must be copied)."""
     dtype = symbol_dtype(alphabet_size)
     if bits == 0 or count == 0:
         return np.zeros(count, dtype=dtype)
@@ -73,12 +76,12 @@ def unpack(payload: bytes, count: int, bits: int, alphabet_size: int) -> np.ndar
     if tail_bits and int(raw[-1]) >> tail_bits:
         raise CorruptBlob("bit-packed payload has non-zero padding bits")
     if bits == 8:
-        out = raw.copy()
+        out = raw if owned else raw.copy()
     elif bits == 16:
-        out = raw.view("<u2")
+        out = raw.view("<u2") if owned else raw.view("<u2").copy()
     else:
         out = _unpack_groups(raw, count, bits)
-    out = out.astype(dtype)
+    out = out.astype(dtype, copy=False)
     if int(alphabet_size) < (1 << bits) and count and int(out.max()) >= alphabet_size:
         raise CorruptBlob(f"bit-packed payload holds a symbol >= alphabet size {alphabet_size}")
     return out
@@ -119,9 +122,13 @@ def encode_raw(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
     return CodedStream("raw", FORMAT_VERSION, payload=pack(symbols, bits), bits=bits)
 
 
-def encode_zstd(symbols: np.ndarray, alphabet_size: int) -> CodedStream:
-    """zstd over the packed bytes: wins on runs and repeats that order-0 coders cannot see."""
-    bits = zstd_bits(alphabet_size)
+def encode_zstd(symbols: np.ndarray, alphabet_size: int, bits: int | None = None) -> CodedStream:
+    """zstd over the packed bytes: wins on runs and repeats that order-0 coders cannot see.
+
+    ``bits`` overrides the packing width (readers accept any from ``min_bits(K)`` to 16): at 8
+    bits each symbol is one byte, which zstd's Huffman-coded literals compress to near the
+    order-0 bound when the symbols have no byte-aligned structure at their tight width."""
+    bits = zstd_bits(alphabet_size) if bits is None else bits
     compressor = zstandard.ZstdCompressor(
         level=ZSTD_LEVEL, write_content_size=True, write_checksum=False, threads=0
     )
@@ -176,4 +183,4 @@ def decode_zstd(stream: CodedStream, count: int, alphabet_size: int) -> np.ndarr
         raise LimitExceeded(f"not enough memory to decompress {expected} bytes") from None
     if len(packed) != expected:
         raise CorruptBlob(f"zstd payload decompressed to {len(packed)} bytes, expected {expected}")
-    return unpack(packed, count, bits, alphabet_size)
+    return unpack(packed, count, bits, alphabet_size, owned=True)

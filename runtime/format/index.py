@@ -1,7 +1,10 @@
 """Parse the FlatBuffers index into records, validating every field before it is used.
 
-The Python FlatBuffers runtime has no verifier, so any malformed offset surfaces as a
-struct/Index/Value error; all of those are turned into one FormatError here.
+The tensor tables (and the class names), whose number grows with the model, are read column by
+column (runtime.format.columns: one numpy gather per field for all tensors); the few tables
+read once go through the generated bindings. The Python FlatBuffers runtime has no verifier, so
+any malformed offset surfaces as a struct/Index/Value error there; all of those are turned into
+one FormatError here.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 
 from runtime.coders import CODERS, FORMAT_VERSION as CODER_VERSION
 from runtime.errors import FormatError, LimitExceeded, UnsupportedVersion, WeightpackError
+from runtime.format.columns import FlatBuffer, Tables, Vectors
 from runtime.format.dtypes import name_of_code
 from runtime.format.generated.weightpack.fb.Model import Model
 from runtime.format.preamble import INDEX_IDENTIFIER
@@ -54,8 +58,9 @@ MAX_ACTIVATION_BITS = 8
 def parse_index(buf: bytes | memoryview) -> ModelRecord:
     if len(buf) < 8 or bytes(buf[4:8]) != INDEX_IDENTIFIER:
         raise FormatError("index is not a weightpack FlatBuffer (bad file identifier)")
+    buf = bytes(buf)  # one copy of a memoryview: both readers slice it
     try:
-        return _Parser(len(buf)).model(Model.GetRootAs(buf, 0))
+        return _Parser(buf).model(Model.GetRootAs(buf, 0))
     except WeightpackError:
         raise
     except (struct.error, IndexError, ValueError, TypeError, OverflowError) as exc:
@@ -73,6 +78,11 @@ def _depth(value: object) -> int:
             stack += [(child, depth) for child in (item.values() if isinstance(item, dict)
                                                    else item)]
     return deepest
+
+
+def _vector_start(fb: Model, vtable_offset: int) -> int:
+    """Where the elements of a vector field of the root table start (as the bindings read it)."""
+    return fb._tab.Vector(fb._tab.Offset(vtable_offset))
 
 
 def _enum(value: int, names: tuple[str, ...], what: str) -> str:
@@ -93,9 +103,10 @@ class _Parser:
     are linear in the index size whatever the references.
     """
 
-    def __init__(self, size: int):
-        self.left = size
+    def __init__(self, buf: bytes):
+        self.left = len(buf)
         self.entries = 0
+        self.flat = FlatBuffer(buf)
 
     def charge(self, nbytes: int, what: str) -> None:
         self.left -= nbytes
@@ -154,78 +165,182 @@ class _Parser:
         self.charge(4, what)
         return BlobRef(int(fb.Offset()), int(fb.Length()), int(fb.Crc32()))
 
-    def vector(self, fb, name: str, cap: int, what: str) -> np.ndarray | None:
-        if getattr(fb, f"{name}IsNone")():
-            return None
-        n = getattr(fb, f"{name}Length")()
-        if n > cap:
-            raise LimitExceeded(f"{what}: {name} has {n} entries, over the cap of {cap}")
-        array = getattr(fb, f"{name}AsNumpy")()
-        self.charge(4 + array.nbytes, f"{what} {name}")
-        return np.array(array, copy=True)
+    def texts(self, strings: Vectors, what: str, count: int) -> list[str]:
+        """The strings of ``count`` tables ("" where absent), capped and charged first."""
+        out = [""] * count
+        if not strings.length.size:
+            return out
+        longest = int(strings.length.max())
+        if longest > MAX_NAME_BYTES:
+            raise LimitExceeded(f"{what} is {longest} bytes, over the {MAX_NAME_BYTES}-byte cap")
+        self.charge(int(strings.length.sum()) + 5 * strings.length.size, what)
+        raw = self.flat.raw
+        try:
+            for i, start, length in zip(np.flatnonzero(strings.has).tolist(),
+                                        strings.start.tolist(), strings.length.tolist(),
+                                        strict=True):
+                out[i] = raw[start:start + length].decode("utf-8")
+        except UnicodeDecodeError:
+            raise FormatError(f"{what} is not valid UTF-8") from None
+        return out
 
-    def array(self, fb, what: str) -> ArrayRecord | None:
-        if fb is None:
-            return None
-        self.charge(4, what)
-        dtype = name_of_code(fb.Dtype())
-        return ArrayRecord(self.blob(fb.Blob(), what), dtype,
-                           self.shape(fb.ShapeLength(), fb.Shape, what))
+    def shapes(self, tables: Tables, slot: int, whats: list[str]) -> list[tuple[int, ...]]:
+        """Shape vector ``slot`` (u64 dims) of every table, capped and charged first."""
+        dims = tables.vectors(slot, 8, "a shape")
+        counts = dims.lengths()
+        if counts.size and int(counts.max()) > MAX_DIMS:
+            worst = int(np.argmax(counts))
+            raise LimitExceeded(f"{whats[worst]} has {int(counts[worst])} dimensions, over the "
+                                f"cap of {MAX_DIMS}")
+        used = counts[counts > 0]
+        if used.size:
+            self.charge(int(4 * used.size + 8 * used.sum()), "shapes")
+        values = self.flat.gather(dims.start, dims.length, "<u8").tolist()
+        out, at = [], 0
+        for n, what in zip(counts.tolist(), whats, strict=True):
+            shape = tuple(values[at:at + n])
+            at += n
+            numel = 1
+            for d in shape:
+                numel *= d  # Python ints: no overflow
+            if numel > MAX_NUMEL:
+                raise LimitExceeded(f"{what} has {numel} elements, over the cap of {MAX_NUMEL}")
+            out.append(shape)
+        return out
 
-    def stream(self, fb, what: str) -> StreamRecord | None:
-        if fb is None:
-            return None
-        self.charge(4, what)
-        coder = _enum(fb.Coder(), CODERS, f"{what} coder")
-        version = fb.CoderVersion()
-        if version != CODER_VERSION:
-            raise UnsupportedVersion(
-                f"{what}: coder {coder} version {version} is unknown; this runtime reads "
-                f"version {CODER_VERSION}"
-            )
-        alphabet = fb.AlphabetSize()
-        if not 1 <= alphabet <= MAX_ALPHABET:
-            raise LimitExceeded(f"{what}: alphabet size {alphabet} is outside 1..{MAX_ALPHABET}")
-        count = fb.Count()
-        if count > MAX_NUMEL:
-            raise LimitExceeded(f"{what}: {count} symbols, over the cap of {MAX_NUMEL}")
-        return StreamRecord(
-            blob=self.blob(fb.Blob(), what), coder=coder, version=version,
-            alphabet_size=alphabet, count=count, bits=fb.Bits(),
-            code_lengths=self.vector(fb, "CodeLengths", MAX_ALPHABET, what),
-            frequencies=self.vector(fb, "Frequencies", MAX_ALPHABET, what),
-            precision=fb.Precision(),
-            chunk_offsets=self.vector(fb, "ChunkOffsets", max(1, count), what),
-            chunk_size=fb.ChunkSize(), entropy_bits=float(fb.EntropyBits()),
-        )
+    def blobs(self, tables: Tables, whats: list[str]) -> list[BlobRef]:
+        """The required BlobRef (field 0) of every table."""
+        has, refs = tables.tables(0, "a blob reference")
+        if not has.all():
+            raise FormatError(f"{whats[int(np.argmin(has))]}: a blob reference is missing")
+        self.charge(4 * len(refs), "blob references")
+        offsets = refs.scalar(0, "<u8").tolist()
+        lengths = refs.scalar(1, "<u8").tolist()
+        crcs = refs.scalar(2, "<u4").tolist()
+        return [BlobRef(*ref) for ref in zip(offsets, lengths, crcs, strict=True)]
 
-    def tensor(self, fb, names: set[str]) -> TensorRecord:
-        self.charge(4, "a tensor")
-        name = self.text(fb.Name(), "tensor name")
-        if not name:
-            raise FormatError("a tensor has no name")
-        if name in names:  # checked as we go: a repeated table stops the parse at once
-            raise FormatError(f"tensor names in the index are not unique ({name!r} repeats)")
-        names.add(name)
-        scheme = _enum(fb.Scheme(), SCHEMES, f"tensor {name!r} scheme")
-        if fb.SchemeVersion() != SCHEME_VERSION:
-            raise UnsupportedVersion(
-                f"tensor {name!r}: scheme {scheme} version {fb.SchemeVersion()} is unknown; "
-                f"this runtime reads version {SCHEME_VERSION}"
-            )
-        what = f"tensor {name!r}"
-        return TensorRecord(
-            name=name, shape=self.shape(fb.ShapeLength(), fb.Shape, what),
-            dtype=name_of_code(fb.Dtype()), scheme=scheme, scheme_version=fb.SchemeVersion(),
-            values=self.stream(fb.Values(), f"{what} values"),
-            values_dtype=name_of_code(fb.ValuesDtype()), bits=fb.Bits(),
-            symbol_offset=fb.SymbolOffset(),
-            scales=self.array(fb.Scales(), f"{what} scales"),
-            zero_points=self.array(fb.ZeroPoints(), f"{what} zero points"),
-            axis=fb.Axis(), codebook=self.array(fb.Codebook(), f"{what} codebook"),
-            indices=self.stream(fb.Indices(), f"{what} indices"),
-            subvector_size=fb.SubvectorSize(), layout=fb.Layout(),
-        )
+    def vectors(self, tables: Tables, slot: int, dtype: str, caps: np.ndarray, name: str,
+                whats: list[str]) -> list[np.ndarray | None]:
+        """Numeric vector ``slot`` of every table (None where absent), capped and charged
+        before anything is copied."""
+        vec = tables.vectors(slot, np.dtype(dtype).itemsize, name)
+        counts = vec.lengths()
+        over = np.flatnonzero(counts > caps)
+        if over.size:
+            i = int(over[0])
+            raise LimitExceeded(f"{whats[i]}: {name} has {int(counts[i])} entries, over the cap "
+                                f"of {int(caps[i])}")
+        if not vec.length.size:
+            return [None] * len(tables)
+        self.charge(int(4 * vec.length.size + vec.length.sum() * np.dtype(dtype).itemsize),
+                    f"{name} vectors")
+        values = self.flat.gather(vec.start, vec.length, dtype)
+        out: list[np.ndarray | None] = [None] * len(tables)
+        at = 0
+        for i, n in zip(np.flatnonzero(vec.has).tolist(), vec.length.tolist(), strict=True):
+            out[i] = values[at:at + n]
+            at += n
+        return out
+
+    def arrays(self, tables: Tables, whats: list[str]) -> list[ArrayRecord]:
+        self.charge(4 * len(tables), "arrays")
+        blobs = self.blobs(tables, whats)
+        dtypes = [name_of_code(code) for code in tables.scalar(1, "u1").tolist()]
+        shapes = self.shapes(tables, 2, whats)
+        return [ArrayRecord(*fields) for fields in zip(blobs, dtypes, shapes, strict=True)]
+
+    def streams(self, tables: Tables, whats: list[str]) -> list[StreamRecord]:
+        self.charge(4 * len(tables), "streams")
+        coders = tables.scalar(1, "u1").tolist()
+        versions = tables.scalar(2, "<u2").tolist()
+        alphabets = tables.scalar(3, "<u4").tolist()
+        counts = tables.scalar(4, "<u8").tolist()
+        for what, coder, version, alphabet, count in zip(whats, coders, versions, alphabets,
+                                                         counts, strict=True):
+            coder = _enum(coder, CODERS, f"{what} coder")
+            if version != CODER_VERSION:
+                raise UnsupportedVersion(
+                    f"{what}: coder {coder} version {version} is unknown; this runtime reads "
+                    f"version {CODER_VERSION}")
+            if not 1 <= alphabet <= MAX_ALPHABET:
+                raise LimitExceeded(f"{what}: alphabet size {alphabet} is outside "
+                                    f"1..{MAX_ALPHABET}")
+            if count > MAX_NUMEL:
+                raise LimitExceeded(f"{what}: {count} symbols, over the cap of {MAX_NUMEL}")
+        blobs = self.blobs(tables, whats)
+        alphabet_cap = np.full(len(tables), MAX_ALPHABET, np.int64)
+        code_lengths = self.vectors(tables, 6, "u1", alphabet_cap, "CodeLengths", whats)
+        frequencies = self.vectors(tables, 7, "<u4", alphabet_cap, "Frequencies", whats)
+        chunk_cap = np.maximum(1, np.array(counts, dtype=np.int64))
+        chunk_offsets = self.vectors(tables, 9, "<u8", chunk_cap, "ChunkOffsets", whats)
+        bits = tables.scalar(5, "u1").tolist()
+        precisions = tables.scalar(8, "u1").tolist()
+        chunk_sizes = tables.scalar(10, "<u4").tolist()
+        entropies = tables.scalar(11, "<f8", 0.0).tolist()
+        return [StreamRecord(CODERS[c], v, blob=blob, alphabet_size=k, count=n, bits=b,
+                             code_lengths=cl, frequencies=fr, precision=p, chunk_offsets=co,
+                             chunk_size=cs, entropy_bits=h)
+                for c, v, blob, k, n, b, cl, fr, p, co, cs, h in zip(
+                    coders, versions, blobs, alphabets, counts, bits, code_lengths,
+                    frequencies, precisions, chunk_offsets, chunk_sizes, entropies, strict=True)]
+
+    def tensors(self, fb: Model) -> tuple[TensorRecord, ...]:
+        """Every tensor table, read column by column (one gather per field for all)."""
+        n = fb.TensorsLength()
+        if n > MAX_TENSORS:
+            raise LimitExceeded(f"index lists {n} tensors, over the cap of {MAX_TENSORS}")
+        self.count_entries(n, "tensors")
+        self.charge(4 * n, "the tensor list")
+        if n == 0:
+            return ()
+        elements = _vector_start(fb, 20) + 4 * np.arange(n, dtype=np.int64)  # Model.tensors
+        positions = elements + self.flat.read(elements, "<u4", "the tensor list").astype(
+            np.int64)
+        t = Tables(self.flat, positions, "a tensor")
+        self.charge(4 * n, "the tensors")
+        names = self.texts(t.vectors(0, 1, "a tensor name"), "tensor name", n)
+        seen: set[str] = set()
+        for name in names:
+            if not name:
+                raise FormatError("a tensor has no name")
+            if name in seen:
+                raise FormatError(f"tensor names in the index are not unique ({name!r} repeats)")
+            seen.add(name)
+        schemes = t.scalar(3, "u1").tolist()
+        versions = t.scalar(4, "<u2").tolist()
+        for name, scheme, version in zip(names, schemes, versions, strict=True):
+            scheme = _enum(scheme, SCHEMES, f"tensor {name!r} scheme")
+            if version != SCHEME_VERSION:
+                raise UnsupportedVersion(
+                    f"tensor {name!r}: scheme {scheme} version {version} is unknown; this "
+                    f"runtime reads version {SCHEME_VERSION}")
+        whats = [f"tensor {name!r}" for name in names]
+        shapes = self.shapes(t, 1, whats)
+        columns: dict[str, list] = {"name": names, "shape": shapes}
+        for field, slot in (("dtype", 2), ("values_dtype", 6)):
+            columns[field] = [name_of_code(c) for c in t.scalar(slot, "u1").tolist()]
+        columns["scheme"] = [SCHEMES[c] for c in schemes]
+        columns["scheme_version"] = versions
+        for field, slot, dtype, default in (("bits", 7, "u1", 0), ("symbol_offset", 8, "<i4", 0),
+                                            ("axis", 11, "i1", -1),
+                                            ("subvector_size", 14, "<u4", 0),
+                                            ("layout", 15, "u1", 0)):
+            columns[field] = t.scalar(slot, dtype, default).tolist()
+        for fields, slots, kind, read in ((("values", "indices"), (5, 13), "stream", self.streams),
+                                          (("scales", "zero_points", "codebook"), (9, 10, 12),
+                                           "array", self.arrays)):
+            found = [(field, t.refs(slot)) for field, slot in zip(fields, slots, strict=True)]
+            owners = [(field, i) for field, (has, _) in found
+                      for i in np.flatnonzero(has).tolist()]
+            positions = np.concatenate([target for _, (_, target) in found])
+            labels = [f"{whats[i]} {field.replace('_', ' ')}" for field, i in owners]
+            records = read(Tables(self.flat, positions, f"a {kind}"), labels)
+            for field in fields:
+                columns[field] = [None] * n
+            for (field, i), record in zip(owners, records, strict=True):
+                columns[field][i] = record
+        return tuple(TensorRecord(**dict(zip(columns, row, strict=True)))
+                     for row in zip(*columns.values(), strict=True))
 
     def input_spec(self, fb) -> InputSpec:
         if fb is None:
@@ -268,19 +383,8 @@ class _Parser:
 
     def model(self, fb: Model) -> ModelRecord:
         self.charge(4, "the model table")
-        n = fb.TensorsLength()
-        if n > MAX_TENSORS:
-            raise LimitExceeded(f"index lists {n} tensors, over the cap of {MAX_TENSORS}")
-        self.count_entries(n, "tensors")
-        self.charge(4 * n, "the tensor list")
-        names: set[str] = set()
-        tensors = tuple(self.tensor(fb.Tensors(i), names) for i in range(n))
-        n_names = fb.ClassNamesLength()
-        if n_names > MAX_CLASSES:
-            raise LimitExceeded(f"{n_names} class names, over the cap of {MAX_CLASSES}")
-        self.count_entries(n_names, "class names")
-        self.charge(4 * n_names, "the class-name list")
-        class_names = tuple(self.text(fb.ClassNames(i), "class name") for i in range(n_names))
+        tensors = self.tensors(fb)
+        class_names = self.class_names(fb)
         return ModelRecord(
             producer=self.text(fb.Producer(), "producer"),
             method=self.text(fb.Method(), "method"),
@@ -298,6 +402,22 @@ class _Parser:
             activation_quant=self.activation_quant(fb),
             channel_gates=self.channel_gates(fb),
         )
+
+    def class_names(self, fb: Model) -> tuple[str, ...]:
+        """Model.class_names, a vector of strings read column-wise (ImageNet has 1000)."""
+        n = fb.ClassNamesLength()
+        if n > MAX_CLASSES:
+            raise LimitExceeded(f"{n} class names, over the cap of {MAX_CLASSES}")
+        self.count_entries(n, "class names")
+        self.charge(4 * n, "the class-name list")
+        if n == 0:
+            return ()
+        elements = _vector_start(fb, 18) + 4 * np.arange(n, dtype=np.int64)  # class_names
+        at = elements + self.flat.read(elements, "<u4", "the class-name list").astype(np.int64)
+        length = self.flat.read(at, "<u4", "a class name").astype(np.int64)
+        self.flat.check(at + 4, length, "a class name")
+        strings = Vectors(np.ones(n, dtype=bool), at + 4, length)
+        return tuple(self.texts(strings, "class name", n))
 
     def activation_scales(self, fb: Model) -> tuple[tuple[str, float], ...]:
         n = fb.ActivationScalesLength()

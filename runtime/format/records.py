@@ -146,6 +146,14 @@ class ModelRecord:
     activation_quant: tuple[ActivationQuantRecord, ...] = ()  # feature "activation_quant"
     channel_gates: tuple[ChannelGateRecord, ...] = ()  # format 1.2, feature "channel_gating"
 
+    def blob_refs(self) -> list[BlobRef]:
+        """Every blob the index references, in the order of `blobs()` (without labels)."""
+        out = [ref.blob for t in self.tensors
+               for ref in (t.values, t.indices, t.scales, t.zero_points, t.codebook) if ref]
+        if self.architecture.graph is not None:
+            out.append(self.architecture.graph)
+        return out
+
     def blobs(self) -> list[tuple[str, BlobRef]]:
         """Every blob the index references, labelled `tensor/role`, in index order."""
         out: list[tuple[str, BlobRef]] = []

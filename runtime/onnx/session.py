@@ -171,12 +171,28 @@ class OnnxSession(ort.InferenceSession):
         return f"OnnxSession(provider={self.provider!r}, input={self.input_name!r})"
 
 
-def session(path: str | os.PathLike, providers: list[str] | None = None) -> OnnxSession:
+def session(path: str | os.PathLike, providers: list[str] | None = None, *, int8: bool = False,
+            threads: int | None = None) -> OnnxSession:
     """Open a packed file as an onnxruntime InferenceSession; weights are injected from
-    memory. `sess.run(None, {sess.input_name: x})` as with any session, or `sess(x)`."""
+    memory. `sess.run(None, {sess.input_name: x})` as with any session, or `sess(x)`.
+
+    `int8=True` runs the file's 8-bit QDQ graph (its stored activation scales) in the form
+    `runtime export --int8` writes for the provider: `--target onnxruntime` on the CPU,
+    `--target tensorrt` where a GPU provider is tried. `threads`: onnxruntime's intra-op
+    threads (None: its default, one per core).
+    """
+    if int8:
+        from runtime.quant import int8_session  # runtime.quant builds on this module
+
+        return int8_session(path, providers=providers, threads=threads)
     started = time.perf_counter()
     with open_packed(path) as packed:
         graph, weights = graph_and_weights(packed)
-    sess = OnnxSession.from_graph(graph, weights, providers)
+    sess = OnnxSession.from_graph(graph, weights, providers, threads=threads)
     sess.build_seconds = time.perf_counter() - started
     return sess
+
+
+def gpu_chain(providers: Sequence[str] | None) -> bool:
+    """Whether `providers` (None: the default preference) would try a GPU provider first."""
+    return _chain(providers)[0] != CPU

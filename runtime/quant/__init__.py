@@ -22,10 +22,11 @@ from typing import Any
 import onnx
 from torch import nn
 
+from runtime.atomic import atomic_write
 from runtime.decode import decode_tensor
 from runtime.format.reader import open_packed
 from runtime.loader import load
-from runtime.onnx.session import OnnxSession
+from runtime.onnx.session import CPU, OnnxSession, gpu_chain
 from runtime.quant.calibrate import METHODS, calibrate
 from runtime.quant.errors import CalibrationError, NoActivationScales, QuantError
 from runtime.quant.fakequant import FakeQuant, fake_quant_module
@@ -49,10 +50,13 @@ __all__ = [
     "calibration_json",
     "cpu_session",
     "export_fp32",
+    "export_int8",
     "fake_quant_module",
     "for_cpu",
     "graph_types",
+    "int8_graph",
     "int8_model",
+    "int8_session",
     "int8_weight",
     "load_int8",
     "qdq_model",
@@ -61,6 +65,8 @@ __all__ = [
 ]
 
 BACKENDS = ("torch", "onnx")
+TARGETS = ("onnxruntime", "tensorrt")
+"""Forms of the exported int8 graph (`int8_graph`), by the server that runs it."""
 TENSORS = "layer inputs, conv outputs (BatchNorm folded), residual add inputs and outputs"
 
 
@@ -106,30 +112,97 @@ def int8_model(path: str | os.PathLike[str], act_scales: Mapping[str, float] | N
     (`backend="torch"`) or an onnxruntime session over the QDQ graph (`"onnx"`), both
     built from one plan: onnxruntime computes in integers what torch simulates in float32.
     `act_scales` overrides the file's calibrated scales. With `backend="onnx"`,
-    `device="cuda"` runs the plain QDQ graph on TensorRT, else CUDA (else CPU, with one
-    warning); `"cpu"` runs the CPU-tuned rewrite of it."""
+    `device="cuda"` runs the graph of target "tensorrt" on TensorRT, else CUDA (else CPU,
+    with one warning); `"cpu"` runs the graph of target "onnxruntime" (see `int8_graph`)."""
     if backend not in BACKENDS:
         raise QuantError(f"unknown int8 backend {backend!r}; choose from {', '.join(BACKENDS)}")
     pack = load_int8(path)
+    scales = _scales(path, pack, act_scales)
+    try:
+        if backend == "torch":
+            return fake_quant_module(pack.module, scales, pack.weights)
+        if device == "cpu":
+            return OnnxSession.from_graph(int8_graph(pack, scales, "onnxruntime"),
+                                          providers=[CPU], threads=threads)
+        return OnnxSession.from_graph(int8_graph(pack, scales, "tensorrt"), providers=None,
+                                      threads=threads)
+    except NoActivationScales as exc:
+        raise NoActivationScales(f"{path}: {exc}") from None
+
+
+def int8_session(path: str | os.PathLike[str], act_scales: Mapping[str, float] | None = None,
+                 providers: list[str] | None = None, threads: int | None = None
+                 ) -> OnnxSession:
+    """`runtime.session(path, int8=True)`: the QDQ graph `runtime export --int8` writes, in
+    the form for the provider that runs it (target "tensorrt" when a GPU provider is tried
+    first, else "onnxruntime")."""
+    pack = load_int8(path)
+    scales = _scales(path, pack, act_scales)
+    target = "tensorrt" if gpu_chain(providers) else "onnxruntime"
+    try:
+        graph = int8_graph(pack, scales, target)
+    except NoActivationScales as exc:
+        raise NoActivationScales(f"{path}: {exc}") from None
+    return OnnxSession.from_graph(graph, providers=providers, threads=threads)
+
+
+def _scales(path: str | os.PathLike[str], pack: Int8Pack,
+            act_scales: Mapping[str, float] | None) -> dict[str, float]:
     scales = dict(act_scales) if act_scales is not None else pack.act_scales
     if not scales:
         raise NoActivationScales(
             f"{path}: has no activation scales; pack it with --calib-data DIR or pass "
             "act_scales from runtime.quant.calibrate()")
-    try:
-        if backend == "torch":
-            return fake_quant_module(pack.module, scales, pack.weights)
-        graph = qdq_model(pack, scales)
-        if device == "cpu":
-            return cpu_session(graph, threads=threads)
-        return OnnxSession.from_graph(graph, providers=None, threads=threads)
-    except NoActivationScales as exc:
-        raise NoActivationScales(f"{path}: {exc}") from None
+    return scales
 
 
 def qdq_model(pack: Int8Pack, act_scales: Mapping[str, float]) -> onnx.ModelProto:
-    """The QDQ ONNX graph of a loaded pack."""
+    """The QDQ ONNX graph of a loaded pack (the form of target "tensorrt")."""
     return to_qdq(pack.module, pack.input_shape, act_scales, pack.weights)
+
+
+def int8_graph(pack: Int8Pack, act_scales: Mapping[str, float], target: str = "onnxruntime"
+               ) -> onnx.ModelProto:
+    """The QDQ graph in the form `target` runs fastest, the same values either way:
+
+    * "tensorrt": int8 activations with zero point 0 and Q/DQ pairs where the fake-quant
+      module quantizes (`to_qdq`): TensorRT supports only symmetric int8 and places its
+      int8 kernels by these pairs.
+    * "onnxruntime": that graph rewritten by `for_cpu` (uint8 activations with zero point 128,
+      ReLU between DQ and Q as LeakyRelu(0)), which onnxruntime's CPU provider fuses into
+      QLinearConv / QLinearAdd / QLinearLeakyRelu in a plain InferenceSession.
+
+    The target is recorded in the model's metadata (`weightpack.int8_target`).
+    """
+    if target not in TARGETS:
+        raise QuantError(f"unknown int8 target {target!r}; choose from {', '.join(TARGETS)}")
+    graph = qdq_model(pack, act_scales)
+    if target == "onnxruntime":
+        graph = for_cpu(graph)
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = "weightpack.int8_target", target
+    return graph
+
+
+def export_int8(path: str | os.PathLike[str], out_path: str | os.PathLike[str],
+                target: str | None = None) -> dict[str, Any]:
+    """`runtime export --int8`: write the file's QDQ graph for `target` (default
+    "onnxruntime") with its stored activation scales; returns a size report."""
+    target = target or "onnxruntime"
+    if target not in TARGETS:
+        raise QuantError(f"unknown int8 target {target!r}; choose from {', '.join(TARGETS)}")
+    pack = load_int8(path)
+    if not pack.act_scales:
+        raise NoActivationScales(f"{path}: has no activation scales; pack it with --calib-data "
+                                 "DIR")
+    try:
+        model = int8_graph(pack, pack.act_scales, target)
+    except NoActivationScales as exc:
+        raise NoActivationScales(f"{path}: {exc}") from None
+    written = atomic_write(out_path, [model.SerializeToString()])
+    packed_bytes = os.path.getsize(path)
+    return {"path": str(out_path), "onnx_bytes": written, "packed_bytes": packed_bytes,
+            "onnx_to_packed": round(written / packed_bytes, 4), "int8": True, "target": target}
 
 
 def calibration_json(method: str, images: int, percentile: float | None = None,

@@ -8,7 +8,8 @@ Two rewrites, each computing exactly what the int8 graph computes:
 * a Relu between DequantizeLinear and QuantizeLinear -> LeakyRelu(alpha=0), which onnxruntime
   fuses into QLinearLeakyRelu, a 256-entry lookup table on the uint8 codes; a Relu would run
   in float32 between them (there is no integer Relu for a zero point other than the minimum).
-The exported graph (`runtime export --int8`) stays int8 with zero point 0, as TensorRT wants.
+`runtime export --int8` writes this form by default (`--target onnxruntime`); `--target
+tensorrt` writes the graph before it: int8 with zero point 0, as TensorRT wants.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def _to_uint8(graph: onnx.GraphProto) -> None:
         node.input[2] = converted[zp]
 
 
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """The int8 zero points `_to_uint8` replaced (onnxruntime warns of each one it finds)."""
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
 def _relu_to_table(graph: onnx.GraphProto) -> None:
     producers = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -68,6 +77,7 @@ def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
     out.CopyFrom(model)
     _to_uint8(out.graph)
     _relu_to_table(out.graph)
+    _drop_unused_initializers(out.graph)
     return out
 
 

@@ -39,7 +39,9 @@ from runtime import zoo
 from runtime.decode import decode_state_dict, read_stream
 from runtime.format.reader import open_packed
 
-BAR_RATIO = 2.0
+BAR_RATIO = 1.0
+"""Issue 12: runtime.load at most as slow as the torch path (was 2.0); tools/bench/load_speed.py
+measures it at 1 and 2 threads and on ResNet-50 too."""
 BASELINE = "torch.load + zoo.build + load_state_dict"
 PACKED: tuple[PackConfig, ...] = (
     PackConfig("kmeans K=32", "kmeans", ("k=32",)),

@@ -44,6 +44,10 @@ FULL: dict[str, list[str]] = {
     "fbs": ["fbs.py", "table", "--ratios", "0.5", "0.7", "0.3", "--epochs", "2",
             "--train-limit", "15000", "--lock", ""],
     "report_time": ["report_time.py"],
+    "startup": ["startup.py"],
+    "load_speed": ["load_speed.py"],
+    "int8_export": ["int8_export.py"],
+    "eval_speed": ["eval_speed.py"],
 }
 """Every benchmark with the arguments of its committed results file (`bar` reads the recipe
 `select` chose, so it runs after it). `lowbit.py` and `fbs.py` take the CPU lock per point
@@ -66,6 +70,10 @@ QUICK: dict[str, list[str]] = {
     "pqf-timing": ["pqf.py", "timing", "--kmeans-iters", "1", "--sls", "10"],
     "pqf-refsize": ["pqf.py", "refsize"],
     "wfn": ["wfn.py", "--only", "wfn d=0.01 post-training", "--limit", "500"],
+    "startup": ["startup.py", "--rounds", "2"],
+    "load_speed": ["load_speed.py", "--models", "resnet20", "--rounds", "2"],
+    "int8_export": ["int8_export.py", "--rounds", "2", "--limit", "250", "--calib-images", "64"],
+    "eval_speed": ["eval_speed.py", "--limit", "256", "--rounds", "1"],
 }
 """Smoke settings: every code path of every benchmark, in minutes; nothing is written.
 `lowbit.py`, `fbs.py` (whose table reads the recipe its select wrote) and `report_time.py`
