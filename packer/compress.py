@@ -46,7 +46,7 @@ from runtime.data import calibration_root
 from runtime.decode import decode_state_dict
 from runtime.distributed import launch_rank
 from runtime.errors import ConfigError, DataError, WeightpackError
-from runtime.format.features import ACTIVATION_QUANT
+from runtime.format.features import ACTIVATION_QUANT, CHANNEL_GATING
 from runtime.format.preamble import DEFAULT_ALIGNMENT
 from runtime.format.reader import open_packed
 from runtime.format.records import ActivationQuantRecord, ArchitectureRecord, InputSpec, ModelRecord
@@ -224,7 +224,9 @@ def _context(req: PackRequest) -> _Context:
     arch = resolve(checkpoint.state_dict, req.arch, checkpoint.module)
     state_dict = arch.model.state_dict()
     weights = compressible_weights(arch.model)
-    _check_globs(config, state_dict, [n.rsplit(".", 1)[0] for n in weights])
+    # Settings may name the tensors a stage adds (fbs: `*.gate.method=none`).
+    _check_globs(config, [*state_dict, *method.added_tensors(arch.model, config)],
+                 [n.rsplit(".", 1)[0] for n in weights])
     targets = [n for n in weights if config.for_tensor(n).get("method") != "none"]
     if not targets and req.method != "none":
         raise WeightpackError("the model has no Conv or Linear weight left to compress")
@@ -310,8 +312,10 @@ def _assemble(ctx: _Context, config: MethodConfig, state_dict: dict[str, torch.T
     req = ctx.req
     tensors = {name: compressed.get(name) or raw_tensor(value, config.for_tensor(name)["fp16"])
                for name, value in state_dict.items()}
-    features = {ACTIVATION_QUANT} if act_quant else set()  # what the file holds needs
-    act_scales, calibration = _calibrate(ctx, tensors)
+    gates = tuple(job.channel_gates)  # a stage may have added gates (fbs) to the model
+    features = ({ACTIVATION_QUANT} if act_quant else set()) | (
+        {CHANNEL_GATING} if gates else set())  # what the file holds needs
+    act_scales, calibration = _calibrate(ctx, job.model, tensors)
     data = DataSection(req.alignment)
     encoder = Encoder(data, req.coder)
     encoded = [encoder.tensor(name, t, config.for_tensor(name).get("coder"))
@@ -322,9 +326,11 @@ def _assemble(ctx: _Context, config: MethodConfig, state_dict: dict[str, torch.T
         method_config_json=config.to_json(), source_sha256=ctx.checkpoint.sha256,
         architecture=architecture,
         input=ctx.spec, num_classes=ctx.num_classes, class_names=ctx.class_names,
-        tensors=tuple(e.record for e in encoded), fp32_bytes=_fp32_bytes(state_dict),
+        tensors=tuple(e.record for e in encoded),
+        fp32_bytes=_fp32_bytes(ctx.arch.model.state_dict()),  # the source alone (not fbs gates)
         activation_scales=act_scales, calibration_json=calibration,
         required_features=tuple(sorted(features)), activation_quant=act_quant,
+        channel_gates=gates,
     )
     return _Built(record, data, tensors, encoded, method, job)
 
@@ -387,6 +393,11 @@ def _holdout_top1(ctx: _Context, model: nn.Module) -> float:
 def _check_features(req: PackRequest, arch: ResolvedArchitecture,
                     features: frozenset[str]) -> None:
     """Refuse, before any work, a file whose required runtime features nothing could apply."""
+    if CHANNEL_GATING in features and arch.kind != "builder":
+        raise ConfigError(f"{req.method}: channel gating is applied by the runtime to zoo "
+                          "architectures by module name; this model would be stored as an "
+                          "ONNX graph, where it cannot be applied. Pack its state_dict with a "
+                          "zoo --arch")
     if ACTIVATION_QUANT not in features:
         return
     if arch.kind != "builder":
@@ -400,11 +411,10 @@ def _check_features(req: PackRequest, arch: ResolvedArchitecture,
                           "quantization (bits_a); drop one of the two")
 
 
-def _check_globs(config: MethodConfig, state_dict: dict[str, torch.Tensor],
-                 layers: list[str]) -> None:
+def _check_globs(config: MethodConfig, tensor_names: list[str], layers: list[str]) -> None:
     """A per-layer setting whose glob matches nothing would silently do nothing: refuse it,
     naming the Conv/Linear `layers` it could have meant (the closest, then first and last)."""
-    unmatched = config.unmatched_globs(state_dict)
+    unmatched = config.unmatched_globs(tensor_names)
     if not unmatched:
         return
     glob = unmatched[0]
@@ -436,14 +446,14 @@ def _own_output(output: Path) -> Iterator[Path]:
         yield Path(scratch) / output.name
 
 
-def _calibrate(ctx: _Context, tensors: dict[str, CompressedTensor]
+def _calibrate(ctx: _Context, model: nn.Module, tensors: dict[str, CompressedTensor]
                ) -> tuple[tuple[tuple[str, float], ...], str]:
     """Activation scales for 8-bit inference, measured on the weights being packed."""
     req = ctx.req
     if ctx.calib is None:
         return (), ""
-    # A copy of the source module (zoo or graph alike) holding the weights being packed.
-    module = copy.deepcopy(ctx.arch.model)
+    # A copy of the packed module (zoo, graph or gated alike) holding the weights packed.
+    module = copy.deepcopy(model)
     module.load_state_dict({n: t.dequantize() for n, t in tensors.items()})
     scales = quant.calibrate(module, ctx.calib.batches(64), method=req.calib_method)
     images = int(ctx.calib.images.shape[0])

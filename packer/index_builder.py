@@ -13,6 +13,7 @@ from runtime.format.generated.weightpack.fb import (
     Architecture as FbArch,
     Array as FbArray,
     BlobRef as FbBlob,
+    ChannelGate as FbChannelGate,
     InputSpec as FbInput,
     Model as FbModel,
     Stream as FbStream,
@@ -26,6 +27,7 @@ from runtime.format.records import (
     ArchitectureRecord,
     ArrayRecord,
     BlobRef,
+    ChannelGateRecord,
     InputSpec,
     ModelRecord,
     StreamRecord,
@@ -175,6 +177,22 @@ def _activation_quant(b: flatbuffers.Builder,
     return b.EndVector()
 
 
+def _channel_gates(b: flatbuffers.Builder, gates: tuple[ChannelGateRecord, ...]) -> int | None:
+    if not gates:
+        return None
+    entries = []
+    for g in gates:
+        name = b.CreateString(g.module)
+        FbChannelGate.Start(b)
+        FbChannelGate.AddModule(b, name)
+        FbChannelGate.AddKeep(b, g.keep)
+        entries.append(FbChannelGate.End(b))
+    FbModel.StartChannelGatesVector(b, len(entries))
+    for off in reversed(entries):
+        b.PrependUOffsetTRelative(off)
+    return b.EndVector()
+
+
 def build_index(model: ModelRecord) -> bytes:
     b = flatbuffers.Builder(4096)
     tensors = [_tensor(b, t) for t in model.tensors]
@@ -192,6 +210,7 @@ def build_index(model: ModelRecord) -> bytes:
     features = (_strings(b, list(model.required_features), FbModel.StartRequiredFeaturesVector)
                 if model.required_features else None)
     act_quant = _activation_quant(b, model.activation_quant)
+    gates = _channel_gates(b, model.channel_gates)
     FbModel.Start(b)
     FbModel.AddProducer(b, strings[0])
     FbModel.AddMethod(b, strings[1])
@@ -212,5 +231,7 @@ def build_index(model: ModelRecord) -> bytes:
         FbModel.AddRequiredFeatures(b, features)
     if act_quant is not None:
         FbModel.AddActivationQuant(b, act_quant)
+    if gates is not None:
+        FbModel.AddChannelGates(b, gates)
     b.Finish(FbModel.End(b), file_identifier=INDEX_IDENTIFIER)
     return bytes(b.Output())

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from runtime.evaluate import EvalPlan
     from runtime.format.records import InputSpec
+    from runtime.gating import MacCounter
 
 # Heavy libraries (torch, onnx, onnxruntime) are imported inside the commands that use them,
 # so --help, --version and argument errors answer at once (tools/bench/startup.py).
@@ -207,8 +208,12 @@ def _model_for_eval(args: argparse.Namespace, device: torch.device, spec: InputS
         sess = session(args.file, providers=providers, threads=plan.threads)
         return sess, sess.provider
     from runtime.evaluate import fold_batchnorm
+    from runtime.gating import gates_of
 
-    return fold_batchnorm(load(args.file, device=device)), device.type
+    model = load(args.file, device=device)
+    # A gated model (FBS) stays as loaded: fx's fusion would inline its gates, which then
+    # could not report the channels each image kept (the MAC count).
+    return (model if gates_of(model) else fold_batchnorm(model)), device.type
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -242,6 +247,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import contextlib
+
     if args.limit is not None and args.limit < 1:
         raise DataError("--limit must be at least 1")
     if args.workers is not None and args.workers < 0:
@@ -253,6 +260,7 @@ def _eval(args: argparse.Namespace) -> int:
     from runtime.distributed import rank, world_size
     from runtime.evaluate import eval_plan, evaluate
     from runtime.format.reader import open_packed
+    from runtime.gating import MacCounter
     from runtime.report import build_report
 
     device, distributed = _start_distributed(_device(args.device))
@@ -265,8 +273,13 @@ def _eval(args: argparse.Namespace) -> int:
             model, provider = _model_for_eval(args, device, spec, plan)
             loader = make_loader(dataset, args.batch_size, plan.workers, args.limit,
                                  distributed=distributed, pin_memory=device.type == "cuda")
-            result = evaluate(model, loader, device if args.backend == "torch" else "cpu",
-                              progress=progress_enabled(args))
+            counting = (isinstance(model, torch.nn.Module) and args.backend == "torch"
+                        and not args.int8)
+            with MacCounter(model) if counting else contextlib.nullcontext() as counter:
+                result = evaluate(model, loader, device if args.backend == "torch" else "cpu",
+                                  progress=progress_enabled(args))
+        macs = _macs(counter, distributed) if counting else {
+            "macs_note": "MACs are counted on the fp32 torch backend only"}
         me, world = rank(), world_size()
     finally:
         if distributed:
@@ -277,14 +290,35 @@ def _eval(args: argparse.Namespace) -> int:
            "precision": "int8" if args.int8 else "fp32", "processes": world,
            "workers": plan.workers, "threads": plan.threads,
            "file": str(args.file),
-           "file_bytes": report["file_bytes"], "ratio": report["ratio"]}
+           "file_bytes": report["file_bytes"], "ratio": report["ratio"], **macs}
     if args.json:
         print_json(out)
         return 0
     print(f"top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%  on {out['images']:,} images "
           f"({out['images_per_s']:.0f} images/s, {out['skipped']} skipped)")
     print(f"file  {out['file_bytes']:,} bytes, ratio {out['ratio']:.2f}x vs fp32")
+    if "macs_dense" in out and out.get("gated_layers"):
+        print(f"MACs  {out['macs_executed'] / 1e6:,.2f}M executed per image of "
+              f"{out['macs_dense'] / 1e6:,.2f}M dense ({out['macs_ratio']:.3f}x; "
+              f"{out['gated_layers']} gated convolutions)")
     return 0
+
+
+def _macs(counter: MacCounter, distributed: bool) -> dict[str, Any]:
+    """The counter's summary; under torchrun, over every process's images."""
+    import torch
+
+    summary = counter.summary()
+    if distributed:
+        totals = torch.tensor([summary["macs_executed"] * summary["macs_images"],
+                               summary["gate_other_ops"] * summary["macs_images"],
+                               summary["macs_images"]], dtype=torch.float64)
+        torch.distributed.all_reduce(totals)
+        images = max(int(totals[2]), 1)
+        summary.update(macs_executed=round(float(totals[0]) / images, 1),
+                       gate_other_ops=round(float(totals[1]) / images, 1), macs_images=images)
+        summary["macs_ratio"] = round(summary["macs_executed"] / summary["macs_dense"], 6)
+    return summary
 
 
 def print_inspect(path: Path, as_json: bool, verify: bool = False) -> int:

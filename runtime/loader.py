@@ -16,6 +16,7 @@ from runtime.errors import ArchitectureError, ConfigError, UnsupportedVersion
 from runtime.format.dtypes import torch_dtype
 from runtime.format.reader import PackedFile, open_packed
 from runtime.format.records import ModelRecord
+from runtime.gating import apply_gates
 
 
 def _builder_kwargs(model: ModelRecord) -> dict:
@@ -29,14 +30,18 @@ def _builder_kwargs(model: ModelRecord) -> dict:
 
 
 def build_module(model: ModelRecord) -> nn.Module:
-    """Instantiate the file's architecture from the allow-list (never importing by name)."""
-    return zoo.build(model.architecture.builder, _builder_kwargs(model))
+    """Instantiate the file's architecture from the allow-list (never importing by name),
+    with the file's channel gates installed: the module its tensors bind to."""
+    return apply_gates(zoo.build(model.architecture.builder, _builder_kwargs(model)),
+                       model.channel_gates)
 
 
 def build_skeleton(model: ModelRecord) -> nn.Module:
     """The file's architecture with its large tensors on the meta device (see
-    zoo.build_skeleton): enough to check the file against it before anything is allocated."""
-    return zoo.build_skeleton(model.architecture.builder, _builder_kwargs(model))
+    zoo.build_skeleton), its channel gates installed and checked against it: enough to check
+    the file against it before anything is allocated."""
+    skeleton = zoo.build_skeleton(model.architecture.builder, _builder_kwargs(model))
+    return apply_gates(skeleton, model.channel_gates)
 
 
 def check_fits(module: nn.Module, packed: PackedFile) -> None:
@@ -81,11 +86,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     or as a standalone fp32 onnx.ModelProto with its weights inline (backend "onnx").
 
     Safe on untrusted files: no Python object is deserialised or imported by name; every size is
-    checked before allocation, and the tensors are checked against the architecture (built
-    without its large tensors) before any is decoded. Each call opens the file on its own, so
-    concurrent loads from threads or processes do not share state. Activation quantizers
-    stored in the file (DoReFa's bits_a) are installed on the module, so it computes what was
-    trained.
+    checked before allocation, and the tensors (channel-gate predictors included) are checked
+    against the architecture (built without its large tensors) before any is decoded. Each
+    call opens the file on its own, so concurrent loads from threads or processes do not share
+    state. Activation quantizers stored in the file (DoReFa's bits_a) are installed on the
+    module, and so are channel gates (FBS), so it computes what was trained.
     """
     if backend == "onnx":
         from runtime.onnx.graph import fp32_graph  # the ONNX backend imports this module
@@ -95,6 +100,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise ConfigError(f"unknown backend {backend!r}; choose torch or onnx")
     with open_packed(path) as packed:
         if packed.model.architecture.kind == "onnx_graph":
+            if packed.model.channel_gates:
+                raise ArchitectureError(
+                    f"{path}: the file gates channels (feature 'channel_gating'), which the "
+                    "runtime applies to zoo architectures only, not to a model stored as an "
+                    "ONNX graph")
             from runtime.onnx.module import load_graph_module
 
             return load_graph_module(path, torch.device(device))

@@ -108,6 +108,7 @@ def size_report(m: ModelRecord, preamble: Preamble, index_raw_size: int,
         "required_features": list(m.required_features),
         "activation_quant": [{"module": q.module, "bits": q.bits, "clip": q.clip}
                              for q in m.activation_quant],
+        "channel_gates": [{"module": g.module, "keep": g.keep} for g in m.channel_gates],
         "sections": sections, "tensors": rows,
     }
 
@@ -161,7 +162,9 @@ def format_report(report: dict[str, Any], tensors: bool = True) -> str:
     if report.get("required_features"):
         acts = report.get("activation_quant") or []
         bits = sorted({q["bits"] for q in acts})
+        gates = report.get("channel_gates") or []
+        notes = ([f"{len(acts)} layer inputs at {'/'.join(map(str, bits))} bits"] if acts
+                 else []) + ([f"{len(gates)} gated convolutions"] if gates else [])
         lines.append("needs       " + ", ".join(report["required_features"])
-                     + (f" ({len(acts)} layer inputs at {'/'.join(map(str, bits))} bits)"
-                        if acts else ""))
+                     + (f" ({'; '.join(notes)})" if notes else ""))
     return "\n".join(lines)

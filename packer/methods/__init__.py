@@ -28,6 +28,7 @@ _CLASSES: dict[str, str] = {
     "bwn": "packer.methods.lowbit:BWNMethod",
     "dorefa": "packer.methods.lowbit:DoReFaMethod",
     "prune": "packer.methods.prune:PruneMethod",
+    "fbs": "packer.methods.fbs:FBSMethod",
 }
 """Method name -> "module:class" of its implementation, in the order `packer methods` lists."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -11,7 +12,8 @@ from tqdm import tqdm
 
 from packer.config import MethodConfig, Option, Setting, config_from_settings
 from packer.ptq.calib import CalibrationSet
-from runtime.format.records import ActivationQuantRecord
+from runtime.errors import WeightpackError
+from runtime.format.records import ActivationQuantRecord, ChannelGateRecord
 from runtime.tensors import CompressedTensor
 
 
@@ -31,6 +33,28 @@ class CompressJob:
     previous: dict[str, CompressedTensor] = field(default_factory=dict)
     # Filled by methods whose model quantizes activations at inference (dorefa bits_a).
     activation_quant: list[ActivationQuantRecord] = field(default_factory=list)
+    # Filled by methods whose model gates channels at inference (fbs).
+    channel_gates: list[ChannelGateRecord] = field(default_factory=list)
+
+    def replace_model(self, model: torch.nn.Module, added_targets: Iterable[str] = ()) -> None:
+        """Hand the job a model whose structure a stage changed (fbs adds gate predictors).
+
+        Every tensor of the old model must still be in the new one, under its name. The new
+        model's tensors replace `state_dict`'s values and its new ones join it (in place: the
+        packer stores what `state_dict` holds), and `added_targets` (new weights that later
+        stages should compress, like any other layer's) join `targets`. Later stages and the
+        packer see only the new model."""
+        state = model.state_dict()
+        lost = [name for name in self.state_dict if name not in state]
+        if lost:
+            raise WeightpackError(f"internal error: the new model lacks {lost[0]!r}")
+        for name, value in state.items():
+            self.state_dict[name] = value.detach().clone()
+        unknown = [name for name in added_targets if name not in state]
+        if unknown:
+            raise WeightpackError(f"internal error: {unknown[0]!r} is not in the new model")
+        self.targets.extend(n for n in added_targets if n not in self.targets)
+        self.model = model
 
     def settings(self) -> dict[str, Any]:
         """What decides this job's result, for resume checkpoints: the method, its options
@@ -66,6 +90,12 @@ class Method:
     # Position in a chain (packer/methods/chain.py RANK_NAMES): 0 structure, 1 sparsity,
     # 2 weight representation, 3 grid snapping; None: the method is never a chain stage.
     chain_rank: ClassVar[int | None] = None
+    # True for a stage that changes the model's structure (CompressJob.replace_model).
+    changes_model: ClassVar[bool] = False
+    # True when the method works on whatever model and targets it is given, including one
+    # an earlier stage changed (fbs: gated convs, predictor weights among the targets); a
+    # chain puts no other method after a stage that changes the model.
+    takes_changed_model: ClassVar[bool] = False
 
     def build_config(self, settings: list[Setting]) -> MethodConfig:
         """This method's options from the user's settings (a chain splits them by stage)."""
@@ -124,9 +154,17 @@ class Method:
         would store it."""
         raise NotImplementedError
 
+    def added_tensors(self, model: torch.nn.Module, config: MethodConfig) -> list[str]:
+        """Names of the tensors `compress` will add to the model (a stage that changes it,
+        CompressJob.replace_model), known before any work, so per-layer settings may name
+        them (`*.gate.method=none`)."""
+        return []
+
 
 class PerTensorMethod(Method):
     """A post-training method that treats each weight on its own."""
+
+    takes_changed_model = True  # it reads job.state_dict[name] for each target, nothing else
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         out: dict[str, CompressedTensor] = {}

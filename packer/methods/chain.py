@@ -11,6 +11,14 @@ to that stage only (`kmeans:finetune_epochs=0`), and `GLOB.KEY=VALUE` works as f
 method. Between stages the model's compressed weights are replaced by their dequantized
 values, and the next stage sees what the earlier ones produced in `CompressJob.previous`
 (k-means after pruning keeps the zeros as their own cluster; int8 snaps a codebook).
+
+A stage may change the model itself (`Method.changes_model`: fbs installs channel gates and
+their predictors) through `CompressJob.replace_model`: later stages then get the new model,
+and the predictor weights among their targets, so `fbs+kmeans` clusters them like any other
+layer. Only methods that take such a model (`Method.takes_changed_model`, the per-tensor
+methods) may follow. Per-layer settings may name the tensors such a stage will add
+(`Method.added_tensors`, known before any work: `*.gate.method=none`). The file then needs
+every stage's runtime features.
 """
 
 from __future__ import annotations
@@ -42,7 +50,8 @@ def split_chain(name: str) -> list[str]:
 
 
 def validate_chain(name: str, stages: list[type[Method]]) -> None:
-    """Every stage chainable, ranks strictly increasing: one clear error otherwise."""
+    """Every stage chainable, ranks strictly increasing, and after a stage that changes the
+    model only stages that take a changed model: one clear error otherwise."""
     for stage in stages:
         if stage.chain_rank is None:
             raise ConfigError(f"method {stage.name!r} cannot be part of a chain ({name!r})")
@@ -57,6 +66,19 @@ def validate_chain(name: str, stages: list[type[Method]]) -> None:
                 f"({RANK_NAMES[after.chain_rank]}) must come before {before.name} "
                 f"({RANK_NAMES[before.chain_rank]}); stages go "
                 + " -> ".join(RANK_NAMES.values()))
+    for i, stage in enumerate(stages):
+        changer = next((s for s in stages[:i] if s.changes_model), None)
+        if changer is not None and not stage.takes_changed_model:
+            raise ConfigError(
+                f"impossible chain {name!r}: {stage.name} cannot follow {changer.name}, which "
+                f"changes the model's structure; methods that can: "
+                f"{', '.join(_takers()) or 'none'}")
+
+
+def _takers() -> list[str]:
+    from packer.methods import METHODS  # the registry imports this module
+
+    return [n for n, m in METHODS.items() if m.takes_changed_model and m.chain_rank is not None]
 
 
 def stage_settings(chain: str, stage: type[Method], all_stages: list[type[Method]],
@@ -112,6 +134,10 @@ class ChainMethod(Method):
     def required_features(self, config: MethodConfig) -> frozenset[str]:
         return frozenset().union(*(stage.required_features(c)
                                    for stage, c in zip(self.stages, config.stages, strict=True)))
+
+    def added_tensors(self, model: torch.nn.Module, config: MethodConfig) -> list[str]:
+        return [name for stage, c in zip(self.stages, config.stages, strict=True)
+                for name in stage.added_tensors(model, c)]
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         chain_config = job.config

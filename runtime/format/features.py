@@ -2,7 +2,7 @@
 
 Some models only compute what they were trained to compute when the runtime does something
 more than load their weights: DoReFa models quantize activations at inference; FBS models
-gate channels at run time. Running such a file without that step gives wrong answers
+gate channels per image at run time. Running such a file without that step gives wrong answers
 silently, so the file says so, and a reader that cannot comply refuses it:
 
 * `Model.required_features` lists the features by name, and preamble flag bit 1
@@ -28,9 +28,11 @@ from runtime.format.preamble import FLAG_REQUIRED_FEATURES, FORMAT_MAJOR, FORMAT
 from runtime.format.records import ModelRecord
 
 ACTIVATION_QUANT = "activation_quant"
+CHANNEL_GATING = "channel_gating"
 
 FEATURES: dict[str, int] = {
     ACTIVATION_QUANT: 1,  # Model.activation_quant: quantize layer inputs (DoReFa bits_a)
+    CHANNEL_GATING: 2,  # Model.channel_gates: FBS gates conv output channels per image
 }
 """Every feature this reader implements -> the format minor that introduced it."""
 
@@ -63,3 +65,6 @@ def check_features(model: ModelRecord, preamble: Preamble) -> None:
     if bool(model.activation_quant) != (ACTIVATION_QUANT in features):
         raise FormatError(f"activation quantization records and the {ACTIVATION_QUANT!r} "
                           f"feature must come together")
+    if bool(model.channel_gates) != (CHANNEL_GATING in features):
+        raise FormatError(f"channel gate records and the {CHANNEL_GATING!r} feature must come "
+                          "together")

@@ -29,6 +29,7 @@ from runtime.format.records import (
     ArchitectureRecord,
     ArrayRecord,
     BlobRef,
+    ChannelGateRecord,
     InputSpec,
     ModelRecord,
     StreamRecord,
@@ -399,6 +400,7 @@ class _Parser:
             if fb.CalibrationJson() else "",
             required_features=self.required_features(fb),
             activation_quant=self.activation_quant(fb),
+            channel_gates=self.channel_gates(fb),
         )
 
     def class_names(self, fb: Model) -> tuple[str, ...]:
@@ -465,4 +467,24 @@ class _Parser:
             out.append(ActivationQuantRecord(module, bits, clip))
         if len({q.module for q in out}) != len(out):
             raise FormatError("two activation quantizers name the same module")
+        return tuple(out)
+
+    def channel_gates(self, fb: Model) -> tuple[ChannelGateRecord, ...]:
+        n = fb.ChannelGatesLength()
+        if n > MAX_TENSORS:
+            raise LimitExceeded(f"{n} channel gates, over the cap of {MAX_TENSORS}")
+        self.count_entries(n, "channel gates")
+        self.charge(4 * n, "the channel-gate list")
+        out = []
+        for i in range(n):
+            entry = fb.ChannelGates(i)
+            self.charge(4, "a channel gate")
+            module = self.text(entry.Module(), "channel gate module")
+            keep = int(entry.Keep())
+            if not module or keep < 1:
+                raise FormatError(f"channel gate {i} ({module!r}) needs a module name "
+                                  f"and keep >= 1, not {keep}")
+            out.append(ChannelGateRecord(module, keep))
+        if len({g.module for g in out}) != len(out):
+            raise FormatError("two channel gates name the same module")
         return tuple(out)

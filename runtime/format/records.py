@@ -118,6 +118,16 @@ class ActivationQuantRecord:
 
 
 @dataclass(frozen=True)
+class ChannelGateRecord:
+    """The runtime gates `module`'s output channels per image, keeping `keep` of them (FBS);
+    the predictor is the tensors `<module>.gate.weight` and `.bias`, the arithmetic
+    `runtime.gating.gate`."""
+
+    module: str
+    keep: int
+
+
+@dataclass(frozen=True)
 class ModelRecord:
     producer: str
     method: str
@@ -134,6 +144,7 @@ class ModelRecord:
     calibration_json: str = ""
     required_features: tuple[str, ...] = ()  # format 1.1: see runtime.format.features
     activation_quant: tuple[ActivationQuantRecord, ...] = ()  # feature "activation_quant"
+    channel_gates: tuple[ChannelGateRecord, ...] = ()  # format 1.2, feature "channel_gating"
 
     def blob_refs(self) -> list[BlobRef]:
         """Every blob the index references, in the order of `blobs()` (without labels)."""

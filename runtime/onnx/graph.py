@@ -200,11 +200,13 @@ def graph_and_weights(packed: PackedFile) -> tuple[onnx.ModelProto, dict[str, np
         weights = {n: _to_numpy(state[n], n) for n in names}
         return weight_free(exported, names), weights
     if kind == "onnx_graph":
-        if packed.model.activation_quant:
+        if packed.model.activation_quant or packed.model.channel_gates:
+            feature = ("quantizes activations (feature 'activation_quant')"
+                       if packed.model.activation_quant
+                       else "gates channels (feature 'channel_gating')")
             raise ArchitectureError(
-                f"{packed.path}: the file quantizes activations (feature 'activation_quant'), "
-                "which the runtime applies to zoo architectures only, not to a model stored "
-                "as an ONNX graph")
+                f"{packed.path}: the file {feature}, which the runtime applies to zoo "
+                "architectures only, not to a model stored as an ONNX graph")
         graph = load_stored_graph(packed)
         specs = external_weights(graph)
         records = {t.name: t for t in packed.model.tensors}

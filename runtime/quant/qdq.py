@@ -12,7 +12,9 @@ apart. The export is then lowered to the usual QDQ form:
   weight scale, which is what lets onnxruntime fuse DQ -> Conv -> Q into QLinearConv.
 
 ONNX nodes are matched to torch modules through the weight input's name: the TorchScript
-exporter keeps state_dict names ("layer1.0.conv1.weight") for parameters.
+exporter keeps state_dict names ("layer1.0.conv1.weight") for parameters. The saliency
+predictors of channel gates (runtime.gating, a Gemm each) stay float, as in torch: they
+read the int8 grid's dequantized values, so both backends keep the same channels.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 from torch import nn
 
+from runtime.gating import ChannelGate
 from runtime.onnx.graph import export_module
 from runtime.quant.errors import QuantError
 from runtime.quant.fakequant import fake_quant_plan
@@ -127,7 +130,7 @@ class _Lowering:
 
 
 def _lower(model: onnx.ModelProto, layers: Mapping[str, QuantizedLayer],
-           labels: Mapping[str, str]) -> None:
+           labels: Mapping[str, str], float_layers: frozenset[str] = frozenset()) -> None:
     graph = model.graph
     low = _Lowering(graph)
     done: set[str] = set()
@@ -139,7 +142,7 @@ def _lower(model: onnx.ModelProto, layers: Mapping[str, QuantizedLayer],
             nodes.append(node)
             continue
         name, transposed = _layer_of(node.input[1], low.producers)
-        if node.op_type == "MatMul" and name not in layers:
+        if name in float_layers or node.op_type == "MatMul" and name not in layers:
             nodes.append(node)  # activation x activation: stays float
             continue
         if name not in layers or name in done:
@@ -196,7 +199,8 @@ def to_qdq(module: nn.Module, input_shape: Sequence[int], act_scales: Mapping[st
     weights and the activation scales of every label of its plan."""
     plan, layers, labels = fake_quant_plan(module, act_scales, weights)
     model = export_module(plan.graph, tuple(input_shape))
-    _lower(model, layers, labels)
+    gates = frozenset(n for n, m in plan.graph.named_modules() if isinstance(m, ChannelGate))
+    _lower(model, layers, labels, gates)
     _prune(model.graph)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     try:

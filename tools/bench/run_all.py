@@ -39,6 +39,10 @@ FULL: dict[str, list[str]] = {
     "wfn": ["wfn.py"],
     "lowbit-select": ["lowbit.py", "select", "--lock", ""],
     "lowbit": ["lowbit.py", "table", "--lock", ""],
+    "fbs-select": ["fbs.py", "select", "--epochs", "1", "--train-limit", "4000", "--val-limit",
+                   "2000", "--lock", ""],
+    "fbs": ["fbs.py", "table", "--ratios", "0.5", "0.7", "0.3", "--epochs", "2",
+            "--train-limit", "15000", "--lock", ""],
     "report_time": ["report_time.py"],
     "startup": ["startup.py"],
     "load_speed": ["load_speed.py"],
@@ -48,8 +52,8 @@ FULL: dict[str, list[str]] = {
     "budget": ["budget.py", "curve"],
 }
 """Every benchmark with the arguments of its committed results file (`bar` reads the recipe
-`select` chose, so it runs after it). `lowbit.py` takes the CPU lock per point unless told
-`--lock ''`: run_all runs under the lock as a whole, so it passes ''."""
+`select` chose, so it runs after it). `lowbit.py` and `fbs.py` take the CPU lock per point
+unless told `--lock ''`: run_all runs under the lock as a whole, so it passes ''."""
 
 QUICK: dict[str, list[str]] = {
     "accuracy": ["accuracy.py", "--quick"],
@@ -76,8 +80,9 @@ QUICK: dict[str, list[str]] = {
                           "--holdout", "200", "--calib-images", "32", "--no-write"],
 }
 """Smoke settings: every code path of every benchmark, in minutes; nothing is written.
-`lowbit.py` and `report_time.py` have no `--no-write`, so the smoke run leaves them out, and
-`budget.py curve` reads the committed validation rows, so the smoke run checks `validate`."""
+`lowbit.py`, `fbs.py` (whose table reads the recipe its select wrote) and `report_time.py` are
+left out, and `budget.py curve` reads the committed validation rows, so the smoke run checks
+`validate`."""
 
 
 def command_of(args: Sequence[str]) -> str:

@@ -222,8 +222,33 @@ class Model(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(32))
         return o == 0
 
+    # Model
+    def ChannelGates(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(34))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            from runtime.format.generated.weightpack.fb.ChannelGate import ChannelGate
+            obj = ChannelGate()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # Model
+    def ChannelGatesLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(34))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Model
+    def ChannelGatesIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(34))
+        return o == 0
+
 def ModelStart(builder):
-    builder.StartObject(15)
+    builder.StartObject(16)
 
 def Start(builder):
     ModelStart(builder)
@@ -347,6 +372,18 @@ def ModelStartActivationQuantVector(builder, numElems):
 
 def StartActivationQuantVector(builder, numElems):
     return ModelStartActivationQuantVector(builder, numElems)
+
+def ModelAddChannelGates(builder, channelGates):
+    builder.PrependUOffsetTRelativeSlot(15, flatbuffers.number_types.UOffsetTFlags.py_type(channelGates), 0)
+
+def AddChannelGates(builder, channelGates):
+    ModelAddChannelGates(builder, channelGates)
+
+def ModelStartChannelGatesVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartChannelGatesVector(builder, numElems):
+    return ModelStartChannelGatesVector(builder, numElems)
 
 def ModelEnd(builder):
     return builder.EndObject()
