@@ -201,7 +201,8 @@ def test_calibrated_fbs_file_exports_int8_and_evaluates(tmp_path: Path, shared_d
 @pytest.mark.parametrize(("chain", "sets", "form"), [
     ("fbs+int8", (), UniformTensor),
     ("fbs+uniform", (), UniformTensor),
-    ("fbs+kmeans+int8", (), UniformTensor),
+    # the int8 stage snaps the k-means codebook to the int8 grid and keeps the indices
+    ("fbs+kmeans+int8", (), ScalarCodebookTensor),
     # a glob may name the predictors before fbs adds them: they stay raw
     ("fbs+kmeans", ("*.gate.method=none",), RawTensor),
 ])
