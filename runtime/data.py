@@ -73,7 +73,8 @@ Transform = Callable[[Image.Image], Tensor]
 
 class ConvertMode:
     """Convert to the spec's colour mode (grayscale and CMYK JPEGs exist in ImageNet); an
-    object rather than a lambda so that loader workers can be spawned (it pickles)."""
+    object rather than a lambda so that spawned loader workers can receive it (multiprocessing
+    serializes the transform; no packed file is involved)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
