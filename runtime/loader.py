@@ -69,6 +69,34 @@ def check_fits(module: nn.Module, packed: PackedFile) -> None:
             f"{packed.model.architecture.builder!r}: {shown}")
 
 
+def check_input_fits(module: nn.Module, packed: PackedFile) -> None:
+    """The file's declared input shape runs through the architecture, so a file whose input
+    spec the network cannot take (an image smaller than a pooling window, a wrong channel
+    count) is refused at load, not by a torch error at the caller's first forward.
+
+    The architecture's own default shape needs no check; any other runs one forward pass on
+    the meta device (shapes only, nothing allocated; tens of milliseconds, hence the skip)."""
+    model = packed.model
+    if model.input.shape == zoo.input_spec(model.architecture.builder).shape:
+        return
+    shape = (1, *model.input.shape)
+    # The skeleton keeps its small tensors on the CPU; all go to meta for this call only.
+    on_meta = {name: t.to("meta") for name, t in [*module.named_parameters(),
+                                                  *module.named_buffers()]}
+    training = module.training
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(module.eval(), on_meta,
+                                       (torch.empty(shape, device="meta"),))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArchitectureError(
+            f"{packed.path}: the declared input {list(shape[1:])} does not fit architecture "
+            f"{model.architecture.builder!r}: {message[:200]}") from None
+    finally:
+        module.train(training)
+
+
 def _has_meta_tensors(module: nn.Module) -> bool:
     """Whether a tensor the state_dict does not carry (a non-persistent buffer, a plain tensor
     attribute) is still a meta placeholder."""
@@ -110,6 +138,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
             return load_graph_module(path, torch.device(device))
         module = build_skeleton(packed.model)
         check_fits(module, packed)
+        check_input_fits(module, packed)
         state_dict = decode_state_dict(packed)
         model = packed.model
     # assign=True puts the decoded tensors in place of the meta placeholders.

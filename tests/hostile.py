@@ -84,14 +84,17 @@ def write_graph_file(path: Path, graph: onnx.ModelProto | bytes,
 
 
 def builder_file(path: Path, tensors: dict[str, CompressedTensor], builder: str = "cifar_resnet20",
-                 kwargs_json: str = "{}", coder: str = "raw") -> Path:
-    """A packed file of architecture kind builder (`builder`, `kwargs_json`) with `tensors`."""
+                 kwargs_json: str = "{}", coder: str = "raw",
+                 input_spec: InputSpec | None = None) -> Path:
+    """A packed file of architecture kind builder (`builder`, `kwargs_json`) with `tensors`
+    and `input_spec` (default: a CIFAR-sized one)."""
     data = DataSection(64)
     encoder = Encoder(data, coder)
     records = tuple(encoder.tensor(name, t).record for name, t in tensors.items())
     write_packed(path, ModelRecord(
         producer="weightpack test", method="none", method_config_json="{}",
         source_sha256="0" * 64, architecture=ArchitectureRecord("builder", builder, kwargs_json),
-        input=InputSpec((3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), num_classes=10,
+        input=input_spec or InputSpec((3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+        num_classes=10,
         tensors=records, fp32_bytes=16), data)
     return path

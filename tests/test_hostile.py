@@ -29,6 +29,7 @@ from runtime.errors import (
 )
 from runtime.format.index import parse_index
 from runtime.format.reader import open_packed
+from runtime.format.records import InputSpec
 from runtime.onnx import fp32_graph, session
 from runtime.tensors import RawTensor
 from tests.hostile import (
@@ -204,6 +205,29 @@ def test_a_file_that_fits_loads_through_the_skeleton(tmp_path: Path) -> None:
     assert not any(t.is_meta for t in [*module.parameters(), *module.buffers()])
     for name, value in module.state_dict().items():
         assert torch.equal(value, tensors[name].values), name
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 32), (3, 1, 1)])
+def test_declared_input_the_network_cannot_take_is_refused_at_load(tmp_path: Path,
+                                                                    shape) -> None:
+    """Fuzz campaign 11 (case 1792): a mutated input spec loaded and then failed in the
+    caller's first forward with a torch error; now load refuses it (one meta-device pass)."""
+    spec = InputSpec(shape, (0.5,) * shape[0], (0.25,) * shape[0])
+    path = builder_file(tmp_path / "in.fb", _resnet20_tensors(), "cifar_resnet20",
+                        input_spec=spec)
+    if shape == (3, 1, 1):  # a 1x1 image goes through ResNet-20 (padding, global pooling)
+        assert runtime.load(path)(torch.zeros(1, *shape)).shape == (1, 10)
+        return
+    with pytest.raises(ArchitectureError, match=r"declared input \[1, 32, 32\] does not fit"):
+        runtime.load(path)
+
+
+def test_declared_input_with_an_empty_dimension_is_a_format_error(tmp_path: Path) -> None:
+    spec = InputSpec((3, 0, 2), (0.5,) * 3, (0.25,) * 3)  # fuzz campaign 11, case 1792
+    path = builder_file(tmp_path / "in.fb", {"x": RawTensor(torch.zeros(4), torch.float32)},
+                        input_spec=spec)
+    with pytest.raises(FormatError, match="empty dimension"):
+        open_packed(path)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool])

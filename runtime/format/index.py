@@ -357,6 +357,8 @@ class _Parser:
             raise FormatError("input spec needs a C,H,W shape and one mean and std per channel")
         if not all(math.isfinite(m) for m in mean) or not all(0 < s < math.inf for s in std):
             raise FormatError("input spec mean/std must be finite, std positive")
+        if min(shape) < 1:
+            raise FormatError(f"input spec shape {list(shape)} has an empty dimension")
         resize, crop = fb.Resize(), fb.Crop()
         channels, height, width = shape
         if max(channels * height * width, channels * max(resize, crop) ** 2) > MAX_INPUT_ELEMENTS:
