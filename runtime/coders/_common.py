@@ -49,7 +49,7 @@ class CoderParams:
 
     def coder_params(self) -> dict[str, Any]:
         """The coder fields by name, for building the other kind of record from this one."""
-        return {f.name: getattr(self, f.name) for f in fields(CoderParams)}
+        return {name: getattr(self, name) for name in _PARAM_NAMES}
 
     def params_nbytes(self) -> int:
         """Bytes the parameter tables take when stored (scalar fields are not counted)."""
@@ -76,6 +76,10 @@ class CoderParams:
         return True
 
     __hash__ = None  # type: ignore[assignment]  # mutable numpy fields: not hashable
+
+
+_PARAM_NAMES: tuple[str, ...] = tuple(f.name for f in fields(CoderParams))
+"""CoderParams' field names, computed once: ``coder_params`` runs for every stream loaded."""
 
 
 @dataclass(frozen=True, eq=False)
