@@ -147,4 +147,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
         module = build_module(model)
         module.load_state_dict(state_dict, strict=True, assign=True)
     apply_activation_quant(module, model.activation_quant)
-    return module.to(device).eval()
+    if torch.device(device) != torch.device("cpu"):  # every tensor is on the CPU already
+        module = module.to(device)
+    return module.eval()

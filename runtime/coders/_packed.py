@@ -79,12 +79,21 @@ def unpack(payload: bytes, count: int, bits: int, alphabet_size: int, owned: boo
         out = raw if owned else raw.copy()
     elif bits == 16:
         out = raw.view("<u2") if owned else raw.view("<u2").copy()
+    elif 8 % bits == 0:
+        out = _unpack_whole_bytes(raw, count, bits)
     else:
         out = _unpack_groups(raw, count, bits)
     out = out.astype(dtype, copy=False)
     if int(alphabet_size) < (1 << bits) and count and int(out.max()) >= alphabet_size:
         raise CorruptBlob(f"bit-packed payload holds a symbol >= alphabet size {alphabet_size}")
     return out
+
+
+def _unpack_whole_bytes(raw: np.ndarray, count: int, bits: int) -> np.ndarray:
+    """1, 2 or 4 bits: every byte holds 8 // bits whole symbols, the first in its low bits;
+    two numpy operations however many symbols (uniform 4-bit codes, K <= 16 indices)."""
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    return ((raw[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1)[:count]
 
 
 def _unpack_groups(raw: np.ndarray, count: int, bits: int) -> np.ndarray:
