@@ -191,6 +191,16 @@ _INIT_IN_PLACE = frozenset(getattr(torch.Tensor, name) for name in (
     "div_", "copy_"))
 
 
+_RANDOM_INIT = frozenset({
+    *(getattr(torch.Tensor, name) for name in (
+        "normal_", "uniform_", "bernoulli_", "exponential_", "random_", "log_normal_",
+        "cauchy_", "geometric_")),
+    torch.nn.init.uniform_, torch.nn.init.normal_, torch.nn.init.kaiming_uniform_})
+"""Random initialisers: in a skeleton every stored tensor is replaced by the file's values and
+nothing may depend on a random draw, so they are skipped on real tensors too (the small ones
+of a ResNet-56 cost a fifth of its skeleton's build)."""
+
+
 class _LargeTensorsOnMeta(TorchFunctionMode):
     """Sized tensor factories called without a device create large tensors on `meta`.
 
@@ -205,6 +215,8 @@ class _LargeTensorsOnMeta(TorchFunctionMode):
                 meta = func(*args, **{**kwargs, "device": "meta"})
                 if meta.numel() > SKELETON_REAL_ELEMENTS:
                     return meta
+        elif func in _RANDOM_INIT:
+            return args[0] if args else kwargs["tensor"]
         elif func in _INIT_IN_PLACE and args[0].is_meta:
             return args[0]  # initialising a placeholder: nothing to compute (and meta's
             # Python decompositions of random ops cost milliseconds each)
