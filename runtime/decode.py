@@ -44,6 +44,9 @@ PARALLEL_ELEMENTS = 1 << 16
 """Tensors from this size up are decoded on the thread pool; smaller ones cost more to hand
 over than to decode (a ResNet's BatchNorm vectors, its first convolution)."""
 
+SMALL_GATHER = 1 << 13
+"""Codebook lookups below this many indices run in numpy, from it on in torch."""
+
 ARENA_ALIGNMENT = 64
 HUGE_PAGE_BYTES = 2 << 20
 
@@ -291,9 +294,11 @@ def _dense_into(record: TensorRecord, parts: _Parts, out: np.ndarray) -> None:
         table = parts.codebook.astype(np.float32)
         if record.scheme == "vector_codebook":
             out = out.reshape(-1, record.subvector_size)
-        if symbols.size < PARALLEL_ELEMENTS:  # numpy's call costs less on small tensors
-            np.take(table, symbols, axis=0, out=out)
-        else:  # torch's gather runs ~2.5x numpy's on large ones
+        if symbols.size < SMALL_GATHER:  # numpy's call costs less on small tensors
+            # "clip" writes straight into out ("raise" buffers it); the coder has checked
+            # every symbol against the alphabet, which is the codebook's length.
+            np.take(table, symbols, axis=0, out=out, mode="clip")
+        else:  # torch's gather runs up to 2.5x numpy's on large ones
             torch.index_select(torch.from_numpy(table), 0,
                                torch.from_numpy(symbols.astype(np.int32)),
                                out=torch.from_numpy(out))

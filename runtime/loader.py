@@ -8,6 +8,7 @@ import os
 import onnx
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from runtime import zoo
 from runtime.activation_quant import apply_activation_quant
@@ -97,6 +98,46 @@ def check_input_fits(module: nn.Module, packed: PackedFile) -> None:
         module.train(training)
 
 
+_PLAIN_LOADERS = frozenset({nn.Module._load_from_state_dict, _NormBase._load_from_state_dict})
+"""Modules whose loading, with every key present, is setting each tensor in place: nn.Module's
+own, and BatchNorm's (which only fills in a missing num_batches_tracked)."""
+
+
+def assign_state(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state_dict, strict=True, assign=True)``, setting the tensors
+    straight into each module's tables when that is all it would do: every module loads the
+    plain way (no load or state_dict hooks, no extra state, no override but BatchNorm's) and
+    the keys are exactly the module's. ``check_fits`` has matched the names, shapes and dtypes,
+    so torch's per-module checks would find nothing; skipping them saves about as much time
+    as building a ResNet-56's skeleton takes. Anything else goes through load_state_dict."""
+    plan: list[tuple[dict, str, str, bool | None]] = []  # (table, name, key, requires_grad)
+    stack = [("", module)]
+    while stack:
+        prefix, sub = stack.pop()
+        cls = type(sub)
+        if (sub._load_state_dict_pre_hooks or sub._load_state_dict_post_hooks
+                or sub._state_dict_pre_hooks or sub._state_dict_hooks
+                or cls._load_from_state_dict not in _PLAIN_LOADERS
+                or cls.get_extra_state is not nn.Module.get_extra_state):
+            module.load_state_dict(state_dict, strict=True, assign=True)
+            return
+        for name, param in sub._parameters.items():
+            if param is not None:
+                plan.append((sub._parameters, name, prefix + name, param.requires_grad))
+        for name, buffer in sub._buffers.items():
+            if buffer is not None and name not in sub._non_persistent_buffers_set:
+                plan.append((sub._buffers, name, prefix + name, None))
+        stack.extend((f"{prefix}{name}.", child) for name, child in sub._modules.items()
+                     if child is not None)
+    if (len(plan) != len(state_dict) or any(key not in state_dict for _, _, key, _ in plan)
+            or torch.__future__.get_swap_module_params_on_conversion()):
+        module.load_state_dict(state_dict, strict=True, assign=True)
+        return
+    for table, name, key, requires_grad in plan:
+        value = state_dict[key]
+        table[name] = value if requires_grad is None else nn.Parameter(value, requires_grad)
+
+
 def _has_meta_tensors(module: nn.Module) -> bool:
     """Whether a tensor the state_dict does not carry (a non-persistent buffer, a plain tensor
     attribute) is still a meta placeholder."""
@@ -141,8 +182,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
         check_input_fits(module, packed)
         state_dict = decode_state_dict(packed)
         model = packed.model
-    # assign=True puts the decoded tensors in place of the meta placeholders.
-    module.load_state_dict(state_dict, strict=True, assign=True)
+    # Assigned, not copied: the decoded tensors take the meta placeholders' places.
+    assign_state(module, state_dict)
     if _has_meta_tensors(module):  # a large tensor the builder derives, not stored: build it
         module = build_module(model)
         module.load_state_dict(state_dict, strict=True, assign=True)
