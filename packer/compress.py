@@ -318,6 +318,7 @@ def _assemble(ctx: _Context, config: MethodConfig, state_dict: dict[str, torch.T
     act_scales, calibration = _calibrate(ctx, job.model, tensors)
     data = DataSection(req.alignment)
     encoder = Encoder(data, req.coder)
+    encoder.plan(tensors, lambda name: config.for_tensor(name).get("coder"))
     encoded = [encoder.tensor(name, t, config.for_tensor(name).get("coder"))
                for name, t in tensors.items()]
     architecture = _architecture_record(ctx.arch, ctx.spec, set(tensors), data)

@@ -119,6 +119,8 @@ def test_public_names() -> None:
             "decode",
             "encode",
             "encode_best",
+            "encode_candidates",
+            "pick",
             "entropy_bits",
             "min_bits",
             "symbol_dtype",

@@ -51,6 +51,8 @@ __all__ = [
     "decode",
     "encode",
     "encode_best",
+    "encode_candidates",
+    "pick",
     "entropy_bits",
     "min_bits",
     "symbol_dtype",
@@ -146,15 +148,23 @@ def encode_best(
     symbols: np.ndarray, alphabet_size: int, coders: Iterable[str] = CODERS,
     slow_margin_percent: int = SLOW_MARGIN_PERCENT,
 ) -> tuple[CodedStream, dict[str, int]]:
-    """The writer's ``auto``: try each coder, and zstd also over byte-wide symbols; keep the
-    smallest fast-decoding stream (:data:`FAST_CODERS`) unless a slow one is more than
-    ``slow_margin_percent`` smaller (``slow_margin_percent=0``: the smallest of all). Among equal
-    sizes the earlier of ``CODERS`` wins (zstd's tight width before its byte-wide one), so the
-    choice never depends on the order of ``coders``.
+    """The writer's ``auto`` for one stream: try each coder, and zstd also over byte-wide
+    symbols; keep the smallest fast-decoding stream (:data:`FAST_CODERS`) unless a slow one is
+    more than ``slow_margin_percent`` smaller (``slow_margin_percent=0``: the smallest of all).
+    Among equal sizes the earlier of ``CODERS`` wins (zstd's tight width before its byte-wide
+    one), so the choice never depends on the order of ``coders``.
 
     Returns the chosen stream and ``{candidate: nbytes}`` for every candidate tried (the
     byte-wide zstd one under :data:`BYTE_WIDE`).
     """
+    streams = encode_candidates(symbols, alphabet_size, coders)
+    return pick(streams, slow_margin_percent), {label: s.nbytes for label, s in streams.items()}
+
+
+def encode_candidates(symbols: np.ndarray, alphabet_size: int,
+                      coders: Iterable[str] = CODERS) -> dict[str, CodedStream]:
+    """Every stream ``encode_best`` chooses from, by label, in ``CODERS`` order (the byte-wide
+    zstd one, :data:`BYTE_WIDE`, right after zstd)."""
     names = list(dict.fromkeys(coders))
     if not names:
         raise ValueError("encode_best needs at least one coder")
@@ -167,7 +177,12 @@ def encode_best(
     if not names:
         raise ValueError(f"none of the coders {', '.join(coders)} applies to {flat.size} "
                          f"symbols over {k} letters")
-    streams = _candidates(flat, k, names)
+    return _candidates(flat, k, names)
+
+
+def pick(streams: dict[str, CodedStream], slow_margin_percent: int = SLOW_MARGIN_PERCENT
+         ) -> CodedStream:
+    """``encode_best``'s choice among ``encode_candidates``' streams."""
     ordered = list(streams.values())  # CODERS order, byte-wide zstd right after zstd
     best = min(ordered, key=lambda s: s.nbytes)  # min keeps the first of equal sizes
     fast = [s for s in ordered if s.coder in FAST_CODERS]
@@ -176,4 +191,4 @@ def encode_best(
         # Integer form of quick <= best * (1 + margin / 100): exact, platform-independent.
         if quick.nbytes * 100 <= best.nbytes * (100 + slow_margin_percent):
             best = quick
-    return best, {label: s.nbytes for label, s in streams.items()}
+    return best
