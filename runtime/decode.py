@@ -47,6 +47,9 @@ over than to decode (a ResNet's BatchNorm vectors, its first convolution)."""
 SMALL_GATHER = 1 << 13
 """Codebook lookups below this many indices run in numpy, from it on in torch."""
 
+GATHER_BLOCK = 1 << 16
+"""Indices widened and gathered at a time by large codebook lookups (256 KiB of int32)."""
+
 ARENA_ALIGNMENT = 64
 HUGE_PAGE_BYTES = 2 << 20
 
@@ -299,9 +302,7 @@ def _dense_into(record: TensorRecord, parts: _Parts, out: np.ndarray) -> None:
             # every symbol against the alphabet, which is the codebook's length.
             np.take(table, symbols, axis=0, out=out, mode="clip")
         else:  # torch's gather runs up to 2.5x numpy's on large ones
-            torch.index_select(torch.from_numpy(table), 0,
-                               torch.from_numpy(symbols.astype(np.int32)),
-                               out=torch.from_numpy(out))
+            _gather_in_blocks(torch.from_numpy(table), symbols, torch.from_numpy(out))
         return
     # code = symbol + offset - zero_point: exact integers below 2**18, so exact in float32,
     # then one float32 product with the channel's scale. numpy, not torch: torch splits these
@@ -318,6 +319,19 @@ def _dense_into(record: TensorRecord, parts: _Parts, out: np.ndarray) -> None:
     elif shift:
         np.add(values, shift, out=values)
     np.multiply(values, parts.scales.astype(np.float32).reshape(view), out=values)
+
+
+def _gather_in_blocks(table: torch.Tensor, symbols: np.ndarray, out: torch.Tensor) -> None:
+    """out[i] = table[symbols[i]], a block of GATHER_BLOCK indices at a time: index_select
+    wants int32 indices, and widening them all at once wrote (and page-faulted) a temporary
+    four times the symbols' size; one cache-sized buffer reused costs nothing of the kind."""
+    n = symbols.shape[0]
+    index = np.empty(min(n, GATHER_BLOCK), dtype=np.int32)
+    index_t = torch.from_numpy(index)
+    for start in range(0, n, GATHER_BLOCK):
+        stop = min(n, start + GATHER_BLOCK)
+        np.copyto(index[:stop - start], symbols[start:stop], casting="unsafe")
+        torch.index_select(table, 0, index_t[:stop - start], out=out[start:stop])
 
 
 def _arena(nbytes: int) -> torch.Tensor:
