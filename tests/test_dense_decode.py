@@ -102,6 +102,20 @@ def test_every_scheme_and_dtype_decodes_densely_as_its_compressed_form(
     _assert_same(path, 4)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_codebook_lookups_in_blocks_and_in_numpy_agree(
+        tmp_path: Path, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large lookups go through torch a block at a time, small ones through numpy: both
+    paths, blocks that do not divide a tensor, serial and on the pool, equal bit for bit."""
+    path = _write(tmp_path / "m.fb", "zstd")
+    monkeypatch.setattr(decode_module, "PARALLEL_ELEMENTS", 1)
+    monkeypatch.setattr(decode_module, "SMALL_GATHER", 1)
+    monkeypatch.setattr(decode_module, "GATHER_BLOCK", 7)
+    _assert_same(path, threads)
+    monkeypatch.setattr(decode_module, "SMALL_GATHER", 1 << 30)
+    _assert_same(path, threads)
+
+
 def test_dense_tensors_share_one_block_and_are_writable(tmp_path: Path) -> None:
     path = _write(tmp_path / "m.fb", "zstd")
     with open_packed(path) as packed:
