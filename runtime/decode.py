@@ -47,6 +47,9 @@ over than to decode (a ResNet's BatchNorm vectors, its first convolution)."""
 SMALL_GATHER = 1 << 13
 """Codebook lookups below this many indices run in numpy, from it on in torch."""
 
+DEQUANT_BLOCK = 1 << 16
+"""Elements dequantized at a time by large uniform tensors (per-tensor or leading-axis)."""
+
 GATHER_BLOCK = 1 << 16
 """Indices widened and gathered at a time by large codebook lookups (256 KiB of int32)."""
 
@@ -308,17 +311,39 @@ def _dense_into(record: TensorRecord, parts: _Parts, out: np.ndarray) -> None:
     # then one float32 product with the channel's scale. numpy, not torch: torch splits these
     # element-wise ops over its intra-op threads, and on a busy machine every small one then
     # waits for a descheduled thread (2 ms for a 36,864-element multiply instead of 20 us).
+    shift = np.float32(record.symbol_offset)
+    add = None if parts.zero_points is None else shift - parts.zero_points.astype(np.float32)
+    if add is None and shift:
+        add = shift
+    scales = parts.scales.astype(np.float32)
+    if record.axis in (-1, 0) and out.size >= 2 * DEQUANT_BLOCK:
+        # Rows of the leading axis (or plain slices), a cache-sized block at a time: the
+        # three passes then read and write the block in cache instead of memory three times.
+        if record.axis == -1:  # one offset and scale: plain slices
+            values, codes = out.reshape(-1, 1), symbols.reshape(-1, 1)
+            row_add = None if add is None else np.float32(np.reshape(add, -1)[0])
+            row_scale = scales[0]
+        else:  # a row per channel
+            values, codes = out.reshape(record.shape[0], -1), symbols.reshape(record.shape[0], -1)
+            row_add = None if add is None else np.broadcast_to(add, scales.shape)[:, None]
+            row_scale = scales[:, None]
+        step = max(1, DEQUANT_BLOCK // values.shape[1])
+        for start in range(0, values.shape[0], step):
+            part = slice(start, start + step)
+            block = values[part]
+            np.copyto(block, codes[part], casting="unsafe")
+            if row_add is not None:
+                np.add(block, row_add if record.axis == -1 else row_add[part], out=block)
+            np.multiply(block, row_scale if record.axis == -1 else row_scale[part], out=block)
+        return
     values = out.reshape(record.shape)
     values[...] = symbols.reshape(record.shape)
     view = [1] * len(record.shape)
     if record.axis != -1:
         view[record.axis] = -1
-    shift = np.float32(record.symbol_offset)
-    if parts.zero_points is not None:
-        np.add(values, (shift - parts.zero_points.astype(np.float32)).reshape(view), out=values)
-    elif shift:
-        np.add(values, shift, out=values)
-    np.multiply(values, parts.scales.astype(np.float32).reshape(view), out=values)
+    if add is not None:
+        np.add(values, add if np.ndim(add) == 0 else add.reshape(view), out=values)
+    np.multiply(values, scales.reshape(view), out=values)
 
 
 def _gather_in_blocks(table: torch.Tensor, symbols: np.ndarray, out: torch.Tensor) -> None:

@@ -37,6 +37,11 @@ def _tensors() -> dict:
                                           torch.randint(-3, 9, (5,), generator=g,
                                                         dtype=torch.int32), 4, 1),
         "uniform_offset": UniformTensor(codes - 7, torch.tensor([0.25]), None, 4, None),
+        "uniform_zp_layer": UniformTensor(codes, torch.tensor([0.5]),
+                                          torch.tensor([3], dtype=torch.int32), 4, None),
+        "uniform_zp_axis0": UniformTensor(codes, torch.rand(6, generator=g) + 0.1,
+                                          torch.randint(-3, 9, (6,), generator=g,
+                                                        dtype=torch.int32), 4, 0),
         "uniform_fp16": UniformTensor(codes - 7, torch.rand(6, generator=g), None, 4, 0,
                                       torch.float16),
         "uniform_12bit": UniformTensor(torch.randint(-2000, 2000, (300,), generator=g,
@@ -144,3 +149,13 @@ def test_the_first_bad_tensor_in_index_order_is_reported(tmp_path: Path,
     monkeypatch.setattr(decode_module, "PARALLEL_ELEMENTS", 1)
     with open_packed(path) as packed, pytest.raises(Exception, match=names[3]):
         decode_state_dict(packed, threads=4)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_uniform_tensors_dequantized_in_blocks_agree(
+        tmp_path: Path, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large per-tensor and leading-axis uniform tensors are dequantized a block of rows (or
+    elements) at a time: blocks that do not divide them give the same bits."""
+    monkeypatch.setattr(decode_module, "PARALLEL_ELEMENTS", 1)
+    monkeypatch.setattr(decode_module, "DEQUANT_BLOCK", 4)
+    _assert_same(_write(tmp_path / "m.fb", "zstd"), threads)

@@ -91,9 +91,18 @@ def unpack(payload: bytes, count: int, bits: int, alphabet_size: int, owned: boo
 
 def _unpack_whole_bytes(raw: np.ndarray, count: int, bits: int) -> np.ndarray:
     """1, 2 or 4 bits: every byte holds 8 // bits whole symbols, the first in its low bits;
-    two numpy operations however many symbols (uniform 4-bit codes, K <= 16 indices)."""
-    shifts = np.arange(0, 8, bits, dtype=np.uint8)
-    return ((raw[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1)[:count]
+    one shift and one mask over all bytes per symbol of a byte (uniform 4-bit codes, K <= 16
+    indices), each a long numpy loop (a broadcast over the byte's 2-8 symbols runs numpy's
+    inner loop that many elements at a time, ~10x slower)."""
+    per = 8 // bits
+    out = np.empty((raw.size, per), dtype=np.uint8)
+    mask = np.uint8((1 << bits) - 1)
+    for j in range(per):
+        column = out[:, j]
+        np.right_shift(raw, np.uint8(j * bits), out=column)
+        if j < per - 1:  # the last symbol has no bits above it
+            np.bitwise_and(column, mask, out=column)
+    return out.reshape(-1)[:count]
 
 
 def _unpack_groups(raw: np.ndarray, count: int, bits: int) -> np.ndarray:
