@@ -62,9 +62,16 @@ class EncodedTensor:
     streams: list[StreamReport]
 
 
+REFERENCE_MARGIN_PERCENT = 1
+"""The size a file's `auto` streams are held to: each coded by ``encode_best`` at this margin
+(the writer's rule before issue 12, at most 1% over the smallest coder per stream)."""
+
 FILE_MARGIN_PERCENT = 1
-"""A file's `auto` streams together stay within this many percent of the smallest coder per
-stream (``Encoder.plan``)."""
+"""How far a file's `auto` streams may come over that reference (``Encoder.plan``)."""
+
+SLOW_DECODE_COST = {"huffman": 1, "ans": 1, "runs": 2}
+"""Decode time per symbol of the slow coders, relative (docs/CODERS.md, "Measurements"):
+``runs`` decodes two ``ans`` streams (run tokens and the other symbols) and scatters them."""
 
 
 def stream_symbols(tensor: CompressedTensor) -> list[tuple[str, np.ndarray, int]]:
@@ -83,13 +90,31 @@ def stream_symbols(tensor: CompressedTensor) -> list[tuple[str, np.ndarray, int]
 
 @dataclass
 class _Planned:
-    """One `auto` stream in `Encoder.plan`: the per-stream rule's choice and the smallest."""
+    """One `auto` stream in `Encoder.plan`: the per-stream rule's choice, the reference
+    choice, and the slow stream that saves the most bytes per unit of decode time, if any."""
 
     key: tuple[str, str]
     count: int
     ruled: coders.CodedStream
-    smallest: coders.CodedStream
+    reference: coders.CodedStream
+    slow: coders.CodedStream | None
     sizes: dict[str, int]
+
+    def gain(self) -> Fraction:
+        """Bytes `slow` saves per unit of decode time (exact: the same order everywhere)."""
+        assert self.slow is not None
+        return Fraction(self.ruled.nbytes - self.slow.nbytes,
+                        max(1, self.count) * SLOW_DECODE_COST[self.slow.coder])
+
+
+def _slow_choice(ruled: coders.CodedStream, candidates: dict[str, coders.CodedStream],
+                 count: int) -> coders.CodedStream | None:
+    """The slow candidate smaller than `ruled` that saves the most per unit of decode time
+    (ties: the earlier in CODERS order)."""
+    smaller = [c for c in candidates.values()
+               if c.coder in SLOW_DECODE_COST and c.nbytes < ruled.nbytes]
+    return max(smaller, default=None, key=lambda c: Fraction(
+        ruled.nbytes - c.nbytes, max(1, count) * SLOW_DECODE_COST[c.coder]))
 
 
 class Encoder:
@@ -106,11 +131,12 @@ class Encoder:
 
         Each stream first gets ``encode_best``'s choice (a fast coder unless a slow one saves
         more than ``SLOW_MARGIN_PERCENT``). If the file's streams then come to more than
-        ``FILE_MARGIN_PERCENT`` over the smallest coder for every stream, the streams where a
-        slow coder saves the most bytes per symbol (per unit of decode time: the slow coders
-        decode at a roughly constant rate per symbol) take it, one by one, until they do not.
-        So the file is never more than 1% larger than the smallest choice, and as little of
-        it as that allows is decoded slowly. ``tensor()`` then uses these choices;
+        ``FILE_MARGIN_PERCENT`` over the reference (every stream at
+        ``REFERENCE_MARGIN_PERCENT``), streams take a slow coder, those saving the most bytes
+        per unit of decode time (``SLOW_DECODE_COST`` per symbol) first, until they do not;
+        once a single stream closes the gap, the one of those that costs the least decode
+        time ends it. So the file is never more than 1% larger than the reference, and as
+        little of it as that allows is decoded slowly. ``tensor()`` then uses these choices;
         `coder_of(name)` is a tensor's own coder setting (None: the encoder's)."""
         streams: list[_Planned] = []
         for name, tensor in tensors.items():
@@ -119,23 +145,23 @@ class Encoder:
             for role, symbols, alphabet in stream_symbols(tensor):
                 candidates = coders.encode_candidates(np.ascontiguousarray(symbols.reshape(-1)),
                                                       alphabet)
-                streams.append(_Planned((name, role), int(symbols.size),
-                                        coders.pick(candidates), coders.pick(candidates, 0),
-                                        {k: s.nbytes for k, s in candidates.items()}))
+                ruled = coders.pick(candidates)
+                streams.append(_Planned(
+                    (name, role), int(symbols.size), ruled,
+                    coders.pick(candidates, REFERENCE_MARGIN_PERCENT),
+                    _slow_choice(ruled, candidates, int(symbols.size)),
+                    {k: c.nbytes for k, c in candidates.items()}))
         total = sum(s.ruled.nbytes for s in streams)
-        floor = sum(s.smallest.nbytes for s in streams)
-        gains = [s for s in streams if s.smallest.nbytes < s.ruled.nbytes]
-        # Most bytes saved per symbol first (exact fractions: the same order on every platform;
-        # ties keep the file's order); once one stream alone closes the gap, the one of them
-        # with the fewest symbols ends it.
-        gains.sort(key=lambda s: -Fraction(s.ruled.nbytes - s.smallest.nbytes, max(1, s.count)))
-        while gains and total * 100 > floor * (100 + FILE_MARGIN_PERCENT):
-            excess = total - floor * (100 + FILE_MARGIN_PERCENT) // 100
-            closing = [s for s in gains if s.ruled.nbytes - s.smallest.nbytes >= excess]
-            s = min(closing, key=lambda s: s.count) if closing else gains[0]
+        limit = sum(s.reference.nbytes for s in streams) * (100 + FILE_MARGIN_PERCENT) // 100
+        # Most bytes saved per unit of decode time first (ties keep the file's order).
+        gains = sorted((s for s in streams if s.slow is not None), key=lambda s: -s.gain())
+        while gains and total > limit:
+            closing = [s for s in gains if s.ruled.nbytes - s.slow.nbytes >= total - limit]
+            s = (min(closing, key=lambda s: s.count * SLOW_DECODE_COST[s.slow.coder])
+                 if closing else gains[0])
             gains.remove(s)
-            total -= s.ruled.nbytes - s.smallest.nbytes
-            s.ruled = s.smallest
+            total -= s.ruled.nbytes - s.slow.nbytes
+            s.ruled = s.slow
         self.planned = {s.key: (s.ruled, s.sizes) for s in streams}
 
     def stream(self, symbols: np.ndarray, alphabet: int, role: str,
