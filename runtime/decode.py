@@ -322,32 +322,35 @@ def decode_state_dict(packed: PackedFile, threads: int | None = None
 
     The large tensors are decoded on ``threads`` threads (default: torch's intra-op thread
     count), the others on this one.
-    The tensors that can be are views into one shared block of memory (as with
+    The tensors that can be are views into one shared block of memory per dtype (as with
     ``torch.load(mmap=True)``; ``torch.save`` of one of them alone saves the whole block).
     Errors are those of decoding the tensors one by one in index order.
     """
     records = packed.model.tensors
-    offsets: dict[str, int] = {}
-    size = 0
+    # One block per dtype: torch.save refuses tensors that view one storage as different
+    # dtypes (a float32 weight and an int64 BatchNorm counter), so a user's
+    # `torch.save(runtime.load(f).state_dict())` needs each block to hold one dtype.
+    offsets: dict[str, tuple[torch.dtype, int]] = {}
+    sizes: dict[torch.dtype, int] = {}
     for record in records:
         if _fast_path(record):
-            offsets[record.name] = size
-            size += -(-record.numel * torch_dtype(record.dtype).itemsize // ARENA_ALIGNMENT
-                      ) * ARENA_ALIGNMENT
+            dtype = torch_dtype(record.dtype)
+            offsets[record.name] = (dtype, sizes.get(dtype, 0))
+            sizes[dtype] = sizes.get(dtype, 0) + -(-record.numel * dtype.itemsize
+                                                   // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
     try:
-        arena = _arena(size)
+        arenas = {dtype: _arena(size) for dtype, size in sizes.items()}
     except (MemoryError, OSError):
-        raise LimitExceeded(f"{packed.path}: not enough memory for the {size:,} bytes of its "
-                            "tensors") from None
+        raise LimitExceeded(f"{packed.path}: not enough memory for the "
+                            f"{sum(sizes.values()):,} bytes of its tensors") from None
 
     def decode(record: TensorRecord) -> torch.Tensor:
         with _file_errors(packed, record):
             check_record(record)
             if record.name not in offsets:
                 return _compressed(record, _read_parts(packed, record)).dequantize()
-            dtype = torch_dtype(record.dtype)
-            start = offsets[record.name]
-            out = arena[start:start + record.numel * dtype.itemsize]
+            dtype, start = offsets[record.name]
+            out = arenas[dtype][start:start + record.numel * dtype.itemsize]
             parts = _read_parts(packed, record, out.numpy() if record.scheme == "raw" else None)
             out = out.view(dtype)
             _dense_into(record, parts, out)
