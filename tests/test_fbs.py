@@ -25,6 +25,7 @@ from runtime.format.reader import open_packed
 from runtime.gating import gates_of
 from runtime.tensors import RawTensor, ScalarCodebookTensor, UniformTensor
 from runtime.zoo.cifar_resnet import cifar_resnet20
+from tests.ddp import run_two_ranks
 from tests.packing import method_job
 
 torch.set_num_threads(1)
@@ -302,45 +303,23 @@ def test_training_needs_data(tmp_path: Path) -> None:
         method.compress(job)
 
 
-def _ddp_worker(rank: int, port: int, out: str, root: str) -> None:
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                              nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-        data = DataSpec("cifar10", Path(root), batch_size=5, workers=0)
-        method, job = method_job(FBSMethod, model, "epochs=1", "lr=0.01", "ratio=0.5",
-                                 "ratio_start=0.5", "distill=false", data=data)
-        method.compress(job)
-        history = method.extra_report()["fbs_schedule"][0]["training"]["history"]
-        torch.save({"state": job.state_dict, "images": history[0]["images"],
-                    "gates": [(g.module, g.keep) for g in job.channel_gates]},
-                   f"{out}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _ddp_worker(rank: int, out: str, root: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    data = DataSpec("cifar10", Path(root), batch_size=5, workers=0)
+    method, job = method_job(FBSMethod, model, "epochs=1", "lr=0.01", "ratio=0.5",
+                             "ratio_start=0.5", "distill=false", data=data)
+    method.compress(job)
+    history = method.extra_report()["fbs_schedule"][0]["training"]["history"]
+    torch.save({"state": job.state_dict, "images": history[0]["images"],
+                "gates": [(g.module, g.keep) for g in job.channel_gates]},
+               f"{out}/rank{rank}.pt")
 
 
 def test_two_process_ddp_trains_the_gated_model_identically(tmp_path: Path) -> None:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    from tests.test_training import make_cifar_folder
-
-    root = make_cifar_folder(tmp_path / "c10")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(port, str(tmp_path), str(root)), nprocs=2,
-                       join=True, start_method="fork")
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    r0, r1 = run_two_ranks(_ddp_worker, tmp_path)
     assert r0["images"] == r1["images"] == 20 and r0["gates"] == r1["gates"] == [("3", 4)]
     assert "3.gate.weight" in r0["state"]
     for k in r0["state"]:
