@@ -378,44 +378,45 @@ def decode_state_dict(packed: PackedFile, threads: int | None = None
 
     The large tensors are decoded on ``threads`` threads (default: torch's intra-op thread
     count), the others on this one.
-    The tensors that can be are views into one shared block of memory (as with
+    The tensors that can be are views into one shared block of memory per dtype (as with
     ``torch.load(mmap=True)``; ``torch.save`` of one of them alone saves the whole block).
     Errors are those of decoding the tensors one by one in index order.
     """
     records = packed.model.tensors
-    offsets: dict[str, int] = {}
-    size = 0
+    # One block per dtype: torch.save refuses tensors that view one storage as different
+    # dtypes (a float32 weight and an int64 BatchNorm counter), so a user's
+    # `torch.save(runtime.load(f).state_dict())` needs each block to hold one dtype.
+    offsets: dict[str, tuple[torch.dtype, int]] = {}
+    sizes: dict[torch.dtype, int] = {}
     for record in records:
         if _fast_path(record):
-            offsets[record.name] = size
-            size += -(-record.numel * torch_dtype(record.dtype).itemsize // ARENA_ALIGNMENT
-                      ) * ARENA_ALIGNMENT
+            dtype = torch_dtype(record.dtype)
+            offsets[record.name] = (dtype, sizes.get(dtype, 0))
+            sizes[dtype] = sizes.get(dtype, 0) + -(-record.numel * dtype.itemsize
+                                                   // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
     try:
-        arena = _arena(size)
+        arenas = {dtype: _arena(size) for dtype, size in sizes.items()}
     except (MemoryError, OSError):
-        raise LimitExceeded(f"{packed.path}: not enough memory for the {size:,} bytes of its "
-                            "tensors") from None
-    # Decoding works on numpy views of the block (a numpy slice costs far less than a torch
-    # one); each result is then one as_strided view of the block as its dtype.
-    arena_bytes = arena.numpy()
-    typed: dict[torch.dtype, torch.Tensor] = {}
+        raise LimitExceeded(f"{packed.path}: not enough memory for the "
+                            f"{sum(sizes.values()):,} bytes of its tensors") from None
+    # Decoding works on numpy views of the blocks (a numpy slice costs far less than a torch
+    # one); each result is then one as_strided view of its dtype's block.
+    arena_bytes = {dtype: arena.numpy() for dtype, arena in arenas.items()}
+    typed = {dtype: arena.view(dtype) for dtype, arena in arenas.items()}
 
     def decode(record: TensorRecord) -> torch.Tensor:
         with _file_errors(packed, record):
             check_record(record)
-            start = offsets.get(record.name)
-            if start is None:
+            place = offsets.get(record.name)
+            if place is None:
                 return _compressed(record, _read_parts(packed, record)).dequantize()
+            dtype, start = place
             store = numpy_dtype(record.dtype)
-            block = arena_bytes[start:start + record.numel * store.itemsize]
+            block = arena_bytes[dtype][start:start + record.numel * store.itemsize]
             parts = _read_parts(packed, record, block if record.scheme == "raw" else None)
             _dense_into(record, parts, block.view(store))
-            dtype = torch_dtype(record.dtype)
-            whole = typed.get(dtype)
-            if whole is None:
-                whole = typed[dtype] = arena.view(dtype)
-            return whole.as_strided(record.shape, _contiguous_strides(record.shape),
-                                    start // store.itemsize)
+            return typed[dtype].as_strided(record.shape, _contiguous_strides(record.shape),
+                                           start // store.itemsize)
 
     workers = max(1, threads if threads is not None else torch.get_num_threads())
     large = [r for r in records if r.numel >= PARALLEL_ELEMENTS] if workers > 1 else []

@@ -121,15 +121,27 @@ def test_codebook_lookups_in_blocks_and_in_numpy_agree(
     _assert_same(path, threads)
 
 
-def test_dense_tensors_share_one_block_and_are_writable(tmp_path: Path) -> None:
+def test_dense_tensors_share_one_block_per_dtype_and_are_writable(tmp_path: Path) -> None:
     path = _write(tmp_path / "m.fb", "zstd")
     with open_packed(path) as packed:
         state = decode_state_dict(packed)
     storages = {t.untyped_storage().data_ptr() for n, t in state.items()
-                if n in ("kmeans", "pq_raw", "uniform", "count")}
+                if n in ("kmeans", "pq_raw", "uniform")}
     assert len(storages) == 1
     state["kmeans"].add_(1)  # an ordinary writable tensor
     assert state["kmeans"].data_ptr() % 64 == 0
+
+
+def test_decoded_state_dict_round_trips_through_torch_save(tmp_path: Path) -> None:
+    """torch.save refuses tensors viewing one storage as two dtypes: a file with float32
+    weights and an int64 counter (a BatchNorm's num_batches_tracked) must still save."""
+    path = _write(tmp_path / "m.fb", "zstd")
+    with open_packed(path) as packed:
+        state = decode_state_dict(packed)
+    assert len({t.dtype for t in state.values()}) > 1
+    torch.save(state, tmp_path / "state.pth")
+    again = torch.load(tmp_path / "state.pth", weights_only=True)
+    assert all(torch.equal(again[n], t) for n, t in state.items())
 
 
 def test_the_first_bad_tensor_in_index_order_is_reported(tmp_path: Path,

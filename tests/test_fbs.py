@@ -25,6 +25,7 @@ from runtime.format.reader import open_packed
 from runtime.gating import gates_of
 from runtime.tensors import RawTensor, ScalarCodebookTensor, UniformTensor
 from runtime.zoo.cifar_resnet import cifar_resnet20
+from tests.ddp import run_two_ranks
 from tests.packing import method_job
 
 torch.set_num_threads(1)
@@ -302,46 +303,95 @@ def test_training_needs_data(tmp_path: Path) -> None:
         method.compress(job)
 
 
-def _ddp_worker(rank: int, port: int, out: str, root: str) -> None:
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                              nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-        data = DataSpec("cifar10", Path(root), batch_size=5, workers=0)
-        method, job = method_job(FBSMethod, model, "epochs=1", "lr=0.01", "ratio=0.5",
-                                 "ratio_start=0.5", "distill=false", data=data)
-        method.compress(job)
-        history = method.extra_report()["fbs_schedule"][0]["training"]["history"]
-        torch.save({"state": job.state_dict, "images": history[0]["images"],
-                    "gates": [(g.module, g.keep) for g in job.channel_gates]},
-                   f"{out}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _ddp_worker(rank: int, out: str, root: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    data = DataSpec("cifar10", Path(root), batch_size=5, workers=0)
+    method, job = method_job(FBSMethod, model, "epochs=1", "lr=0.01", "ratio=0.5",
+                             "ratio_start=0.5", "distill=false", data=data)
+    method.compress(job)
+    history = method.extra_report()["fbs_schedule"][0]["training"]["history"]
+    torch.save({"state": job.state_dict, "images": history[0]["images"],
+                "gates": [(g.module, g.keep) for g in job.channel_gates]},
+               f"{out}/rank{rank}.pt")
 
 
 def test_two_process_ddp_trains_the_gated_model_identically(tmp_path: Path) -> None:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    from tests.test_training import make_cifar_folder
-
-    root = make_cifar_folder(tmp_path / "c10")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(port, str(tmp_path), str(root)), nprocs=2,
-                       join=True, start_method="fork")
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    r0, r1 = run_two_ranks(_ddp_worker, tmp_path)
     assert r0["images"] == r1["images"] == 20 and r0["gates"] == r1["gates"] == [("3", 4)]
     assert "3.gate.weight" in r0["state"]
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
+
+
+# --- calibrated predictor start -----------------------------------------------------------------
+
+
+def test_gate_points_are_the_batchnorm_after_each_conv_else_the_conv() -> None:
+    from runtime.gating import gate_points
+
+    points = gate_points(cifar_resnet20(), ["layer1.0.conv1", "layer3.2.conv2"])
+    assert points == {"layer1.0.conv1": "layer1.0.bn1", "layer3.2.conv2": "layer3.2.bn2"}
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    assert gate_points(plain, ["0", "2"]) == {"0": "0", "2": "3"}
+
+
+def test_calibrated_predictors_rank_by_response_and_start_near_one(shared_dir: Path) -> None:
+    """The fit orders channels as their measured response does (on other images than it
+    was fitted on), and at ratio 1 the gated model still computes the pretrained one."""
+    from packer.methods.fbs.calibrate import fit_predictors
+    from runtime.format.records import ChannelGateRecord
+    from runtime.gating import apply_gates, gate_points
+
+    model = cifar_resnet20()
+    model.load_state_dict(torch.load(_r20(shared_dir), weights_only=True))
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    fit_images = [torch.rand(32, 3, 32, 32, generator=generator) for _ in range(2)]
+    fitted = fit_predictors(model, BLOCK_CONVS, fit_images, scale=0.01)
+    name = "layer2.1.conv1"
+    weight, bias = fitted[name]
+    assert weight.shape == (32, 32) and bias.shape == (32,)
+
+    test_images = torch.rand(16, 3, 32, 32, generator=generator)
+    seen = {}
+    conv = model.get_submodule(name)
+    point = model.get_submodule(gate_points(model, [name])[name])
+    hooks = [conv.register_forward_pre_hook(
+                 lambda _m, a: seen.__setitem__("p", a[0].abs().mean((2, 3)))),
+             point.register_forward_hook(
+                 lambda _m, _a, out: seen.__setitem__("t", out.abs().mean((2, 3))))]
+    with torch.no_grad():
+        plain_out = model(test_images)
+    for hook in hooks:
+        hook.remove()
+    saliency = (seen["p"] @ weight.T + bias).abs()
+    assert (saliency - 1).abs().max() < 0.1  # boosting starts neutral
+
+    def ranks(x: torch.Tensor) -> torch.Tensor:
+        return x.argsort(dim=1).argsort(dim=1).float()
+
+    rs, rt = ranks(saliency), ranks(seen["t"])
+    rs, rt = rs - rs.mean(1, keepdim=True), rt - rt.mean(1, keepdim=True)
+    spearman = ((rs * rt).sum(1) / (rs.norm(dim=1) * rt.norm(dim=1))).mean()
+    assert spearman > 0.7, spearman
+
+    records = [ChannelGateRecord(n, model.get_submodule(n).out_channels) for n in BLOCK_CONVS]
+    gated = apply_gates(model, records).eval()
+    with torch.no_grad():
+        for n, gate in gates_of(gated).items():
+            gate.weight.copy_(fitted[n][0])
+            gate.bias.copy_(fitted[n][1])
+        gated_out = gated(test_images)
+    assert (gated_out.argmax(1) == plain_out.argmax(1)).float().mean() >= 0.9
+
+
+def test_calibrated_init_needs_data_and_auto_is_reference_without_training() -> None:
+    method, job = method_job(FBSMethod, cifar_resnet20(), "epochs=0", "init=calibrated")
+    with pytest.raises(DataError, match="init=calibrated fits the predictors"):
+        method.compress(job)
+    method, job = method_job(FBSMethod, cifar_resnet20(), "epochs=0")
+    method.compress(job)
+    assert method.extra_report()["fbs_init"] == "reference"

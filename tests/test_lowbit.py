@@ -29,6 +29,7 @@ from runtime.errors import ArchitectureError, ConfigError, DataError
 from runtime.format.reader import open_packed
 from runtime.tensors import ScalarCodebookTensor, UniformTensor
 from runtime.zoo.cifar_resnet import cifar_resnet20
+from tests.ddp import run_two_ranks
 from tests.packing import method_job
 
 torch.set_num_threads(1)
@@ -383,44 +384,22 @@ def test_resnet20_dorefa_activations_agree_between_torch_and_onnx(tmp_path: Path
     assert (got.argmax(1) == want.numpy().argmax(1)).all()
 
 
-def _ddp_worker(rank: int, port: int, out: str, data_root: str) -> None:
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        data = DataSpec("cifar10", Path(data_root), batch_size=5, workers=0)
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                              nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
-                              nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                              nn.Linear(8, 10))
-        method, job = method_job(TTQMethod, model, "epochs=1", "bn_recalibration=10",
-                                 "lr=0.01", "distill=false", data=data)
-        packed = {k: t.dequantize() for k, t in method.compress(job).items()}
-        history = method.extra_report()["ttq_training"]["history"]
-        torch.save({"tensors": packed, "images": history[0]["images"]}, f"{out}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _ddp_worker(rank: int, out: str, data_root: str) -> None:
+    data = DataSpec("cifar10", Path(data_root), batch_size=5, workers=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10))
+    method, job = method_job(TTQMethod, model, "epochs=1", "bn_recalibration=10",
+                             "lr=0.01", "distill=false", data=data)
+    packed = {k: t.dequantize() for k, t in method.compress(job).items()}
+    history = method.extra_report()["ttq_training"]["history"]
+    torch.save({"tensors": packed, "images": history[0]["images"]}, f"{out}/rank{rank}.pt")
 
 
 def test_two_process_ddp_trains_identically_on_both_ranks(tmp_path: Path) -> None:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    from tests.test_training import make_cifar_folder
-
-    root = make_cifar_folder(tmp_path / "c10")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(port, str(tmp_path), str(root)), nprocs=2,
-                       join=True, start_method="fork")
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    r0, r1 = run_two_ranks(_ddp_worker, tmp_path)
     assert r0["images"] == r1["images"] == 20  # each rank trained on its half, summed
     assert set(r0["tensors"]) == {"0.weight", "3.weight", "8.weight"}
     for k in r0["tensors"]:

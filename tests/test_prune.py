@@ -32,6 +32,7 @@ from runtime.format.reader import open_packed
 from runtime.quant.weights import int8_weight
 from runtime.tensors import RawTensor, ScalarCodebookTensor
 from runtime.zoo.cifar_resnet import cifar_resnet20
+from tests.ddp import run_two_ranks
 from tests.packing import method_job
 
 torch.set_num_threads(1)
@@ -353,44 +354,22 @@ def test_prune_finetuning_resumes_from_its_stage_checkpoint(tmp_path: Path) -> N
         assert torch.equal(tensor.dequantize(), again[name].dequantize()), name
 
 
-def _prune_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = cifar_resnet20()
-        if rank == 1:  # scores differ on this rank: rank 0's mask must still win (the mask is
-            # a buffer, and DistributedDataParallel broadcasts rank 0's buffers)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.mul_(torch.rand_like(p))
-        data = DataSpec("cifar10", Path(root), batch_size=5, workers=0)
-        method, job = method_job(PruneMethod, model, "density=0.3", "finetune_epochs=1",
-                                 "holdout=4", data=data)
-        out_tensors = method.compress(job)
-        torch.save({n: t.dequantize() for n, t in out_tensors.items()}, f"{out}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _prune_worker(rank: int, out: str, root: str) -> None:
+    model = cifar_resnet20()
+    if rank == 1:  # scores differ on this rank: rank 0's mask must still win (the mask is
+        # a buffer, and DistributedDataParallel broadcasts rank 0's buffers)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(torch.rand_like(p))
+    data = DataSpec("cifar10", Path(root), batch_size=5, workers=0)
+    method, job = method_job(PruneMethod, model, "density=0.3", "finetune_epochs=1",
+                             "holdout=4", data=data)
+    out_tensors = method.compress(job)
+    torch.save({n: t.dequantize() for n, t in out_tensors.items()}, f"{out}/rank{rank}.pt")
 
 
 def test_two_process_ddp_prunes_the_same_weights(tmp_path: Path) -> None:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    from tests.test_training import make_cifar_folder
-
-    root = make_cifar_folder(tmp_path / "c10")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_prune_worker, args=(2, port, str(root), str(tmp_path)), nprocs=2,
-                       join=True, start_method="fork")
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    r0, r1 = run_two_ranks(_prune_worker, tmp_path)
     for name in r0:
         assert torch.equal(r0[name], r1[name]), name  # one mask, one averaged training
     zeros = sum(int((w == 0).sum()) for w in r0.values())

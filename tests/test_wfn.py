@@ -23,6 +23,7 @@ from runtime import load
 from runtime.errors import ConfigError, DataError, WeightpackError
 from runtime.tensors import ScalarCodebookTensor
 from runtime.zoo.cifar_resnet import cifar_resnet20
+from tests.ddp import run_two_ranks
 from tests.packing import method_job
 
 torch.set_num_threads(1)
@@ -300,43 +301,21 @@ def test_cli_rejects_bad_delta_in_one_line(tmp_path: Path, shared_dir: Path) -> 
     assert not (tmp_path / "x.fb").exists()
 
 
-def _ddp_worker(rank: int, port: int, out: str, data_root: str) -> None:
-    import os
-
+def _ddp_worker(rank: int, out: str, data_root: str) -> None:
     from tests.test_pwfn import job_for as pwfn_job, small_cnn
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        data = DataSpec("cifar10", Path(data_root), batch_size=5, workers=0)
-        results = {}
-        method, job = job_for(small_cnn(), "fixing_epochs=1", "percentages=[0.5,1.0]",
-                              f"checkpoint={out}/wfn.pt", data=data)
-        results["wfn"] = {k: t.dequantize() for k, t in method.compress(job).items()}
-        method, job = pwfn_job(small_cnn(), "rest_epochs=1", "rounds=[0.5,1.0]", data=data)
-        results["pwfn"] = {k: t.dequantize() for k, t in method.compress(job).items()}
-        torch.save(results, f"{out}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+    data = DataSpec("cifar10", Path(data_root), batch_size=5, workers=0)
+    results = {}
+    method, job = job_for(small_cnn(), "fixing_epochs=1", "percentages=[0.5,1.0]",
+                          f"checkpoint={out}/wfn.pt", data=data)
+    results["wfn"] = {k: t.dequantize() for k, t in method.compress(job).items()}
+    method, job = pwfn_job(small_cnn(), "rest_epochs=1", "rounds=[0.5,1.0]", data=data)
+    results["pwfn"] = {k: t.dequantize() for k, t in method.compress(job).items()}
+    torch.save(results, f"{out}/rank{rank}.pt")
 
 
 def test_two_process_ddp_fixes_identically_on_both_ranks(tmp_path: Path) -> None:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    from tests.test_training import make_cifar_folder
-
-    root = make_cifar_folder(tmp_path / "c10")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(port, str(tmp_path), str(root)), nprocs=2,
-                       join=True, start_method="fork")
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    r0, r1 = run_two_ranks(_ddp_worker, tmp_path)
     for method in ("wfn", "pwfn"):
         assert set(r0[method]) == set(r1[method])
         for k in r0[method]:

@@ -7,11 +7,11 @@
               kept output channels from the non-zero input channels
 """
 
-from runtime.gating.build import apply_gates, gated_convs, gates_of
+from runtime.gating.build import apply_gates, gate_points, gated_convs, gates_of
 from runtime.gating.gate import GATE_CHILD, ChannelGate, keep_count, keep_top_k, saliency
 from runtime.gating.macs import MacCounter, count_macs
 from runtime.gating.skip import SkipConv, inference_graph
 
 __all__ = ["GATE_CHILD", "ChannelGate", "MacCounter", "SkipConv", "apply_gates", "count_macs",
-           "gated_convs", "gates_of", "inference_graph", "keep_count", "keep_top_k",
+           "gate_points", "gated_convs", "gates_of", "inference_graph", "keep_count", "keep_top_k",
            "saliency"]

@@ -23,7 +23,7 @@ from runtime.errors import ArchitectureError
 from runtime.format.records import ChannelGateRecord
 from runtime.gating.gate import GATE_CHILD, ChannelGate
 
-__all__ = ["apply_gates", "gated_convs", "gates_of"]
+__all__ = ["apply_gates", "gate_points", "gated_convs", "gates_of"]
 
 
 class _OneLevel(fx.Tracer):
@@ -76,6 +76,30 @@ def _apply_point(graph_module_root: nn.Module, conv_node: fx.Node) -> fx.Node:
             and user.args == (conv_node,) and not user.kwargs):
         return user
     return conv_node
+
+
+def gate_points(model: nn.Module, convs: Iterable[str]) -> dict[str, str]:
+    """Conv name -> name of the module whose output that conv's gate would multiply: the
+    BatchNorm2d that alone reads the conv's output, else the conv itself (the rule
+    `apply_gates` follows). For the packer, which fits predictors to those outputs."""
+    points: dict[str, str] = {}
+    traced: dict[str, fx.Graph] = {}
+    for name in convs:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if parent_name not in traced:
+            try:
+                traced[parent_name] = _OneLevel().trace(parent)
+            except Exception as exc:  # fx raises many types for dynamic control flow
+                raise ArchitectureError(f"cannot gate convolutions of {parent_name or 'the model'}"
+                                        f": torch.fx cannot trace its forward "
+                                        f"({type(exc).__name__})") from None
+        calls = [n for n in traced[parent_name].nodes
+                 if n.op == "call_module" and n.target == child]
+        point = _apply_point(parent, calls[0]) if len(calls) == 1 else None
+        target = str(point.target) if point is not None else child
+        points[name] = f"{parent_name}.{target}" if parent_name else target
+    return points
 
 
 def _rewrite_parent(parent: nn.Module, parent_name: str,

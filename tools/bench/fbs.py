@@ -83,7 +83,10 @@ SELECT_CANDIDATES: dict[str, tuple[str, ...]] = {
     "lr 1e-3, distillation": ("lr=1e-3", "distill=true"),
     "lr 3e-4, distillation": ("lr=3e-4", "distill=true"),
     "lr 1e-3, labels (the reference)": ("lr=1e-3", "distill=false"),
+    "lr 1e-3, distillation, reference init": ("lr=1e-3", "distill=true", "init=reference"),
 }
+"""Each starts from calibrated predictors (fbs's `init=auto` when training) but the last,
+which starts as the reference does: the held-out comparison of the two starts."""
 
 
 def data_spec(workers: int) -> DataSpec:

@@ -27,6 +27,7 @@ import packer  # noqa: F401  first: it sets the OpenMP wait policy, read when to
 
 # isort: split
 import argparse
+import io
 import json
 import os
 import sys
@@ -52,6 +53,7 @@ from _common import (
 from packer.compress import PackRequest, pack
 from packer.training import DataSpec
 from runtime import coders, load, zoo
+from runtime.atomic import atomic_write
 from runtime.data import cifar10_dataset, make_loader
 from runtime.decode import read_stream
 from runtime.evaluate import evaluate
@@ -168,8 +170,10 @@ def weight_bits(path: Path) -> float:
 def pruned_checkpoint(fb: Path) -> Path:
     """The pruned file's decoded weights as a checkpoint k-means can start from."""
     ckpt = fb.with_suffix(".pth")
-    if not ckpt.exists():
-        torch.save(load(fb).state_dict(), ckpt)
+    if not ckpt.exists():  # written whole or not at all: a killed run must not leave half
+        buffer = io.BytesIO()
+        torch.save(load(fb).state_dict(), buffer)
+        atomic_write(ckpt, [buffer.getvalue()])
     return ckpt
 
 
@@ -240,9 +244,15 @@ def select(state: State, args: argparse.Namespace) -> dict[str, Any]:
             "kmeans": kmeans_best}
 
 
-def grid(state: State, args: argparse.Namespace, chosen: dict[str, Any]) -> None:
+def trains(args: argparse.Namespace) -> bool:
+    """Whether this run fine-tunes anything (and so needs the recipes `select` chooses)."""
+    return args.mode in ("select", "bar", "all") or bool(args.epochs or args.kmeans_epochs)
+
+
+def grid(state: State, args: argparse.Namespace, chosen: dict[str, Any] | None) -> None:
     baseline(state, args)
-    recipe, recipe_k = PRUNE_RECIPES[chosen["prune"]], KMEANS_RECIPES[chosen["kmeans"]]
+    recipe, recipe_k = ((PRUNE_RECIPES[chosen["prune"]], KMEANS_RECIPES[chosen["kmeans"]])
+                        if chosen else ((), ()))
     for density in args.densities:
         for criterion in args.criteria:
             pruned = prune_point(state, args, criterion, density, args.epochs, recipe)
@@ -472,17 +482,24 @@ def _entropy(counts: np.ndarray) -> float:
     return float(-(c * np.log2(c / c.sum())).sum()) if c.size else 0.0
 
 
-def report(state: State, args: argparse.Namespace, chosen: dict[str, Any],
+def results_name(base: str, model: str) -> str:
+    """One results file per model: the ResNet-20 one keeps the plain name the docs link."""
+    return base if model == "resnet20" else f"{base}-{model}"
+
+
+def report(state: State, args: argparse.Namespace, chosen: dict[str, Any] | None,
            command: str) -> None:
     model = args.model
+    recipes = (f"Chosen on the held-out images (below): prune fine-tuning "
+               f"`{' '.join(PRUNE_RECIPES[chosen['prune']])}`, centroid fine-tuning "
+               f"`{' '.join(KMEANS_RECIPES[chosen['kmeans']])}`, for the bar also scope "
+               f"`{chosen['scope']}` and distillation `{chosen['distill']}`; cosine schedule "
+               f"to 0, " if chosen else
+               "No point here is fine-tuned, so no recipe was chosen; ")
     body = [
         f"Model `{MODELS[model][0]}` on `data/cifar10` (train/ for fine-tuning, "
         f"{args.holdout:,} of its images held out to choose every setting and epoch; test/ "
-        f"evaluated once per point). "
-        f"Chosen on the held-out images (below): prune fine-tuning "
-        f"`{' '.join(PRUNE_RECIPES[chosen['prune']])}`, centroid fine-tuning "
-        f"`{' '.join(KMEANS_RECIPES[chosen['kmeans']])}`, for the bar also scope "
-        f"`{chosen['scope']}` and distillation `{chosen['distill']}`; cosine schedule to 0, "
+        f"evaluated once per point). {recipes}"
         f"batch {args.batch_size}, mask held at every step; ECS warm-up {args.ecs_warmup} "
         f"epoch(s) of SGD. Files written with `--alignment "
         f"{args.alignment}`. Ratio = fp32 bytes of the checkpoint / file bytes on disk; "
@@ -490,10 +507,10 @@ def report(state: State, args: argparse.Namespace, chosen: dict[str, Any],
         "## The bar: a chained point with ratio >= 16 within 1.5 points of baseline", "",
         bar_table(state, model), "",
         "## Choices (held-out split only)", "",
-        select_table(state, model, chosen) or "Not measured yet.\n", "",
+        (select_table(state, model, chosen) if chosen else "") or "Not measured.\n", "",
         "## Grid", "", prune_tables(state, model)]
-    write_results("prune", f"Pruning and trained weight sharing: {model}", command,
-                  "\n".join(body), bars(state, model))
+    write_results(results_name("prune", model), f"Pruning and trained weight sharing: {model}",
+                  command, "\n".join(body), bars(state, model))
     report_coding(state, args, command)
 
 
@@ -515,8 +532,8 @@ def report_coding(state: State, args: argparse.Namespace, command: str) -> None:
         "empirical law of the run lengths of zeros. The smaller the gap, the closer the mask "
         "is to independent, and no coder can gain much on it.", "",
         context_table(state, model)]
-    write_results("sparse_coding", f"Sparse index coding on pruned {model} tensors", command,
-                  "\n".join(body))
+    write_results(results_name("sparse_coding", model),
+                  f"Sparse index coding on pruned {model} tensors", command, "\n".join(body))
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -566,7 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         coding_points(state, args)
         report_coding(state, args, command)
         return 0
-    chosen = select(state, args)  # measured once; later modes read it back from the state
+    # measured once; later modes read it back from the state
+    selected = any(k.startswith(f"{args.model}/") and "/select-" in k for k in state.data)
+    chosen = select(state, args) if trains(args) or selected else None
     print(json.dumps({"chosen": chosen}), flush=True)
     if args.mode in ("grid", "all"):
         grid(state, args, chosen)

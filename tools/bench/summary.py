@@ -20,7 +20,7 @@ from _common import REPO_ROOT, RESULTS_DIR, Bar, parse_bars, verdict
 from run_all import FULL, command_of
 
 OUT = REPO_ROOT / "docs" / "RESULTS.md"
-ORDER = ("accuracy", "coders", "coders-synthetic", "load_time", "int8_throughput",
+ORDER = ("accuracy", "coders", "coders-synthetic", "int8_throughput",
          "pqf-select", "pqf-bar", "pqf-curve", "pqf-ftcurve", "pqf-speed", "pqf-timing",
          "pqf-refsize", "wfn", "lowbit-select", "lowbit", "report_time", "startup",
          "load_speed", "int8_export", "eval_speed")

@@ -4,8 +4,9 @@ runtime executes per image. It saves compute, not bytes: chain it with a weight 
 
 Every gated convolution gets a saliency predictor (runtime.gating: s = |Linear(mean_hw
 |x|)|, keep the top k = round(C_out * ratio) per image, kept channels scaled by s). The
-gates start as the reference leaves them (nn.Linear's default initialisation) and the whole
-model trains through the shared loop (`packer.training.fit`) in stages whose keep ratio
+gates start as the reference leaves them (nn.Linear's default initialisation) or, by default
+when training, fitted to each channel's response with saliency ~1 (calibrate.py), and the
+whole model trains through the shared loop (`packer.training.fit`) in stages whose keep ratio
 anneals from `ratio_start` in steps of `ratio_step` down to `ratio` (the reference's
 0.9 -> 0.7 -> 0.5), each stage a fresh Adam, with an L1 penalty on the saliencies. The
 packed file holds the predictors as tensors and one gating record per conv (feature
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from packer.config import MethodConfig, Option
 from packer.methods.base import CompressJob, Method
+from packer.methods.fbs.calibrate import fit_predictors
 from packer.methods.lowbit.method import COMMON_OPTIONS as TRAINING_OPTIONS
 from packer.training import (
     DataSpec,
@@ -35,6 +37,7 @@ from packer.training import (
     fit,
 )
 from packer.training.finetune import validated_on
+from runtime.data import make_loader
 from runtime.errors import ConfigError, DataError
 from runtime.format.features import CHANNEL_GATING
 from runtime.format.records import ChannelGateRecord
@@ -43,6 +46,7 @@ from runtime.tensors import CompressedTensor
 
 DEFAULT_EPOCHS_WITH_DATA = 2
 GATE_SETTINGS = ("auto", "on", "off")
+INIT_CHOICES = ("auto", "reference", "calibrated")
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -133,6 +137,18 @@ class FBSMethod(Method):
         **{k: TRAINING_OPTIONS[k] for k in ("lr_min", "optimizer", "weight_decay", "distill",
                                             "distill_temperature", "train_limit", "val_limit",
                                             "holdout")},
+        "init": Option("auto", "predictor start: reference (nn.Linear's default, as the "
+                       "reference code), calibrated (fitted by least squares to each channel's "
+                       "response on training images, saliency ~1; see docs/FBS.md), auto "
+                       "(calibrated when training, reference with epochs=0)", str,
+                       choices=INIT_CHOICES, per_layer=False),
+        "init_scale": Option(0.01, "calibrated init: s = |1 + init_scale (W p + b)|, how far "
+                             "the fitted response moves the start from 1", float,
+                             check=_between(1e-6, 10.0, "init_scale"), per_layer=False),
+        "calibration_images": Option(1024, "calibrated init: training images it is fitted "
+                                     "on", int, check=_between(16, 1_000_000,
+                                                               "calibration_images"),
+                                     per_layer=False),
         "checkpoint": Option(None, "training checkpoint prefix: stage i is written to and "
                              "resumed from PREFIX.ratios-0.9-...-r_i (runs sharing a prefix "
                              "of the schedule share those stages)", str, per_layer=False),
@@ -182,14 +198,25 @@ class FBSMethod(Method):
         teacher = (copy.deepcopy(job.model).eval()
                    if opts["distill"] and any(stage_epochs) else None)
         convs = {n: job.model.get_submodule(n) for n in names}
+        init = opts["init"]
+        if init == "auto":
+            init = "calibrated" if any(stage_epochs) else "reference"
+        if init == "calibrated" and data is None:
+            raise DataError("fbs: init=calibrated fits the predictors on training images: "
+                            "pass --cifar10 DIR, --imagenet DIR or --data DIR")
+        train_set, val_set = (build_datasets(data, opts["holdout"], job.seed)
+                              if data is not None and (any(stage_epochs) or init == "calibrated")
+                              else (None, None))
+        fitted = (_calibrated(job, names, train_set, data) if init == "calibrated" else {})
         records = [ChannelGateRecord(n, keep_count(c.out_channels, ratios[0]))
                    for n, c in convs.items()]
         generator = torch.Generator().manual_seed(job.seed)
         model = apply_gates(job.model, records, generator)
         gates = gates_of(model)
-
-        train_set, val_set = (build_datasets(data, opts["holdout"], job.seed)
-                              if data is not None and any(stage_epochs) else (None, None))
+        with torch.no_grad():
+            for name, (weight, bias) in fitted.items():
+                gates[name].weight.copy_(weight)
+                gates[name].bias.copy_(bias)
         stages = []
         for i, (ratio, stage_epochs_i) in enumerate(zip(ratios, stage_epochs, strict=True)):
             _set_keep(gates, convs, ratio)
@@ -213,6 +240,7 @@ class FBSMethod(Method):
         job.replace_model(model, compress_predictors)
         job.channel_gates[:] = [ChannelGateRecord(n, gates[n].keep) for n in names]
         self.report = {
+            "fbs_init": init,
             "fbs_gates": {n: {"keep": gates[n].keep, "channels": convs[n].out_channels}
                           for n in names},
             "fbs_schedule": stages,
@@ -258,6 +286,20 @@ def _stage_settings(job: CompressJob, ratios: list[float], epochs: list[int]) ->
     options = {k: v for k, v in settings["options"].items() if k not in STAGE_INDEPENDENT}
     return {**settings, "method": "fbs", "options": options, "stage_ratios": ratios,
             "stage_epochs": epochs}
+
+
+def _calibrated(job: CompressJob, names: list[str], train_set: Any,
+                data: DataSpec) -> dict[str, tuple[Tensor, Tensor]]:
+    """The fitted predictors (calibrate.fit_predictors) on `calibration_images` images spread
+    over the training split (never the held-out ones), in this process with a forked,
+    seeded RNG: the augmentation draws, and so the file, depend on the seed alone."""
+    opts = job.config.options
+    loader = make_loader(train_set, data.batch_size, 0,
+                         limit=min(opts["calibration_images"], len(train_set)))
+    with torch.random.fork_rng():
+        torch.manual_seed(job.seed)
+        return fit_predictors(job.model, names, (batch[0] for batch in loader),
+                              opts["init_scale"])
 
 
 def _set_keep(gates: dict[str, ChannelGate], convs: dict[str, nn.Conv2d], ratio: float) -> None:
