@@ -8,6 +8,7 @@ import os
 import onnx
 import torch
 from torch import nn
+from torch.nn.modules import module as module_globals
 from torch.nn.modules.batchnorm import _NormBase
 
 from runtime import zoo
@@ -130,7 +131,9 @@ def assign_state(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> None
         stack.extend((f"{prefix}{name}.", child) for name, child in sub._modules.items()
                      if child is not None)
     if (len(plan) != len(state_dict) or any(key not in state_dict for _, _, key, _ in plan)
-            or torch.__future__.get_swap_module_params_on_conversion()):
+            or torch.__future__.get_swap_module_params_on_conversion()
+            or module_globals._global_parameter_registration_hooks
+            or module_globals._global_buffer_registration_hooks):  # setattr would run them
         module.load_state_dict(state_dict, strict=True, assign=True)
         return
     for table, name, key, requires_grad in plan:
