@@ -423,13 +423,23 @@ def decode_state_dict(packed: PackedFile, threads: int | None = None
     results: dict[str, Future | torch.Tensor] = {}
     if large:
         with ThreadPoolExecutor(min(workers, len(large))) as pool:
-            for record in sorted(large, key=lambda r: -r.numel):  # longest first
+            for record in sorted(large, key=lambda r: -_decode_cost(r)):  # longest first
                 results[record.name] = pool.submit(decode, record)
             _decode_rest(records, results, decode)
     else:
         _decode_rest(records, results, decode)
     # In index order, so the error raised is the one a decode one by one would raise.
     return {r.name: _result(results[r.name]) for r in records}
+
+
+SLOW_CODER_COST = 10
+"""A slow coder's symbol costs about this many fast ones to decode (docs/CODERS.md), and holds
+the GIL meanwhile: such a tensor starts first, so the others' GIL-free work overlaps it."""
+
+
+def _decode_cost(record: TensorRecord) -> int:
+    slow = any(s.coder not in coders.FAST_CODERS for _, s in record.streams())
+    return record.numel * (SLOW_CODER_COST if slow else 1)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
