@@ -8,6 +8,7 @@ built with ``weights=None`` so nothing is ever downloaded.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -201,6 +202,20 @@ nothing may depend on a random draw, so they are skipped on real tensors too (th
 of a ResNet-56 cost a fifth of its skeleton's build)."""
 
 
+_SHAPED_FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones})
+
+
+def _plain_size(func: Any, args: tuple) -> int | None:
+    """Elements of `torch.empty/zeros/ones(*ints)` or `(sizes)` (how nn layers create their
+    tensors), counted without a meta call; None for any other form."""
+    if func not in _SHAPED_FACTORIES or not args:
+        return None
+    size = args[0] if len(args) == 1 and isinstance(args[0], tuple | list | torch.Size) else args
+    if not all(type(d) is int and d >= 0 for d in size):
+        return None
+    return math.prod(size)
+
+
 class _LargeTensorsOnMeta(TorchFunctionMode):
     """Sized tensor factories called without a device create large tensors on `meta`.
 
@@ -212,9 +227,13 @@ class _LargeTensorsOnMeta(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _SIZED_FACTORIES:
             if kwargs.get("device") is None:
-                meta = func(*args, **{**kwargs, "device": "meta"})
-                if meta.numel() > SKELETON_REAL_ELEMENTS:
-                    return meta
+                numel = _plain_size(func, args)
+                if numel is None:  # any other signature: ask the meta device
+                    meta = func(*args, **{**kwargs, "device": "meta"})
+                    if meta.numel() > SKELETON_REAL_ELEMENTS:
+                        return meta
+                elif numel > SKELETON_REAL_ELEMENTS:
+                    return func(*args, **{**kwargs, "device": "meta"})
         elif func in _RANDOM_INIT:
             return args[0] if args else kwargs["tensor"]
         elif func in _INIT_IN_PLACE and args[0].is_meta:
