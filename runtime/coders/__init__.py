@@ -125,10 +125,11 @@ SLOW_MARGIN_PERCENT = 2
 the smallest fast one: a stream grows by at most this much for a decode 5-50x faster.
 
 Why 2 and not 1 (issue 12): on k-means and uniform index streams of 4-5 bits the slow coders'
-edge over zstd is Huffman's integer code lengths (zstd codes its literals with Huffman), which
-on real ResNet-50 streams is 1.0-1.5 % (docs/SPEED.md). At a 1 % margin ``ans``/``runs`` won
-nearly every large stream and decoding ran at a quarter of zstd's speed; at 2 % they are kept
-where they save more than Huffman's usual loss (pruned streams, skewed small alphabets)."""
+edge over zstd is Huffman's integer code lengths (zstd codes its literals with Huffman), just
+over 1 % on most ResNet-50 streams (docs/SPEED.md). At a 1 % margin ``ans``/``runs`` won
+nearly every large stream and decoding ran several times slower than with zstd; at 2 % they
+are kept where they save more than Huffman's usual loss (pruned streams, skewed small
+alphabets), and ``packer.encode.Encoder.plan`` holds a whole file to the 1 % rule's size."""
 
 BYTE_WIDE = "zstd8"
 """Label in ``encode_best``'s sizes of the zstd stream over one byte per symbol (K <= 256)."""
