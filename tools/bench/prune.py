@@ -597,7 +597,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode in ("bar", "all"):
         bar(state, args, chosen)
     if args.mode in ("report", "all"):
-        report(state, args, chosen, command.replace(f" {args.mode}", " all", 1))
+        # What regenerates the file whole: `all` where anything trains (it chooses recipes
+        # and packs the bar); an untrained grid is its grid then its report.
+        report(state, args, chosen,
+               command.replace(f" {args.mode}", " all", 1) if chosen else
+               f"{command.replace(f' {args.mode}', ' grid', 1)} && "
+               f"{command.replace(f' {args.mode}', ' report', 1)}")
     return 0
 
 
