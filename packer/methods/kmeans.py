@@ -19,13 +19,13 @@ from torch import Tensor, nn
 
 from packer.config import Option
 from packer.methods.base import CompressJob, PerTensorMethod
-from packer.methods.finetune import (
+from packer.methods.pqf.layers import attach_pq, detach_pq
+from packer.methods.stage_finetune import (
     finetune_epochs,
     finetune_options,
     run_finetune,
     teacher_of,
 )
-from packer.methods.pqf.layers import attach_pq, detach_pq
 from runtime.tensors import CompressedTensor, ScalarCodebookTensor
 
 DEFAULT_EPOCHS_WITH_DATA = 1

@@ -42,14 +42,18 @@ def validated_on(holdout: int) -> str:
 
 
 def finetune(job: Any, epochs: int, data: DataSpec, train_set: Any, val_set: Any,
-             teacher: nn.Module | None, **config: Any) -> dict[str, Any]:
-    """Train every parameter of `job.model` (codes and masks are buffers, so they stay) for
-    `epochs` with the method's standard options; `config` overrides or adds `TrainConfig`
-    fields (e.g. `weight_decay`, `optimizer`). Returns the fit's report plus `validated_on`."""
+             teacher: nn.Module | None, *, after_step: Callable[[nn.Module], None] | None = None,
+             train_all: bool = True, **config: Any) -> dict[str, Any]:
+    """Train `job.model` for `epochs` with the method's standard options; `config` overrides
+    or adds `TrainConfig` fields (e.g. `weight_decay`, `optimizer`). With `train_all` every
+    parameter trains (codes and masks are buffers, so they stay); without it the method has
+    chosen what trains (`requires_grad`). `after_step` re-imposes what a step must not change
+    (a pruning mask, a fixed zero centroid). Returns the fit's report plus `validated_on`."""
     opts: Mapping[str, Any] = job.config.options
     model = job.model
-    for p in model.parameters():
-        p.requires_grad_(True)
+    if train_all:
+        for p in model.parameters():
+            p.requires_grad_(True)
     settings: dict[str, Any] = dict(
         epochs=epochs, lr=opts["lr"], lr_min=opts["lr_min"], batch_size=data.batch_size,
         workers=data.workers, train_limit=opts["train_limit"] or None,
@@ -57,8 +61,9 @@ def finetune(job: Any, epochs: int, data: DataSpec, train_set: Any, val_set: Any
         progress=job.progress, method_settings=job.settings())
     settings.update(config)
     hooks = TrainHooks(loss=distillation_loss(teacher, opts["distill_temperature"])
-                       if teacher is not None else None)
+                       if teacher is not None else None, after_step=after_step)
     result = fit(model, train_set, val_set, TrainConfig(**settings), hooks)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if train_all:
+        for p in model.parameters():
+            p.requires_grad_(False)
     return {**result.as_dict(), "validated_on": validated_on(opts["holdout"])}

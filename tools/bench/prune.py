@@ -246,19 +246,21 @@ def select(state: State, args: argparse.Namespace) -> dict[str, Any]:
 
 def trains(args: argparse.Namespace) -> bool:
     """Whether this run fine-tunes anything (and so needs the recipes `select` chooses)."""
-    return args.mode in ("select", "bar", "all") or bool(args.epochs or args.kmeans_epochs)
+    return args.mode in ("select", "bar", "all") or bool(any(args.epochs) or args.kmeans_epochs)
 
 
 def grid(state: State, args: argparse.Namespace, chosen: dict[str, Any] | None) -> None:
     baseline(state, args)
     recipe, recipe_k = ((PRUNE_RECIPES[chosen["prune"]], KMEANS_RECIPES[chosen["kmeans"]])
                         if chosen else ((), ()))
-    for density in args.densities:
-        for criterion in args.criteria:
-            pruned = prune_point(state, args, criterion, density, args.epochs, recipe)
-            for k in args.ks:
-                kmeans_point(state, args, pruned, k, 0, recipe_k)
-                kmeans_point(state, args, pruned, k, args.kmeans_epochs, recipe_k)
+    for epochs in args.epochs:
+        for density in args.densities:
+            for criterion in args.criteria:
+                pruned = prune_point(state, args, criterion, density, epochs, recipe)
+                for k in args.ks:
+                    kmeans_point(state, args, pruned, k, 0, recipe_k)
+                    if epochs:  # centroids are fine-tuned on fine-tuned pruned models only
+                        kmeans_point(state, args, pruned, k, args.kmeans_epochs, recipe_k)
 
 
 def coding_points(state: State, args: argparse.Namespace) -> None:
@@ -350,11 +352,11 @@ def state_bytes(model: str) -> int:
 
 
 def select_table(state: State, model: str, chosen: dict[str, Any]) -> str:
-    winners = {chosen["prune"], chosen["kmeans"]}
+    prune_winners = {chosen["prune"]}
     if chosen["distill"]:
-        winners.add(f"{chosen['prune']}-distill")
+        prune_winners.add(f"{chosen['prune']}-distill")
     if chosen["scope"] == "layerwise":
-        winners.add(f"{chosen['prune']}-layerwise")
+        prune_winners.add(f"{chosen['prune']}-layerwise")
     rows = []
     for key, r in sorted(state.data.items()):
         if "/select-" in key and key.startswith(model):
@@ -364,9 +366,11 @@ def select_table(state: State, model: str, chosen: dict[str, Any]) -> str:
                     f"{_setting(r, 'train_limit')} images" if "/kmeans/" in point
                     else "prune: magnitude, density 0.2, 1 epoch x "
                     f"{int(_setting(r, 'train_limit')) or 'all'} images")
+            winner = (choice == chosen["kmeans"] if "/kmeans/" in point
+                      else choice in prune_winners)
             rows.append([what, choice,
                          _pct(r.get("holdout_top1")), fit_report.get("seconds", "-"),
-                         "**chosen**" if choice in winners else ""])
+                         "**chosen**" if winner else ""])
     if not rows:
         return ""
     return md_table(["point", "candidate",
@@ -547,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA)
     p.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     p.add_argument("--ks", nargs="+", type=int, default=list(KS))
-    p.add_argument("--epochs", type=int, default=1, help="grid: prune fine-tuning epochs")
+    p.add_argument("--epochs", type=int, nargs="+", default=[1],
+                   help="grid: prune fine-tuning epochs (each value a set of grid rows)")
     p.add_argument("--kmeans-epochs", type=int, default=1, help="grid: centroid epochs")
     p.add_argument("--kmeans-train-limit", type=int, default=10000,
                    help="training images per centroid fine-tuning epoch")
@@ -592,7 +597,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode in ("bar", "all"):
         bar(state, args, chosen)
     if args.mode in ("report", "all"):
-        report(state, args, chosen, command.replace(f" {args.mode}", " all", 1))
+        # What regenerates the file whole: `all` where anything trains (it chooses recipes
+        # and packs the bar); an untrained grid is its grid then its report.
+        report(state, args, chosen,
+               command.replace(f" {args.mode}", " all", 1) if chosen else
+               f"{command.replace(f' {args.mode}', ' grid', 1)} && "
+               f"{command.replace(f' {args.mode}', ' report', 1)}")
     return 0
 
 

@@ -34,14 +34,14 @@ from torch.utils.data import DataLoader
 
 from packer.config import MethodConfig, Option
 from packer.methods.base import CompressJob, Method
-from packer.methods.finetune import (
+from packer.methods.none import raw_tensor
+from packer.methods.prune.criteria import ecs_keep, keep_top
+from packer.methods.stage_finetune import (
     finetune_epochs,
     finetune_options,
     run_finetune,
     teacher_of,
 )
-from packer.methods.none import raw_tensor
-from packer.methods.prune.criteria import ecs_keep, keep_top
 from packer.training import (
     DataSpec,
     TrainConfig,

@@ -1,8 +1,8 @@
-"""Fine-tuning options and the one call into `packer.training.fit` that `prune` and `kmeans`
-share: which data, how many epochs, which optimizer, validation on a held-out split, a
-resumable checkpoint per stage, and optional distillation from the model the stage started
-from. The methods decide what is trainable and what each step must re-impose (`after_step`:
-the mask, the zero centroid), which `packer.training.finetune` has no hook for.
+"""The fine-tuning stage that `prune` and `kmeans` share: its options (which data, how many
+epochs, which optimizer, validation on a held-out split, a resumable checkpoint per stage,
+optional distillation from the model the stage started from) and the call into the shared
+`packer.training.finetune`. The methods decide what is trainable and what each step must
+re-impose (`after_step`: the mask, the zero centroid).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from torch import nn
 
 from packer.config import Option
 from packer.methods.base import CompressJob
-from packer.training import TrainConfig, TrainHooks, build_datasets, fit, training_data
-from packer.training.finetune import distillation_loss, validated_on
+from packer.training import build_datasets, training_data
+from packer.training.finetune import finetune
 from runtime.errors import DataError
 
 
@@ -90,22 +90,16 @@ def teacher_of(job: CompressJob, epochs: int) -> nn.Module | None:
 
 def run_finetune(job: CompressJob, method: str, epochs: int, teacher: nn.Module | None,
                  after_step: Callable[[nn.Module], None] | None = None) -> dict[str, Any]:
-    """Train `job.model`'s trainable parameters for `epochs` through `fit`; returns its
-    report. The model holds the best epoch's state (chosen on `holdout` when set)."""
+    """Train `job.model`'s trainable parameters (the method chose them) for `epochs` through
+    the shared `packer.training.finetune`; returns its report. The model holds the best
+    epoch's state (chosen on `holdout` when set)."""
     opts = job.config.options
     data = training_data(job.data, method)
     assert data is not None and epochs > 0
     train_set, val_set = build_datasets(data, opts["holdout"], job.seed)
-    cfg = TrainConfig(epochs=epochs, lr=opts["lr"], lr_min=opts["lr_min"],
-                      weight_decay=opts["weight_decay"], batch_size=data.batch_size,
-                      workers=data.workers, train_limit=opts["train_limit"] or None,
-                      val_limit=opts["val_limit"] or None, seed=job.seed,
-                      checkpoint=stage_checkpoint(opts["checkpoint"], method),
-                      progress=job.progress, optimizer=opts["optimizer"],
-                      method_settings=job.settings())
-    loss = (distillation_loss(teacher, opts["distill_temperature"]) if teacher is not None
-            else None)
-    result = fit(job.model, train_set, val_set, cfg, TrainHooks(loss=loss, after_step=after_step))
-    return {**result.as_dict(), "validated_on": validated_on(opts["holdout"]),
-            "optimizer": opts["optimizer"],
-            "lr": opts["lr"], "distill": teacher is not None}
+    report = finetune(job, epochs, data, train_set, val_set, teacher, after_step=after_step,
+                      train_all=False, optimizer=opts["optimizer"],
+                      weight_decay=opts["weight_decay"],
+                      checkpoint=stage_checkpoint(opts["checkpoint"], method))
+    return {**report, "optimizer": opts["optimizer"], "lr": opts["lr"],
+            "distill": teacher is not None}
