@@ -325,7 +325,8 @@ def prune_tables(state: State, model: str) -> str:
                 if c.get("top1") is None:
                     continue
                 ft = int(key.split("/")[3])
-                chain_rows.append([criterion, density, k, f"{ft} x {_setting(c, 'train_limit')}"
+                chain_rows.append([criterion, density, epochs, k,
+                                   f"{ft} x {_setting(c, 'train_limit')}"
                                    if ft else "0", f"{c['file_bytes']:,}", f"{c['ratio']:.2f}",
                                    c["bits_per_weight"], _pct(c.get("holdout_top1")),
                                    _pct(c["top1"]), f"{c['top1'] - ref:+.2f}"])
@@ -336,7 +337,8 @@ def prune_tables(state: State, model: str) -> str:
               "### Pruning, then k-means (`prune+kmeans`)", "",
               "Centroid fine-tuning: epochs x training images per epoch (gradient sharing, "
               "zero cluster fixed, indices frozen); 0 = post-training k-means.", "",
-              md_table(["criterion", "density", "K", "centroid fine-tuning", "file bytes",
+              md_table(["criterion", "density", "prune fine-tune epochs", "K",
+                        "centroid fine-tuning", "file bytes",
                         "ratio", "bits/weight", "held-out top-1", "test top-1",
                         "vs baseline"], chain_rows), ""]
     return "\n".join(lines)
