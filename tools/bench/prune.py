@@ -452,8 +452,11 @@ def _file_coding(key: str, path: Path, role: str = "indices") -> list[Any]:
                 chosen += int(kept.coder == "runs")
                 streams += 1
     label = key.split("/")
-    what = (f"{label[2]} d={label[3]} raw fp32 bytes" if role == "values"
-            else f"{label[0].split('-')[2]} d={label[0].split('-')[3]} K={label[2]}")
+    if role == "values":
+        what = f"{label[2]} d={label[3]} ft {label[4]} raw fp32 bytes"
+    else:
+        _, _, criterion, density, epochs = label[0].split("-")
+        what = f"{criterion} d={density} ft {epochs} K={label[2]}"
     return [what, streams, f"{bound:,.0f}", f"{ans:,.0f}", f"{runs:,.0f}",
             f"{100 * (1 - runs / ans):+.2f}%", f"{best_without:,.0f}", f"{best:,.0f}",
             f"{100 * (1 - best / best_without):+.2f}%", chosen]
@@ -476,10 +479,11 @@ def context_table(state: State, model: str) -> str:
             ones = np.flatnonzero(mask)
             runs = np.diff(np.concatenate([[-1], ones, [mask.size]])) - 1
             rl += _entropy(np.bincount(runs))
-        _, _, criterion, density, _ = r["key"].split("/")
-        rows.append([criterion, density, f"{o0 / 8:,.0f}", f"{m1 / 8:,.0f}", f"{rl / 8:,.0f}",
-                     f"{100 * (1 - rl / o0):+.1f}%"])
-    return md_table(["criterion", "density", "order-0 bytes", "Markov-1 bytes",
+        _, _, criterion, density, epochs = r["key"].split("/")
+        rows.append([criterion, density, epochs, f"{o0 / 8:,.0f}", f"{m1 / 8:,.0f}",
+                     f"{rl / 8:,.0f}", f"{100 * (1 - rl / o0):+.1f}%"])
+    return md_table(["criterion", "density", "prune fine-tune epochs", "order-0 bytes",
+                     "Markov-1 bytes",
                      "run-length bytes", "run-length vs order-0"], rows) + "\n"
 
 
@@ -524,8 +528,9 @@ def report_coding(state: State, args: argparse.Namespace, command: str) -> None:
     model = args.model
     coding = coding_rows(state, model)
     body = [
-        "Every index stream of the post-training `prune+kmeans` files of the grid (and the raw "
-        "fp32 byte streams of the pruned-only files), re-coded here: the order-0 entropy bound "
+        "Every index stream of the post-training `prune+kmeans` files of the grid (`ft N`: the "
+        "pruned model was fine-tuned N epochs first; and the raw fp32 byte streams of the "
+        "pruned-only files), re-coded here: the order-0 entropy bound "
         "(`sum n H / 8`), `ans` (order-0 rANS), `runs` (docs/CODERS.md), and what `auto` stores "
         "with and without `runs` among its choices (auto keeps raw/zstd unless a slower coder "
         "is over 1% smaller). Bytes include each coder's tables.", "",
