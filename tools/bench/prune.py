@@ -532,8 +532,8 @@ def report_coding(state: State, args: argparse.Namespace, command: str) -> None:
         "pruned model was fine-tuned N epochs first; and the raw fp32 byte streams of the "
         "pruned-only files), re-coded here: the order-0 entropy bound "
         "(`sum n H / 8`), `ans` (order-0 rANS), `runs` (docs/CODERS.md), and what `auto` stores "
-        "with and without `runs` among its choices (auto keeps raw/zstd unless a slower coder "
-        "is over 1% smaller). Bytes include each coder's tables.", "",
+        f"with and without `runs` among its choices (auto keeps raw/zstd unless a slower coder "
+        f"is over {coders.SLOW_MARGIN_PERCENT}% smaller). Bytes include each coder's tables.", "",
         md_table(["file", "streams", "order-0 bound", "ans", "runs", "runs vs ans",
                   "auto without runs", "auto", "auto gain", "streams choosing runs"],
                  coding) if coding else "Not measured yet.", "",
