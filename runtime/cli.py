@@ -207,13 +207,13 @@ def _model_for_eval(args: argparse.Namespace, device: torch.device, spec: InputS
         providers = ["CPUExecutionProvider"] if device.type == "cpu" else None
         sess = session(args.file, providers=providers, threads=plan.threads)
         return sess, sess.provider
-    from runtime.evaluate import fold_batchnorm
+    from runtime.evaluate import inference_model
     from runtime.gating import gates_of
 
     model = load(args.file, device=device)
     # A gated model (FBS) stays as loaded: fx's fusion would inline its gates, which then
     # could not report the channels each image kept (the MAC count).
-    return (model if gates_of(model) else fold_batchnorm(model)), device.type
+    return (model if gates_of(model) else inference_model(model, device)), device.type
 
 
 def _export(args: argparse.Namespace) -> int:

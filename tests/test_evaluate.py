@@ -146,3 +146,18 @@ def test_eval_plan_shares_the_cores_among_local_processes(monkeypatch) -> None:
     monkeypatch.setattr("runtime.evaluate.usable_cpus", lambda: 16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert eval_plan("cpu") == eval_plan("cpu", cores=4)
+
+
+def test_inference_model_is_channels_last_on_cpu_and_computes_the_same() -> None:
+    from runtime.evaluate import ChannelsLast, inference_model
+    from runtime.zoo.cifar_resnet import cifar_resnet20
+
+    torch.manual_seed(0)
+    model = cifar_resnet20().eval()
+    x = torch.randn(4, 3, 32, 32)
+    fast = inference_model(model, "cpu")
+    assert isinstance(fast, ChannelsLast)
+    conv = next(m for m in fast.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), model(x), atol=1e-4, rtol=1e-4)

@@ -7,9 +7,9 @@ The model (shared CIFAR ResNet, packed `none`) runs on --limit CIFAR-10 test ima
 files decoded by the loader, as `runtime eval --cifar10` does), batch 256, the same code path
 as the command: `eval_plan(...).applied()`, `make_loader`, `evaluate`. Every configuration is
 measured in --rounds interleaved rounds (order rotating); min and median images/s.
-The torch backend folds BatchNorm into the convolutions (`runtime.evaluate.fold_batchnorm`,
-as `runtime eval` does); diagnostics: the same without folding, and where torch's forward
-spends its time (torch.profiler, one batch of the folded model).
+The torch backend runs what `runtime eval` runs (`runtime.evaluate.inference_model`: BatchNorm
+folded into the convolutions, channels-last memory format on the CPU); diagnostics: the model
+as loaded (neither), and where torch's forward spends its time (torch.profiler, one batch).
 
     python tools/bench/eval_speed.py [--model resnet20] [--limit 1000] [--rounds 3]
 """
@@ -40,7 +40,7 @@ from _common import (
 import runtime
 from packer.compress import PackRequest, pack
 from runtime.data import cifar10_dataset, make_loader
-from runtime.evaluate import EvalPlan, eval_plan, evaluate, fold_batchnorm
+from runtime.evaluate import EvalPlan, eval_plan, evaluate, inference_model
 from runtime.onnx import session
 from runtime.zoo.specs import CIFAR_SPEC
 
@@ -57,7 +57,7 @@ def config_runner(fb: Path, backend: str, plan: EvalPlan, limit: int,
         else:
             model = runtime.load(fb)
             if fold:  # as `runtime eval` does
-                model = fold_batchnorm(model)
+                model = inference_model(model)
 
     def run() -> float:
         with plan.applied():
@@ -67,7 +67,7 @@ def config_runner(fb: Path, backend: str, plan: EvalPlan, limit: int,
 
 
 def torch_profile(fb: Path, threads: int) -> str:
-    model = fold_batchnorm(runtime.load(fb))
+    model = inference_model(runtime.load(fb))
     x = torch.randn(BATCH, *CIFAR_SPEC.shape)
     torch.set_num_threads(threads)
     with torch.inference_mode():
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             configs[backend, f"{old.workers} workers, all threads (old default)"] = \
                 config_runner(fb, backend, old, args.limit)
         setting = f"{default.workers} workers, {default.threads} threads"
-        configs["torch, BatchNorm not folded", setting] = config_runner(
+        configs["torch as loaded (no folding, no channels-last)", setting] = config_runner(
             fb, "torch", default, args.limit, fold=False)
         for run in configs.values():  # warm-up: page cache, first-use costs
             run()
