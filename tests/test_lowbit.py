@@ -25,6 +25,7 @@ from packer.methods.lowbit.quantizers import (
     quantize_activation_ste,
 )
 from packer.training import DataSpec
+from runtime import coders
 from runtime.errors import ArchitectureError, ConfigError, DataError
 from runtime.format.reader import open_packed
 from runtime.tensors import ScalarCodebookTensor, UniformTensor
@@ -173,7 +174,9 @@ def test_ternary_layer_with_sixty_percent_zeros_codes_well_under_log2_3() -> Non
     stream = encoded.streams[0]
     bits = 8 * (stream.coded_bytes + encoded.record.codebook.blob.length) / indices.numel()
     entropy = -float((probs * probs.log2()).sum())  # 1.371
-    assert stream.coder == "ans" and bits < entropy + 0.02 < math.log2(3) - 0.15
+    # auto may keep a fast coder within its margin of the smallest (runtime.coders.pick)
+    slack = 1 + coders.SLOW_MARGIN_PERCENT / 100
+    assert bits < (entropy + 0.02) * slack < math.log2(3) - 0.15, (stream.coder, bits)
 
 
 # --- methods end to end ---------------------------------------------------------------------
