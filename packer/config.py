@@ -35,8 +35,9 @@ class Option:
 
 
 def closed_interval(lo: float, hi: float, what: str) -> Callable[[Any], str | None]:
-    """An `Option.check` for lo <= value <= hi."""
-    return lambda v: None if lo <= v <= hi else f"{what} must be between {lo} and {hi}"
+    """An `Option.check` for lo <= value <= hi (None, an unset option, passes)."""
+    return lambda v: (None if v is None or lo <= v <= hi
+                      else f"{what} must be between {lo} and {hi}")
 
 
 def open_interval(lo: float, hi: float, what: str) -> Callable[[Any], str | None]:

@@ -14,15 +14,11 @@ from typing import Any
 
 from torch import nn
 
-from packer.config import Option
+from packer.config import Option, closed_interval
 from packer.methods.base import CompressJob
 from packer.training import build_datasets, training_data
 from packer.training.finetune import finetune
 from runtime.errors import DataError
-
-
-def _between(lo: float, hi: float, what: str) -> Callable[[Any], str | None]:
-    return lambda v: None if v is None or lo <= v <= hi else f"{what} must be between {lo} and {hi}"
 
 
 def finetune_options(default_epochs: int, lr: float, optimizer: str,
@@ -31,27 +27,29 @@ def finetune_options(default_epochs: int, lr: float, optimizer: str,
     return {
         "finetune_epochs": Option(None, f"fine-tuning epochs (default: {default_epochs} with "
                                   f"training data, 0 without)", int,
-                                  check=_between(0, 1000, "finetune_epochs"), per_layer=False),
+                                  check=closed_interval(0, 1000, "finetune_epochs"),
+                                  per_layer=False),
         "lr": Option(lr, "learning rate (cosine to lr_min, stepped per batch)", float,
-                     check=_between(1e-9, 10.0, "lr"), per_layer=False),
+                     check=closed_interval(1e-9, 10.0, "lr"), per_layer=False),
         "lr_min": Option(0.0, "final learning rate of the cosine schedule", float,
-                         check=_between(0.0, 10.0, "lr_min"), per_layer=False),
+                         check=closed_interval(0.0, 10.0, "lr_min"), per_layer=False),
         "optimizer": Option(optimizer, "sgd (momentum 0.9) or adam", str,
                             choices=("sgd", "adam"), per_layer=False),
         "weight_decay": Option(weight_decay, "weight decay", float,
-                               check=_between(0.0, 1.0, "weight_decay"), per_layer=False),
+                               check=closed_interval(0.0, 1.0, "weight_decay"), per_layer=False),
         "train_limit": Option(0, "training images per epoch, drawn at random (0: all)", int,
-                              check=_between(0, 10**9, "train_limit"), per_layer=False),
+                              check=closed_interval(0, 10**9, "train_limit"), per_layer=False),
         "val_limit": Option(0, "validation images (0: all)", int,
-                            check=_between(0, 10**9, "val_limit"), per_layer=False),
+                            check=closed_interval(0, 10**9, "val_limit"), per_layer=False),
         "holdout": Option(0, "training images held out (seeded) for the per-epoch validation "
                           "that picks the best epoch; 0: validate on the test/val split", int,
-                          check=_between(0, 10**9, "holdout"), per_layer=False),
+                          check=closed_interval(0, 10**9, "holdout"), per_layer=False),
         "distill": Option(False, "fine-tune against the outputs of the model this stage "
                           "started from (knowledge distillation) instead of the labels", bool,
                           per_layer=False),
         "distill_temperature": Option(4.0, "softmax temperature of the distillation loss",
-                                      float, check=_between(0.05, 100.0, "distill_temperature"),
+                                      float,
+                                      check=closed_interval(0.05, 100.0, "distill_temperature"),
                                       per_layer=False),
         "checkpoint": Option(None, "fine-tuning checkpoint FILE: each stage writes and resumes "
                              "from FILE with its name before the suffix (ft.prune.pt)", str,

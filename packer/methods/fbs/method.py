@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from packer.config import MethodConfig, Option
+from packer.config import MethodConfig, Option, closed_interval
 from packer.methods.base import CompressJob, Method
 from packer.methods.fbs.calibrate import fit_predictors
 from packer.methods.lowbit.method import COMMON_OPTIONS as TRAINING_OPTIONS
@@ -53,9 +53,6 @@ WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 def _ratio_ok(what: str):
     return lambda v: None if 0 < v <= 1 else f"{what} must be in (0, 1], not {v}"
 
-
-def _between(lo: float, hi: float, what: str):
-    return lambda v: None if v is None or lo <= v <= hi else f"{what} must be between {lo} and {hi}"
 
 
 def stage_ratios(ratio: float, start: float, step: float) -> list[float]:
@@ -122,14 +119,14 @@ class FBSMethod(Method):
                               check=_ratio_ok("ratio_start"), per_layer=False),
         "ratio_step": Option(0.2, "each stage lowers the ratio by this down to `ratio` "
                              "(0.9, 0.7, 0.5: the reference's schedule)", float,
-                             check=_between(0.01, 1.0, "ratio_step"), per_layer=False),
+                             check=closed_interval(0.01, 1.0, "ratio_step"), per_layer=False),
         "epochs": Option(None, f"training epochs per stage (default: {DEFAULT_EPOCHS_WITH_DATA}"
                          " with training data, 0 without; 0 = gate without training)", int,
-                         check=_between(0, 1000, "epochs"), per_layer=False),
+                         check=closed_interval(0, 1000, "epochs"), per_layer=False),
         "final_epochs": Option(None, "epochs of the last stage (default: epochs)", int,
-                               check=_between(0, 1000, "final_epochs"), per_layer=False),
+                               check=closed_interval(0, 1000, "final_epochs"), per_layer=False),
         "l1": Option(1e-8, "L1 penalty on the saliencies (the reference's 1e-8), per image",
-                     float, check=_between(0.0, 1.0, "l1"), per_layer=False),
+                     float, check=closed_interval(0.0, 1.0, "l1"), per_layer=False),
         "gate": Option("auto", "per layer: auto (every 3x3 and downsample conv but the first "
                        "conv), on, off", str, choices=GATE_SETTINGS),
         "lr": replace(TRAINING_OPTIONS["lr"], help="peak learning rate of each stage; cosine "
@@ -144,9 +141,9 @@ class FBSMethod(Method):
                        choices=INIT_CHOICES, per_layer=False),
         "init_scale": Option(0.01, "calibrated init: s = |1 + init_scale (W p + b)|, how far "
                              "the fitted response moves the start from 1", float,
-                             check=_between(1e-6, 10.0, "init_scale"), per_layer=False),
+                             check=closed_interval(1e-6, 10.0, "init_scale"), per_layer=False),
         "calibration_images": Option(1024, "calibrated init: training images it is fitted "
-                                     "on", int, check=_between(16, 1_000_000,
+                                     "on", int, check=closed_interval(16, 1_000_000,
                                                                "calibration_images"),
                                      per_layer=False),
         "checkpoint": Option(None, "training checkpoint prefix: stage i is written to and "

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from packer.config import MethodConfig, Option
+from packer.config import MethodConfig, Option, closed_interval
 from packer.methods.base import CompressJob, Method
 from packer.methods.lowbit.layers import (
     EDGE_PRECISIONS,
@@ -49,9 +49,6 @@ from runtime.tensors import CompressedTensor
 DEFAULT_EPOCHS_WITH_DATA = 8
 
 
-def _between(lo: float, hi: float, what: str):
-    return lambda v: None if v is None or lo <= v <= hi else f"{what} must be between {lo} and {hi}"
-
 
 def _bits(what: str):
     return lambda v: (None if v is None or 1 <= v <= 8
@@ -61,24 +58,24 @@ def _bits(what: str):
 COMMON_OPTIONS: dict[str, Option] = {
     "epochs": Option(None, f"training epochs (default: {DEFAULT_EPOCHS_WITH_DATA} with "
                      "training data, 0 without; 0 = quantize only)", int,
-                     check=_between(0, 1000, "epochs"), per_layer=False),
+                     check=closed_interval(0, 1000, "epochs"), per_layer=False),
     "lr": Option(1e-3, "peak learning rate; cosine decay to lr_min, stepped per batch "
                  "(1e-3: best held-out top-1 of 2e-4, 5e-4, 1e-3 for ttq and bwn)", float,
-                 check=_between(1e-9, 10.0, "lr"), per_layer=False),
+                 check=closed_interval(1e-9, 10.0, "lr"), per_layer=False),
     "lr_min": replace(PQFMethod.options["lr_min"], default=0.0),
     "optimizer": Option("adam", "adam, or sgd (momentum 0.9)", str, choices=("adam", "sgd"),
                         per_layer=False),
     "weight_decay": Option(0.0, "weight decay on every trained parameter", float,
-                           check=_between(0.0, 1.0, "weight_decay"), per_layer=False),
+                           check=closed_interval(0.0, 1.0, "weight_decay"), per_layer=False),
     "distill": Option(True, "train against the uncompressed model's outputs (knowledge "
                       "distillation, temperature distill_temperature) instead of the labels",
                       bool, per_layer=False),
     "distill_temperature": Option(4.0, "softmax temperature of the distillation loss", float,
-                                  check=_between(0.05, 100.0, "distill_temperature"),
+                                  check=closed_interval(0.05, 100.0, "distill_temperature"),
                                   per_layer=False),
     "bn_recalibration": Option(2048, "training images to re-estimate BatchNorm statistics on "
                              "after quantizing, before training (0: off)", int,
-                             check=_between(0, 10**9, "bn_recalibration"), per_layer=False),
+                             check=closed_interval(0, 10**9, "bn_recalibration"), per_layer=False),
     **{k: PQFMethod.options[k] for k in ("train_limit", "val_limit", "holdout")},
     "checkpoint": Option(None, "training checkpoint file: written every epoch, resumed from "
                          "if present", str, per_layer=False),
@@ -201,7 +198,7 @@ class TTQMethod(LowBitMethod):
     summary = "trained ternary quantization: {-W_n, 0, +W_p} per layer, trained scales (TTQ)"
     options = {
         "threshold": Option(0.05, "t: weights within t * max|w| of zero become 0", float,
-                            check=_between(0.0, 0.99, "threshold")),
+                            check=closed_interval(0.0, 0.99, "threshold")),
         **COMMON_OPTIONS,
     }
 
@@ -231,7 +228,7 @@ class DoReFaMethod(LowBitMethod):
                          "to [0, act_clip] and applied by the runtime (default: none)", int,
                          check=_bits("bits_a")),
         "act_clip": Option(1.0, "upper clip of quantized activations (the paper's 1.0)", float,
-                           check=_between(1e-6, 1e6, "act_clip")),
+                           check=closed_interval(1e-6, 1e6, "act_clip")),
         **COMMON_OPTIONS,
     }
 
