@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from packer.config import MethodConfig, Option, Setting, config_from_settings
 from packer.ptq.calib import CalibrationSet
-from runtime.errors import WeightpackError
+from runtime.errors import ConfigError, WeightpackError
 from runtime.format.records import ActivationQuantRecord, ChannelGateRecord
 from runtime.tensors import CompressedTensor
 
@@ -74,6 +74,14 @@ class CompressJob:
 
 RUN_ONLY_OPTIONS = ("checkpoint", "resume")
 """Method options that say where a run keeps its state, not what it computes."""
+
+
+def refuse_torchscript(model: nn.Module, method: str, needs: str) -> None:
+    """A method that rewires or trains the model's layers (`needs`: what it does to them)
+    cannot work on a TorchScript module, whose submodules are compiled away."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConfigError(f"{method} {needs}, which a TorchScript model does not expose; pack "
+                          "its state_dict with a zoo architecture (--arch)")
 
 
 class Method:

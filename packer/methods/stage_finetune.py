@@ -16,9 +16,8 @@ from torch import nn
 
 from packer.config import Option, closed_interval
 from packer.methods.base import CompressJob
-from packer.training import build_datasets, training_data
+from packer.training import build_datasets, epochs_to_run, training_data
 from packer.training.finetune import finetune
-from runtime.errors import DataError
 
 
 def finetune_options(default_epochs: int, lr: float, optimizer: str,
@@ -60,15 +59,8 @@ def finetune_options(default_epochs: int, lr: float, optimizer: str,
 def finetune_epochs(job: CompressJob, method: str, default: int) -> int:
     """The epochs to run: `finetune_epochs`, or `default` when training data was given and 0
     when not; asking for epochs without data is an error, not a silent skip."""
-    epochs = job.config.options["finetune_epochs"]
-    data = training_data(job.data, method)
-    if epochs is None:
-        return default if data is not None else 0
-    if epochs > 0 and data is None:
-        raise DataError(f"{method}: finetune_epochs={epochs} needs training data: pass "
-                        f"--cifar10 DIR, --imagenet DIR or --data DIR, or set "
-                        f"finetune_epochs=0")
-    return epochs
+    return epochs_to_run(job.config.options["finetune_epochs"], training_data(job.data, method),
+                         method, "finetune_epochs", default, "no fine-tuning")
 
 
 def stage_checkpoint(path: str | None, method: str) -> Path | None:

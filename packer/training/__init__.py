@@ -5,7 +5,13 @@ fixing rounds through `fit`; see `packer.training.loop` for how a new method plu
 
 from packer.training.batchnorm import recalibrate_batchnorm
 from packer.training.checkpoint import Checkpoint, model_signature
-from packer.training.data import DataSpec, build_datasets, train_transform, training_data
+from packer.training.data import (
+    DataSpec,
+    build_datasets,
+    epochs_to_run,
+    train_transform,
+    training_data,
+)
 from packer.training.finetune import distillation_loss, finetune
 from packer.training.loop import TrainConfig, TrainHooks, TrainResult, fit
 from packer.training.validation import Validation
@@ -25,4 +31,5 @@ __all__ = [
     "recalibrate_batchnorm",
     "train_transform",
     "training_data",
+    "epochs_to_run",
 ]

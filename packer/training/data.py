@@ -62,6 +62,19 @@ def training_data(data: Any, method: str) -> DataSpec | None:
     return data
 
 
+def epochs_to_run(requested: int | None, data: DataSpec | None, method: str, option: str,
+                  default: int, without: str) -> int:
+    """The epochs a method trains: `requested`, or `default` when training data was given and
+    0 when not. Epochs asked for without data are an error, never a silent skip; `without`
+    says what `option`=0 gives instead."""
+    if requested is None:
+        return default if data is not None else 0
+    if requested > 0 and data is None:
+        raise DataError(f"{method}: {option}={requested} needs training data: pass --cifar10 "
+                        f"DIR, --imagenet DIR or --data DIR, or set {option}=0 ({without})")
+    return requested
+
+
 def train_transform(spec: InputSpec, kind: str) -> T.Compose:
     """The standard augmentation: CIFAR pad-4 random crop + flip; ImageNet the reference's
     Resize(resize) -> RandomCrop(crop) -> flip (both then scaled and normalised as `spec`)."""

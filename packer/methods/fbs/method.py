@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from packer.config import MethodConfig, Option, closed_interval
-from packer.methods.base import CompressJob, Method
+from packer.methods.base import CompressJob, Method, refuse_torchscript
 from packer.methods.fbs.calibrate import fit_predictors
 from packer.methods.lowbit.method import COMMON_OPTIONS as TRAINING_OPTIONS
 from packer.training import (
@@ -34,7 +34,9 @@ from packer.training import (
     TrainHooks,
     build_datasets,
     distillation_loss,
+    epochs_to_run,
     fit,
+    training_data,
 )
 from packer.training.finetune import validated_on
 from runtime.data import make_loader
@@ -167,23 +169,14 @@ class FBSMethod(Method):
         return dict(self.report)
 
     def _check(self, job: CompressJob) -> tuple[int, int, DataSpec | None]:
-        if isinstance(job.model, torch.jit.ScriptModule):
-            raise ConfigError("fbs gates the model's convolutions, which a TorchScript model "
-                              "does not expose; pack its state_dict with a zoo architecture "
-                              "(--arch)")
-        data = job.data
-        if data is not None and not isinstance(data, DataSpec):
-            raise DataError(f"fbs: training data must be a packer.training.DataSpec, not "
-                            f"{type(data).__name__}")
+        refuse_torchscript(job.model, self.name, "gates the model's convolutions")
+        data = training_data(job.data, self.name)
         opts = job.config.options
-        epochs = opts["epochs"]
-        if epochs is None:
-            epochs = DEFAULT_EPOCHS_WITH_DATA if data is not None else 0
-        final = epochs if opts["final_epochs"] is None else opts["final_epochs"]
-        if (epochs > 0 or final > 0) and data is None:
-            raise DataError(f"fbs: epochs={max(epochs, final)} needs training data: pass "
-                            "--cifar10 DIR, --imagenet DIR or --data DIR, or set epochs=0 "
-                            "(gate without training)")
+        epochs = epochs_to_run(opts["epochs"], data, self.name, "epochs",
+                               DEFAULT_EPOCHS_WITH_DATA, "gate without training")
+        final = (epochs if opts["final_epochs"] is None else
+                 epochs_to_run(opts["final_epochs"], data, self.name, "final_epochs", epochs,
+                               "gate without training"))
         return epochs, final, data
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:

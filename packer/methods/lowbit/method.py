@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from packer.config import MethodConfig, Option, closed_interval
-from packer.methods.base import CompressJob, Method
+from packer.methods.base import CompressJob, Method, refuse_torchscript
 from packer.methods.lowbit.layers import (
     EDGE_PRECISIONS,
     PRECISIONS,
@@ -38,10 +38,10 @@ from packer.methods.lowbit.quantizers import (
     WeightQuantizer,
 )
 from packer.methods.pqf.method import PQFMethod
-from packer.training import DataSpec, build_datasets
+from packer.training import DataSpec, build_datasets, epochs_to_run, training_data
 from packer.training.batchnorm import recalibrate_batchnorm
 from packer.training.finetune import finetune
-from runtime.errors import ConfigError, DataError
+from runtime.errors import ConfigError
 from runtime.format.features import ACTIVATION_QUANT
 from runtime.format.records import ActivationQuantRecord
 from runtime.tensors import CompressedTensor
@@ -109,22 +109,10 @@ class LowBitMethod(Method):
     # --- steps -----------------------------------------------------------------------------
 
     def _check(self, job: CompressJob) -> tuple[int, DataSpec | None]:
-        if isinstance(job.model, torch.jit.ScriptModule):
-            raise ConfigError(f"{self.name} trains the model's layers, which a TorchScript "
-                              "model does not expose; pack its state_dict with a zoo "
-                              "architecture (--arch)")
-        data = job.data
-        if data is not None and not isinstance(data, DataSpec):
-            raise DataError(f"{self.name}: training data must be a packer.training.DataSpec, "
-                            f"not {type(data).__name__}")
-        epochs = job.config.options["epochs"]
-        if epochs is None:
-            epochs = DEFAULT_EPOCHS_WITH_DATA if data is not None else 0
-        if epochs > 0 and data is None:
-            raise DataError(f"{self.name}: epochs={epochs} needs training data: pass --cifar10 "
-                            "DIR, --imagenet DIR or --data DIR, or set epochs=0 (quantize "
-                            "only)")
-        return epochs, data
+        refuse_torchscript(job.model, self.name, "trains the model's layers")
+        data = training_data(job.data, self.name)
+        return epochs_to_run(job.config.options["epochs"], data, self.name, "epochs",
+                             DEFAULT_EPOCHS_WITH_DATA, "quantize only"), data
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         epochs, data = self._check(job)

@@ -32,7 +32,7 @@ from packer.methods.pqf.layers import (
 )
 from packer.methods.pqf.permute import permute_model
 from packer.methods.pqf.size import reference_size
-from packer.training import DataSpec, build_datasets, training_data
+from packer.training import DataSpec, build_datasets, epochs_to_run, training_data
 from packer.training.finetune import finetune
 from runtime.distributed import local_device
 from runtime.errors import ConfigError, DataError
@@ -197,13 +197,8 @@ class PQFMethod(Method):
             raise DataError("pqf: fine-tuning the codebooks needs training data: pass "
                             "--cifar10 DIR, --imagenet DIR or --data DIR, or set "
                             "finetune_epochs=0 for the far less accurate post-training variant")
-        if epochs is None:
-            return DEFAULT_EPOCHS_WITH_DATA, data
-        if epochs > 0 and data is None:
-            raise DataError(f"pqf: finetune_epochs={epochs} needs training data: pass "
-                            f"--cifar10 DIR, --imagenet DIR or --data DIR, or set "
-                            f"finetune_epochs=0")
-        return epochs, data
+        return epochs_to_run(epochs, data, self.name, "finetune_epochs",
+                             DEFAULT_EPOCHS_WITH_DATA, "the post-training variant"), data
 
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         opts = job.config.options
