@@ -28,6 +28,7 @@ from runtime.format.reader import open_packed
 from runtime.format.records import ArchitectureRecord, ChannelGateRecord, ModelRecord
 from runtime.gating import (
     ChannelGate,
+    LiveInputConv,
     MacCounter,
     SkipConv,
     apply_gates,
@@ -206,7 +207,24 @@ def test_mac_count_on_a_tiny_model_by_hand() -> None:
     assert torch.cat(layer.live_inputs).tolist() == [3] * 3
 
 
-def _gated_resnet20(keep_ratio: float = 0.5, seed: int = 0) -> nn.Module:
+def test_an_ungated_conv_after_a_gated_one_counts_only_its_live_inputs() -> None:
+    model = _tiny_trained_bn()
+    gated = apply_gates(model, [ChannelGateRecord("conv1", 2)])
+    x = torch.randn(3, 3, 5, 5)
+    with MacCounter(gated) as counter, torch.no_grad():
+        gated(x)
+    conv2 = counter.layers["conv2"]
+    live = torch.cat(conv2.live_inputs)
+    # conv1 keeps 2 of its 4 channels per image: conv2 reads at most those 2.
+    assert int(live.min()) >= 1 and int(live.max()) <= 2
+    assert torch.cat(conv2.per_image).tolist() == [6 * int(n) * 9 * 25 for n in live]
+    assert conv2.dense == 6 * 4 * 9 * 25
+    conv1 = 2 * 3 * 9 * 25 + 3 * 4
+    assert counter.per_image().tolist() == [conv1 + 6 * int(n) * 9 * 25 + 6 * 2 for n in live]
+
+
+def _gated_resnet20(keep_ratio: float = 0.5, seed: int = 0,
+                    gates: list[str] = BLOCK_CONVS) -> nn.Module:
     torch.manual_seed(seed)
     model = cifar_resnet20()
     with torch.no_grad():  # BatchNorm statistics that are not the identity
@@ -216,7 +234,7 @@ def _gated_resnet20(keep_ratio: float = 0.5, seed: int = 0) -> nn.Module:
                 m.running_var.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.3, 0.3)
     records = [ChannelGateRecord(n, keep_count(model.get_submodule(n).out_channels, keep_ratio))
-               for n in BLOCK_CONVS]
+               for n in gates]
     return apply_gates(model, records, torch.Generator().manual_seed(seed)).eval()
 
 
@@ -242,6 +260,28 @@ def test_skip_path_computes_what_the_masked_model_computes() -> None:
         if name.endswith("conv2"):
             assert max(torch.cat(layer.live_inputs).tolist()) <= layer.kept[0][0]
     assert counter.summary()["macs_ratio"] < 0.5
+
+
+def test_skip_path_with_gates_on_each_blocks_first_conv_only() -> None:
+    """conv2 is plain: the skipping path reads only the channels conv1 kept, and counts
+    (and computes) what the masked model does."""
+    model = _gated_resnet20(gates=[n for n in BLOCK_CONVS if n.endswith("conv1")])
+    skipping = inference_graph(model, skip=True)
+    assert sum(isinstance(m, SkipConv) for m in skipping.modules()) == 9
+    assert sum(type(m) is LiveInputConv for m in skipping.modules()) == 10  # the stem, 9 conv2
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(skipping(x), expected, atol=1e-4)
+    with MacCounter(model) as counter, torch.no_grad():
+        model(x)
+    with MacCounter(skipping) as skip_counter, torch.no_grad():
+        skipping(x)
+    assert skip_counter.summary() == counter.summary()
+    for name, layer in counter.layers.items():
+        if name.endswith("conv2"):
+            assert max(torch.cat(layer.live_inputs).tolist()) <= 8 * 2 ** int(name[5]) // 2
+    assert 0.45 < counter.summary()["macs_ratio"] < 0.55  # about half: conv1 out, conv2 in
 
 
 # --- files: the gating record, torch vs ONNX, refusals ----------------------------------------

@@ -29,10 +29,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ChannelGate", "keep_count", "keep_top_k", "pool", "predict", "saliency"]
+__all__ = ["ChannelGate", "conv_output_size", "keep_count", "keep_top_k", "pool", "predict",
+           "saliency"]
 
 GATE_CHILD = "gate"
 """A gated Conv2d holds its ChannelGate as this child: tensors `<conv>.gate.weight`, `.bias`."""
+
+
+def conv_output_size(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int]:
+    """(height, width) of `conv`'s output on an input of height x width."""
+    if conv.padding == "same":
+        return height, width
+    pads = (0, 0) if conv.padding == "valid" else conv.padding
+    h, w = ((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
+            zip((height, width), pads, conv.dilation, conv.kernel_size, conv.stride, strict=True))
+    return max(0, h), max(0, w)
+
 
 
 def keep_count(channels: int, ratio: float) -> int:

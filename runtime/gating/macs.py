@@ -2,12 +2,18 @@
 
 FBS saves compute, not bytes, so the saving is measured rather than assumed: while a model
 runs, a MacCounter counts for every image
-* a plain Conv2d or Linear: all its MACs (the dense count);
 * a gated Conv2d: kept output channels (the k its gate keeps) x input channels that are
   not all zero x kh x kw x output pixels, plus the predictor's
   C_in x C_out (a suppressed output channel is never computed; an input channel a previous
-  gate suppressed is exactly zero and contributes nothing). This is what the batch-1 path
-  (runtime.gating.skip) executes.
+  gate suppressed is exactly zero and contributes nothing);
+* in a model with gates, an ungated, ungrouped Conv2d: all its output channels x input
+  channels that are not all zero x kh x kw x output pixels (the conv after a gated one
+  reads the suppressed channels as zeros and need not read them at all);
+* a Linear, a grouped Conv2d, and every layer of a model without gates: all its MACs (the
+  dense count).
+This is what the batch-1 path (runtime.gating.skip) executes. ReLU zeroes a whole channel
+of an image now and then too, so in a gated model a few of the skipped input channels are
+not the gates' doing; the ungated model is not given that credit (its count is dense).
 `macs_dense` is the ungated model's count. The gates' other work, mean |x| over the input
 (C_in x H x W additions) and the C_out^2 comparisons of the top-k rule, are not MACs; they
 are reported beside them as `gate_other_ops`.
@@ -23,19 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from runtime.gating.build import gated_convs
-from runtime.gating.gate import GATE_CHILD, ChannelGate
+from runtime.gating.gate import GATE_CHILD, ChannelGate, conv_output_size, pool
+from runtime.gating.skip import LiveInputConv
 
 __all__ = ["LayerCount", "MacCounter", "conv_output_size", "count_macs"]
-
-
-def conv_output_size(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int]:
-    """(height, width) of `conv`'s output on an input of height x width."""
-    if conv.padding == "same":
-        return height, width
-    pads = (0, 0) if conv.padding == "valid" else conv.padding
-    h, w = ((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
-            zip((height, width), pads, conv.dilation, conv.kernel_size, conv.stride, strict=True))
-    return max(0, h), max(0, w)
 
 
 @dataclass
@@ -48,8 +45,8 @@ class LayerCount:
     executed: int = 0  # MACs over all images
     other_ops: int = 0  # gate additions and comparisons over all images
     kept: list[Tensor] = field(default_factory=list)  # gated: kept outputs per image
-    live_inputs: list[Tensor] = field(default_factory=list)  # gated: non-zero inputs per image
-    per_image: list[Tensor] = field(default_factory=list)  # gated: executed MACs per image
+    live_inputs: list[Tensor] = field(default_factory=list)  # convs: non-zero inputs per image
+    per_image: list[Tensor] = field(default_factory=list)  # convs: executed MACs per image
     kept_by_channel: Tensor | None = None  # gated: images in which each channel was kept
 
     def as_dict(self) -> dict[str, Any]:
@@ -57,6 +54,7 @@ class LayerCount:
                                "macs_executed": self.executed / max(self.images, 1)}
         if self.kept:
             out["kept_mean"] = float(torch.cat(self.kept).float().mean())
+        if self.live_inputs:
             out["live_inputs_mean"] = float(torch.cat(self.live_inputs).float().mean())
         return out
 
@@ -76,9 +74,12 @@ class MacCounter:
             gate = getattr(conv, GATE_CHILD)
             self._gates[gate] = (name, conv)
             gate.observer = self._observe_gate
+        live_only = bool(gated)
         for name, module in self.model.named_modules():
-            if isinstance(module, nn.Conv2d | nn.Linear) and name not in gated:
-                self._handles.append(module.register_forward_hook(self._plain_hook(name)))
+            plain = isinstance(module, nn.Conv2d | nn.Linear | LiveInputConv)
+            if plain and name not in gated and not hasattr(module, "gate"):
+                self._handles.append(module.register_forward_hook(
+                    self._plain_hook(name, live_only)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -92,16 +93,28 @@ class MacCounter:
     def _layer(self, name: str) -> LayerCount:
         return self.layers.setdefault(name, LayerCount(name))
 
-    def _plain_hook(self, name: str):
+    def _plain_hook(self, name: str, live_only: bool):
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
-            n = output.shape[0] if output.dim() > 1 else 1
-            if isinstance(module, nn.Conv2d):
-                kh, kw = module.kernel_size
-                per_image = (output[0].numel() * (module.in_channels // module.groups)
-                             * kh * kw)
-            else:
-                per_image = output.numel() // n * module.in_features
+            conv = module.conv if isinstance(module, LiveInputConv) else module
             layer = self._layer(name)
+            if (live_only and isinstance(conv, nn.Conv2d) and conv.groups == 1
+                    and output.dim() == 4):
+                kh, kw = conv.kernel_size
+                live = (pool(inputs[0]) != 0).sum(dim=1).cpu()
+                per_input = conv.out_channels * kh * kw * output.shape[2] * output.shape[3]
+                per_image = live * per_input
+                layer.dense = conv.in_channels * per_input
+                layer.images += output.shape[0]
+                layer.executed += int(per_image.sum())
+                layer.live_inputs.append(live)
+                layer.per_image.append(per_image)
+                return
+            n = output.shape[0] if output.dim() > 1 else 1
+            if isinstance(conv, nn.Conv2d):
+                kh, kw = conv.kernel_size
+                per_image = (output[0].numel() * (conv.in_channels // conv.groups) * kh * kw)
+            else:
+                per_image = output.numel() // n * conv.in_features
             layer.dense, layer.images = per_image, layer.images + n
             layer.executed += per_image * n
         return hook

@@ -6,9 +6,11 @@ dense and a gated model are timed in the same form. With `skip=True` every gated
 (with its BatchNorm folded in) becomes a `SkipConv`, which per image computes the mask,
 gathers the filters of the kept output channels restricted to the input channels that are
 not all zero, convolves only those, scales them by their saliency and scatters them into a
-zero output. It computes what the masked graph computes (to float rounding) while doing
+zero output; every other ungrouped Conv2d of a gated model becomes a `LiveInputConv`, which
+per image reads only the input channels that are not all zero (those a gate upstream
+suppressed). Both compute what the masked graph computes (to float rounding) while doing
 the MACs `MacCounter` counts; the gathers, the scatter and the small per-image ops are the
-overhead it pays for that.
+overhead they pay for that.
 """
 
 from __future__ import annotations
@@ -22,59 +24,82 @@ from torch import Tensor, fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from runtime.errors import ArchitectureError
-from runtime.gating.gate import GATE_CHILD, ChannelGate, pool, predict
-from runtime.gating.macs import conv_output_size
+from runtime.gating.gate import GATE_CHILD, ChannelGate, conv_output_size, pool, predict
 
-__all__ = ["SkipConv", "inference_graph"]
+__all__ = ["LiveInputConv", "SkipConv", "inference_graph"]
 
 
-class SkipConv(nn.Module):
+def _skippable(conv: nn.Conv2d) -> bool:
+    return conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding,
+                                                                                 str)
+
+
+class LiveInputConv(nn.Module):
+    """An ungated Conv2d (BatchNorm folded in) that reads, image by image, only the input
+    channels that are not all zero: a gate upstream suppressed them (a batch-1 kernel)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if not _skippable(conv):
+            raise ArchitectureError("the channel-skipping path needs an ungrouped convolution "
+                                    "with numeric zero padding")
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
+        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.conv = conv  # for its geometry only
+        self.out_channels = conv.out_channels
+
+    def _rows(self, x: Tensor, pooled: Tensor, kept: Tensor | None) -> list[Tensor]:
+        """Per image: the output channels `kept[n]` (None: all), from the live inputs."""
+        conv = self.conv
+        height, width = conv_output_size(conv, x.shape[2], x.shape[3])
+        rows = []
+        for n in range(x.shape[0]):
+            weight = self.weight if kept is None else self.weight.index_select(0, kept[n])
+            bias = self.bias if kept is None else self.bias.index_select(0, kept[n])
+            live = torch.nonzero(pooled[n]).squeeze(1)
+            if live.numel():
+                rows.append(F.conv2d(x[n:n + 1].index_select(1, live),
+                                     weight.index_select(1, live), bias, conv.stride,
+                                     conv.padding, conv.dilation))
+            else:  # every input channel is zero: the output is the bias
+                rows.append(bias.view(1, -1, 1, 1).expand(1, bias.numel(), height, width))
+        return rows
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = self._rows(x, pool(x), None)
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+class SkipConv(LiveInputConv):
     """A gated Conv2d (BatchNorm folded in) that computes only the kept output channels
     from the live input channels, image by image (a batch-1 kernel: N > 1 loops)."""
 
     def __init__(self, conv: nn.Conv2d, gate: ChannelGate) -> None:
-        super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ArchitectureError("the channel-skipping path needs numeric zero padding")
-        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
-        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        super().__init__(conv)
         self.gate = gate
-        self.conv = conv  # for its geometry only
-        self.out_channels = conv.out_channels
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = pool(x)
         saliencies = predict(pooled, self.gate.weight, self.gate.bias)
         # A stable descending sort keeps, of equal saliencies, the lower channel first: the
         # same k channels as the rank rule (keep_top_k), in one operation per image.
-        order = torch.sort(saliencies, dim=1, descending=True, stable=True).indices
+        kept = torch.sort(saliencies, dim=1, descending=True, stable=True).indices[
+            :, :self.gate.keep]
         if self.gate.observer is not None:  # a MAC counter: show it the mask it counts
             self.gate.observer(self.gate, x, pooled, self.gate.mask(pooled))
-        conv = self.conv
-        height, width = conv_output_size(conv, x.shape[2], x.shape[3])
         rows = []
-        for n in range(x.shape[0]):
-            kept = order[n, :self.gate.keep]
-            live = torch.nonzero(pooled[n]).squeeze(1)
-            if live.numel():
-                weight = self.weight.index_select(0, kept).index_select(1, live)
-                y = F.conv2d(x[n:n + 1].index_select(1, live), weight,
-                             self.bias.index_select(0, kept), conv.stride, conv.padding,
-                             conv.dilation)
-            else:  # every input channel is zero: the output is the bias
-                y = self.bias.index_select(0, kept).view(1, -1, 1, 1).expand(
-                    1, kept.numel(), height, width)
-            out = x.new_zeros(1, self.out_channels, height, width)
-            scale = saliencies[n].index_select(0, kept).view(1, -1, 1, 1)
-            out.index_copy_(1, kept, y * scale)
+        for n, y in enumerate(self._rows(x, pooled, kept)):
+            out = y.new_zeros(1, self.out_channels, y.shape[2], y.shape[3])
+            out.index_copy_(1, kept[n], y * saliencies[n].index_select(0, kept[n]).view(
+                1, -1, 1, 1))
             rows.append(out)
         return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 
 class _GatesAsLeaves(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, ChannelGate | SkipConv) or super().is_leaf_module(
+        return isinstance(m, ChannelGate | LiveInputConv) or super().is_leaf_module(
             m, module_qualified_name)
 
 
@@ -121,6 +146,15 @@ def _skip_gated(gm: fx.GraphModule) -> int:
     return replaced
 
 
+def _skip_dead_inputs(gm: fx.GraphModule) -> None:
+    """Every other ungrouped conv of a gated model reads only its live input channels."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            conv = gm.get_submodule(str(node.target))
+            if type(conv) is nn.Conv2d and _skippable(conv):
+                gm.add_submodule(str(node.target), LiveInputConv(conv))
+
+
 def inference_graph(model: nn.Module, skip: bool = False) -> fx.GraphModule:
     """An eval-mode, BatchNorm-folded copy of `model`; with `skip`, gated convs skip the
     channels their gates suppress (see the module docstring). The original is untouched."""
@@ -134,8 +168,8 @@ def inference_graph(model: nn.Module, skip: bool = False) -> fx.GraphModule:
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     with torch.no_grad():
         _fold_batchnorms(gm)
-        if skip:
-            _skip_gated(gm)
+        if skip and _skip_gated(gm):
+            _skip_dead_inputs(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
