@@ -266,7 +266,7 @@ def _figure(counter: MacCounter, ratio: float, path: Path) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
     per_image = counter.per_image().numpy() / counter.summary()["macs_dense"]
-    layers = counter.gated_layers()
+    layers = counter.layers
     live = torch.cat(layers[HISTOGRAM_LAYER].live_inputs).numpy()
     hits = layers[FREQUENCY_LAYER].kept_by_channel.numpy() / counter.images
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -344,10 +344,15 @@ def table(args: argparse.Namespace) -> tuple[str, list[Bar]]:
                " / ".join(f"{v:.2f}" for v in s["holdout_by_epoch"]), s["best_epoch"],
                f"{min(s['images_per_s']):.0f}-{max(s['images_per_s']):.0f}"
                if s["images_per_s"] else "-"] for r in results for s in r["stages"]]
-    per_layer = [[name, layer.kept[0][0].item(), layer.dense // 1000,
+    gated = bar_point["counter"].gated_layers()
+    per_layer = [[name, "gated" if name in gated else "plain",
+                  layer.kept[0][0].item() if layer.kept else "all", layer.dense // 1000,
                   f"{torch.cat(layer.live_inputs).float().mean():.1f}",
                   f"{layer.executed / layer.images / layer.dense:.3f}"]
-                 for name, layer in bar_point["counter"].gated_layers().items()]
+                 for name, layer in bar_point["counter"].layers.items() if layer.live_inputs]
+    gate_sets = [s for s in recipe if ".gate=" in s]
+    which = (f"the default set as changed by `{' '.join(gate_sets)}`" if gate_sets
+             else "fbs's default set, every 3x3 block conv")
     missing = [r for r in RATIOS if r not in args.ratios]
     command = ("python tools/bench/fbs.py table --ratios "
                + " ".join(f"{r:g}" for r in (*args.ratios, *missing))
@@ -364,8 +369,9 @@ def table(args: argparse.Namespace) -> tuple[str, list[Bar]]:
         f"{SEED}); stages 0.9 -> 0.7 -> ... -> ratio, {args.epochs} epoch(s) each of "
         f"{args.train_limit:,} images drawn afresh per epoch, Adam with a cosine "
         "learning rate per stage, each stage keeping its epoch with the best held-out "
-        "top-1; L1 1e-8 on the saliencies. The default gates: the 18 block 3x3 convs "
-        "(conv1 and the classifier plain; this ResNet-20 has no downsample convs).",
+        f"top-1; L1 1e-8 on the saliencies. Gated: {bar_point['gated_layers']} convs, "
+        f"{which} (the stem conv and the classifier are never gated; this ResNet-20 has no "
+        "downsample convs).",
         md_table(["model", "stages x epochs", "top-1", "vs baseline", "MACs / image",
                   "executed / dense", "batch-1 latency (skipping / dense, min)",
                   "fbs+kmeans bytes (ratio)", "fbs+kmeans top-1",
@@ -375,9 +381,12 @@ def table(args: argparse.Namespace) -> tuple[str, list[Bar]]:
         "MACs are counted per test image while the 10,000 images are evaluated "
         "(runtime.gating.MacCounter): a gated conv costs kept output channels x input "
         "channels that are not all zero x 9 x output pixels, plus its predictor "
-        "(C_in x C_out); plain layers cost their dense count. A suppressed channel is "
-        "exactly zero after its gate (the gate multiplies the BatchNorm output), so the "
-        "second conv of each block reads at most k live channels. Not MACs, and not in the "
+        "(C_in x C_out); an ungated conv all its output channels x input channels that are "
+        "not all zero x 9 x output pixels; the classifier its dense count. A suppressed "
+        "channel is exactly zero after its gate (the gate multiplies the BatchNorm output), "
+        "so the second conv of each block reads at most k live channels (ReLU zeroes a "
+        "whole channel of an image now and then as well: the live-input counts below show "
+        "both). Not MACs, and not in the "
         f"count: the gates' mean |x| and top-k comparisons, "
         f"{bar_point['gate_other_ops'] / 1e3:.0f}k operations per image at ratio "
         f"{BAR_RATIO}. fbs+kmeans: the same trained gates, every conv, classifier and "
@@ -394,10 +403,10 @@ def table(args: argparse.Namespace) -> tuple[str, list[Bar]]:
         "inputs; what it pays instead is per-image, per-layer work that a dense batch does "
         "not do (pooling, the predictor, a sort, two index gathers of the weights, one of "
         "the input, a scatter of the output), each a separate small torch call.",
-        f"Per gated conv at ratio {BAR_RATIO} (test images): kept outputs k, dense kMACs, "
-        "mean live inputs, executed / dense:",
-        md_table(["conv", "k", "dense kMACs", "live inputs (mean)", "executed / dense"],
-                 per_layer),
+        f"Per conv at ratio {BAR_RATIO} (test images): gated or not, kept outputs k, dense "
+        "kMACs, mean live inputs, executed / dense:",
+        md_table(["conv", "gate", "k", "dense kMACs", "live inputs (mean)",
+                  "executed / dense"], per_layer),
         f"What the gates keep, ratio {BAR_RATIO} (![histograms](fbs-kept.png)): every image "
         f"keeps exactly k output channels per gated conv (the top-k rule), so the variation "
         f"is in the inputs: {HISTOGRAM_LAYER} reads {figure['live_min']} to "
