@@ -12,6 +12,7 @@ from packer.compress import PackRequest, compressible_weights, pack
 from packer.config import collect_settings
 from packer.methods import CompressJob, resolve_method
 from packer.methods.chain import ChainMethod
+from packer.methods.stage_finetune import stage_checkpoint
 from runtime import load
 from runtime.errors import ConfigError
 from runtime.format.reader import open_packed
@@ -84,6 +85,37 @@ def test_each_stage_starts_from_the_model_the_previous_one_left() -> None:
         q = snapped.codebook / step
         assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= 127.001
         assert (snapped.dequantize() - kmeans.dequantize()).abs().max() <= step / 2 + 1e-7
+
+
+def test_a_later_stage_knows_the_earlier_stages_for_its_resume_checkpoint() -> None:
+    """fbs at 0.5 then kmeans, and fbs at 0.7 then kmeans, must not share kmeans' fine-tuning
+    checkpoint: the stage's settings name what came before, and so does the file."""
+    model = cifar_resnet20()
+    chain = resolve_method("kmeans+int8")
+    seen = []
+    int8 = chain.stages[1]
+    original = int8.compress
+
+    def spy(job: CompressJob):
+        seen.append(job.settings())
+        return original(job)
+
+    int8.compress = spy  # type: ignore[method-assign]
+    for k in (4, 8):
+        cfg = chain.build_config(collect_settings({}, [f"k={k}"]))
+        job = CompressJob(model, model.state_dict(), compressible_weights(model), cfg,
+                          progress=False)
+        chain.compress(job)
+        assert job.upstream == [] and "after" not in job.settings()
+    first, second = seen
+    assert [s["method"] for s in first["after"]] == ["kmeans"]
+    assert first["after"][0]["options"]["k"] == 4 and second["after"][0]["options"]["k"] == 8
+    assert first != second  # a checkpoint of one is refused by the other
+    names = {str(stage_checkpoint("ck/ft.pt", "int8", s["after"])) for s in seen}
+    assert len(names) == 2 and all(n.startswith("ck/ft.int8.") for n in names)
+    assert stage_checkpoint("ck/ft.pt", "int8", first["after"]) == stage_checkpoint(
+        "ck/ft.pt", "int8", [dict(first["after"][0])])  # the same stages: the same file
+    assert str(stage_checkpoint("ck/ft.pt", "prune")) == "ck/ft.prune.pt"
 
 
 def test_a_chain_packs_end_to_end(tmp_path: Path, shared_dir: Path) -> None:

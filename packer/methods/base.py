@@ -35,6 +35,8 @@ class CompressJob:
     activation_quant: list[ActivationQuantRecord] = field(default_factory=list)
     # Filled by methods whose model gates channels at inference (fbs).
     channel_gates: list[ChannelGateRecord] = field(default_factory=list)
+    # In a chain: the settings of the stages before this one, which made the model it gets.
+    upstream: list[dict[str, Any]] = field(default_factory=list)
 
     def replace_model(self, model: torch.nn.Module, added_targets: Iterable[str] = ()) -> None:
         """Hand the job a model whose structure a stage changed (fbs adds gate predictors).
@@ -58,10 +60,15 @@ class CompressJob:
 
     def settings(self) -> dict[str, Any]:
         """What decides this job's result, for resume checkpoints: the method, its options
-        (not where checkpoints go or whether to resume), per-layer settings and the seed."""
+        (not where checkpoints go or whether to resume), per-layer settings and the seed, and
+        in a chain the earlier stages' settings (`after`): a stage that fine-tunes after
+        `fbs` at ratio 0.7 must not resume the state it left after `fbs` at 0.5."""
         options = {k: v for k, v in self.config.options.items() if k not in RUN_ONLY_OPTIONS}
-        return {"method": self.config.method, "options": options,
-                "layers": self.config.layers, "seed": self.seed}
+        out = {"method": self.config.method, "options": options,
+               "layers": self.config.layers, "seed": self.seed}
+        if self.upstream:
+            out["after"] = list(self.upstream)
+        return out
 
     def take_model_state(self) -> None:
         """Copy the model's current values into `state_dict`. The packer stores every tensor

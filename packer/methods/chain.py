@@ -142,15 +142,17 @@ class ChainMethod(Method):
     def compress(self, job: CompressJob) -> dict[str, CompressedTensor]:
         chain_config = job.config
         produced: dict[str, CompressedTensor] = {}
+        upstream: list[dict[str, Any]] = []
         try:
             for i, (stage, config) in enumerate(zip(self.stages, chain_config.stages,
                                                     strict=True)):
-                job.config, job.previous = config, dict(produced)
+                job.config, job.previous, job.upstream = config, dict(produced), list(upstream)
                 produced.update(stage.compress(job))
+                upstream.append(job.settings())
                 if i + 1 < len(self.stages):
                     _load_dequantized(job, produced)
         finally:
-            job.config = chain_config
+            job.config, job.upstream = chain_config, []
         return produced
 
     def extra_report(self, job: CompressJob) -> dict[str, Any]:

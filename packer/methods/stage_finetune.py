@@ -8,7 +8,9 @@ re-impose (`after_step`: the mask, the zero centroid).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import hashlib
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,9 @@ def finetune_options(default_epochs: int, lr: float, optimizer: str,
                                       check=closed_interval(0.05, 100.0, "distill_temperature"),
                                       per_layer=False),
         "checkpoint": Option(None, "fine-tuning checkpoint FILE: each stage writes and resumes "
-                             "from FILE with its name before the suffix (ft.prune.pt)", str,
+                             "from FILE with its name before the suffix (ft.prune.pt; a "
+                             "stage after others adds a digest of their settings: "
+                             "ft.kmeans.3f2a9c01d4.pt)", str,
                              per_layer=False),
     }
 
@@ -63,12 +67,19 @@ def finetune_epochs(job: CompressJob, method: str, default: int) -> int:
                          method, "finetune_epochs", default, "no fine-tuning")
 
 
-def stage_checkpoint(path: str | None, method: str) -> Path | None:
-    """`ft.pt` -> `ft.prune.pt`: chained stages fine-tune different parameters."""
+def stage_checkpoint(path: str | None, method: str,
+                     upstream: Sequence[dict[str, Any]] = ()) -> Path | None:
+    """`ft.pt` -> `ft.prune.pt`: chained stages fine-tune different parameters. A stage
+    after others (`upstream`: their settings) gets a digest of them in its name
+    (`ft.kmeans.3f2a9c01d4.pt`), so runs that differ before it keep separate files."""
     if not path:
         return None
     p = Path(path)
-    return p.with_name(f"{p.stem}.{method}{p.suffix or '.pt'}")
+    digest = ""
+    if upstream:
+        text = json.dumps(list(upstream), sort_keys=True, default=str)
+        digest = "." + hashlib.sha256(text.encode()).hexdigest()[:10]
+    return p.with_name(f"{p.stem}.{method}{digest}{p.suffix or '.pt'}")
 
 
 def teacher_of(job: CompressJob, epochs: int) -> nn.Module | None:
@@ -90,6 +101,7 @@ def run_finetune(job: CompressJob, method: str, epochs: int, teacher: nn.Module 
     report = finetune(job, epochs, data, train_set, val_set, teacher, after_step=after_step,
                       train_all=False, optimizer=opts["optimizer"],
                       weight_decay=opts["weight_decay"],
-                      checkpoint=stage_checkpoint(opts["checkpoint"], method))
+                      checkpoint=stage_checkpoint(opts["checkpoint"], method,
+                                                  job.upstream))
     return {**report, "optimizer": opts["optimizer"], "lr": opts["lr"],
             "distill": teacher is not None}
