@@ -23,6 +23,7 @@ import packer  # noqa: F401  first: it sets the OpenMP wait policy, read when to
 import argparse
 import fnmatch
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -296,7 +297,8 @@ def validate(args: argparse.Namespace) -> None:
              f"- AdaRound: `{' '.join(ada)}`", *[f"- {w}" for w in why], "",
              "The rows are also in budget-validation.json, which `budget.py curve` reads."]
     write_results("budget-validation", "Size budgets: choices on a validation split",
-                  " ".join(["python tools/bench/budget.py", *sys.argv[1:]]), "\n".join(body))
+                  shlex.join(["python", "tools/bench/budget.py", *sys.argv[1:]]),
+                  "\n".join(body))
 
 
 # --- curve -------------------------------------------------------------------------------
@@ -374,7 +376,7 @@ def curve(args: argparse.Namespace) -> bool:
     chosen = choose(validation)
     kmeans = args.kmeans == "yes" or (args.kmeans == "auto" and kmeans_helps(validation))
     store = json.loads(CURVE_JSON.read_text()) if CURVE_JSON.is_file() else {}
-    command = " ".join(["python tools/bench/budget.py", *sys.argv[1:]])
+    command = shlex.join(["python", "tools/bench/budget.py", *sys.argv[1:]])
     commit = git_head()
     for model in args.models:
         test = EvalSet("10,000 test images", test_set(f"cifar_{model}"))
