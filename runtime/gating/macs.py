@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from runtime.gating.build import gated_convs
 from runtime.gating.gate import GATE_CHILD, ChannelGate, conv_output_size, pool
-from runtime.gating.skip import LiveInputConv
+from runtime.gating.skip import LiveInputConv, SkipConv
 
 __all__ = ["LayerCount", "MacCounter", "conv_output_size", "count_macs"]
 
@@ -76,8 +76,9 @@ class MacCounter:
             gate.observer = self._observe_gate
         live_only = bool(gated)
         for name, module in self.model.named_modules():
-            plain = isinstance(module, nn.Conv2d | nn.Linear | LiveInputConv)
-            if plain and name not in gated and not hasattr(module, "gate"):
+            plain = (isinstance(module, nn.Conv2d | nn.Linear | LiveInputConv)
+                     and not isinstance(module, SkipConv))  # a SkipConv reports as a gate
+            if plain and name not in gated:
                 self._handles.append(module.register_forward_hook(
                     self._plain_hook(name, live_only)))
         return self
