@@ -104,3 +104,21 @@ def test_docs_link_only_results_files_that_exist(doc):
 def test_results_index_is_current():
     """docs/RESULTS.md is generated: `python tools/bench/summary.py` rewrites it."""
     assert summary.main(["--check"]) == 0
+
+
+def test_budget_choice_keeps_the_earlier_variant_unless_clearly_beaten():
+    import budget
+
+    def rows(fp32_top1: float) -> list[dict]:
+        out = [{"label": label, "target_ratio": r, "top1": top}
+               for label in budget.NEAREST for r, top in ((10.9, 90.0), (15.0, 80.0))]
+        first, second = list(budget.ADAROUND)[:2]
+        out += [{"label": first, "target_ratio": 15.0, "top1": 94.0},
+                {"label": second, "target_ratio": 15.0, "top1": fp32_top1}]
+        return out
+
+    se = _eval.standard_error(94.0, budget.HOLDOUT)
+    assert budget.choose(rows(94.0 + se / 2))[1] == list(budget.ADAROUND.values())[0]
+    assert budget.choose(rows(94.0 + 2 * se))[1] == list(budget.ADAROUND.values())[1]
+    nearest, _, request, _ = budget.choose(rows(94.0))
+    assert nearest == () and request == {}  # all nearest variants tie: the reference stays
