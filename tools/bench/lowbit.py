@@ -105,7 +105,7 @@ RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 # Candidates `select` compares (held-out top-1, bits per weight).
 SELECT_THRESHOLDS = (0.05, 0.1, 0.15, 0.175, 0.2, 0.25)
-SELECT_LRS = (2e-4, 5e-4, 1e-3)
+SELECT_LRS = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)
 
 
 # --- measuring -------------------------------------------------------------------------------
