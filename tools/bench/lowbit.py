@@ -90,12 +90,12 @@ class Point:
 
 # Chosen on the held-out split by `select` (docs/results/lowbit-select.md; distillation on):
 # lr = 1e-3 (the method default) for ttq, lr = 2e-3 for bwn (84.62 held-out after 2 epochs
-# against 82.98 at 1e-3 and 83.32 at 5e-3; ttq peaks at 1e-3, 90.12 against 89.76 at 2e-3). TTQ's t: `select` ranked
-# t = 0.15 best held-out at <= 1.3 bits untrained (1.260), but training moves weights out of
-# the zero band and its 8-epoch file ended at 1.312 bits (zeros 0.627 -> 0.597; a size, not
-# a test-set figure); t = 0.175, halfway to 0.2 (1.020 bits untrained), leaves the trained
-# file room under 1.3. The table uses exactly these. fp16=true stores BatchNorm and biases
-# at float16 (raw tensors only).
+# against 82.98 at 1e-3 and 83.32 at 5e-3; ttq peaks at 1e-3, 90.12 against 89.76 at 2e-3).
+# TTQ's t: `select` ranked t = 0.15 best held-out at <= 1.3 bits untrained (1.260), but
+# training moves weights out of the zero band and its 8-epoch file ended at 1.312 bits
+# (zeros 0.627 -> 0.597; a size, not a test-set figure); t = 0.175, halfway to 0.2 (1.020
+# bits untrained), leaves the trained file room under 1.3. The table uses exactly these.
+# fp16=true stores BatchNorm and biases at float16 (raw tensors only).
 RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ttq": ("ttq", ("threshold=0.175", "fp16=true")),
     "bwn": ("bwn", ("lr=0.002", "fp16=true")),
