@@ -264,7 +264,8 @@ def test_training_a_couple_of_batches_per_stage_then_resuming(tmp_path: Path) ->
     assert [s["training"]["history"][0]["images"] for s in schedule] == [10, 10, 10]
     assert all(s["training"]["validated_on"] == "5 held-out train images" for s in schedule)
     assert sorted(p.name for p in tmp_path.glob("fbs.*")) == [
-        "fbs.ratios-0.9", "fbs.ratios-0.9-0.7", "fbs.ratios-0.9-0.7-0.5"]
+        "fbs.ratios-0.9-0.7-0.5.epochs-1-1-1", "fbs.ratios-0.9-0.7.epochs-1-1",
+        "fbs.ratios-0.9.epochs-1"]
     # The job now holds the gated model: its predictors packed, their weights compressed
     # by a later stage, one gating record per conv at the final ratio.
     assert set(job.state_dict) == set(before) | {f"{n}.gate.{p}" for n in BLOCK_CONVS
@@ -274,8 +275,8 @@ def test_training_a_couple_of_batches_per_stage_then_resuming(tmp_path: Path) ->
                                                                     ("layer1.0.conv2", 8)]
     # Every stage trained the predictors and the network (the checkpoints hold the last
     # epoch; the packed model is each stage's best epoch by validation).
-    first = torch.load(f"{prefix}.ratios-0.9", weights_only=True)["model"]
-    last = torch.load(f"{prefix}.ratios-0.9-0.7-0.5", weights_only=True)["model"]
+    first = torch.load(f"{prefix}.ratios-0.9.epochs-1", weights_only=True)["model"]
+    last = torch.load(f"{prefix}.ratios-0.9-0.7-0.5.epochs-1-1-1", weights_only=True)["model"]
     assert not torch.equal(first["layer1.0.conv1.gate.weight"],
                            last["layer1.0.conv1.gate.weight"])
     assert not torch.equal(last["bn1.weight"], before["bn1.weight"])
@@ -287,6 +288,14 @@ def test_training_a_couple_of_batches_per_stage_then_resuming(tmp_path: Path) ->
     schedule2 = method2.extra_report()["fbs_schedule"]
     assert [s["training"]["resumed_from"] for s in schedule2] == [1, 1, 1, 0]
     assert {g.keep for g in job2.channel_gates} == {5, 10, 19}
+    # A longer last stage resumes the shared ones and keeps its own file beside the short one.
+    method4, job4 = method_job(FBSMethod, cifar_resnet20(), *sets, "final_epochs=2", data=data)
+    method4.compress(job4)
+    schedule4 = method4.extra_report()["fbs_schedule"]
+    assert [s["training"]["resumed_from"] for s in schedule4] == [1, 1, 0]
+    assert [s["epochs"] for s in schedule4] == [1, 1, 2]
+    assert (tmp_path / "fbs.ratios-0.9-0.7-0.5.epochs-1-1-2").exists()
+    assert (tmp_path / "fbs.ratios-0.9-0.7-0.5.epochs-1-1-1").exists()
     # A stage trained under other settings (here the learning rate) is not resumed from.
     changed = [s for s in sets if not s.startswith("lr=")]
     method3, job3 = method_job(FBSMethod, cifar_resnet20(), *changed, "lr=0.02", data=data)

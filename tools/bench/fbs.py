@@ -111,8 +111,17 @@ def counted_accuracy(model: torch.nn.Module, dataset: Any, workers: int
     return top1, counter
 
 
-def fbs_overrides(ratio: float, epochs: int, extra: tuple[str, ...]) -> list[str]:
-    return [f"ratio={ratio}", f"epochs={epochs}", f"holdout={HOLDOUT}", *extra]
+def fbs_overrides(ratio: float, epochs: int, extra: tuple[str, ...],
+                  final_epochs: int | None = None) -> list[str]:
+    final = [] if final_epochs is None else [f"final_epochs={final_epochs}"]
+    return [f"ratio={ratio}", f"epochs={epochs}", *final, f"holdout={HOLDOUT}", *extra]
+
+
+def stages_text(stages: int, epochs: int, final_epochs: int | None) -> str:
+    """'3 x 4', or '2 x 4 + 12' when the last stage runs its own number of epochs."""
+    if final_epochs is None or final_epochs == epochs:
+        return f"{stages} x {epochs}"
+    return f"{stages - 1} x {epochs} + {final_epochs}"
 
 
 def pack_point(method: str, overrides: list[str], out: Path, workers: int) -> dict[str, Any]:
@@ -238,7 +247,7 @@ def select(args: argparse.Namespace) -> str:
 def _point(ratio: float, args: argparse.Namespace, workdir: Path, recipe: tuple[str, ...],
            dense: torch.nn.Module, images: torch.Tensor) -> dict[str, Any]:
     extra = (*recipe, f"train_limit={args.train_limit}", f"checkpoint={workdir / 'stages'}")
-    overrides = fbs_overrides(ratio, args.epochs, extra)
+    overrides = fbs_overrides(ratio, args.epochs, extra, args.final_epochs)
     with cpu_lock(args.lock):
         fbs_file = workdir / f"fbs-{ratio}.fb"
         report = pack_point("fbs", overrides, fbs_file, args.workers)
@@ -330,14 +339,16 @@ def table(args: argparse.Namespace) -> tuple[str, list[Bar]]:
                 and bar_point["macs_ratio"] <= BAR_MACS,
                 f"top-1 {bar_point['top1']:.2f} vs {base:.2f} "
                 f"({bar_point['top1'] - base:+.2f}), MACs {bar_point['macs_ratio']:.3f}x "
-                f"over the 10,000 test images, {len(bar_point['stages'])} stages x "
-                f"{args.epochs} epoch(s) of {args.train_limit:,} images")]
+                f"over the 10,000 test images, stages x epochs "
+                f"{stages_text(len(bar_point['stages']), args.epochs, args.final_epochs)} of "
+                f"{args.train_limit:,} images")]
     for r in results:
         ok = (verdict(base - r["top1"] <= BAR_DROP and r["macs_ratio"] <= BAR_MACS)
               if r["ratio"] == BAR_RATIO else "")
         lat = r["latency"]
         skip_ratio = lat["gated (skipping)"]["min_ms"] / lat["dense"]["min_ms"]
-        rows.append([f"fbs {r['ratio']}", f"{len(r['stages'])} x {r['epochs']}",
+        rows.append([f"fbs {r['ratio']}",
+                     stages_text(len(r["stages"]), r["epochs"], args.final_epochs),
                      f"{r['top1']:.2f}", f"{r['top1'] - base:+.2f}",
                      f"{r['macs_executed'] / 1e6:.2f}M", f"{r['macs_ratio']:.3f}",
                      f"{skip_ratio:.2f}x", f"{r['kmeans_bytes']:,} ({r['kmeans_ratio']:.1f}x)",
@@ -363,7 +374,8 @@ def table(args: argparse.Namespace) -> tuple[str, list[Bar]]:
     missing = [r for r in RATIOS if r not in args.ratios]
     command = ("python tools/bench/fbs.py table --ratios "
                + " ".join(f"{r:g}" for r in (*args.ratios, *missing))
-               + f" --epochs {args.epochs} --train-limit {args.train_limit}")
+               + f" --epochs {args.epochs} --train-limit {args.train_limit}"
+               + ("" if args.final_epochs is None else f" --final-epochs {args.final_epochs}"))
     not_run = ([f"**Not measured in this run:** ratio {', '.join(f'{r:g}' for r in missing)} "
                 f"(`{command}` measures them, resuming the stages trained here from "
                 "--workdir)."] if missing else [])
@@ -373,7 +385,9 @@ def table(args: argparse.Namespace) -> tuple[str, list[Bar]]:
         f"row is a packed file (`--method fbs`, recipe {label}: `{' '.join(recipe)}`, "
         "chosen on the held-out split: fbs-select.md) evaluated once on the test images "
         f"with `runtime.load`. Training: train/ minus {HOLDOUT} held-out images (seed "
-        f"{SEED}); stages 0.9 -> 0.7 -> ... -> ratio, {args.epochs} epoch(s) each of "
+        f"{SEED}); stages 0.9 -> 0.7 -> ... -> ratio, {args.epochs} epoch(s) each"
+        + ("" if args.final_epochs is None else f" ({args.final_epochs} for the last)")
+        + " of "
         f"{args.train_limit:,} images drawn afresh per epoch, Adam with a cosine "
         "learning rate per stage, each stage keeping its epoch with the best held-out "
         f"top-1; L1 1e-8 on the saliencies. Gated: {bar_point['gated_layers']} convs, "
@@ -449,6 +463,9 @@ def main() -> int:
                         f"uses all {HOLDOUT})")
     t = sub.add_parser("table", help="the chosen recipe at ratios 0.7, 0.5, 0.3, on test")
     t.add_argument("--epochs", type=int, default=5, help="per stage")
+    t.add_argument("--final-epochs", type=int, default=None,
+                   help="epochs of each point's last stage (default: --epochs); the earlier "
+                        "stages, shared between points, keep --epochs")
     t.add_argument("--train-limit", type=int, default=45000,
                    help="training images per epoch (drawn afresh each epoch)")
     t.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS),

@@ -149,8 +149,9 @@ class FBSMethod(Method):
                                                                "calibration_images"),
                                      per_layer=False),
         "checkpoint": Option(None, "training checkpoint prefix: stage i is written to and "
-                             "resumed from PREFIX.ratios-0.9-...-r_i (runs sharing a prefix "
-                             "of the schedule share those stages)", str, per_layer=False),
+                             "resumed from PREFIX.ratios-0.9-...-r_i.epochs-e_0-...-e_i (runs "
+                             "sharing a prefix of the schedule share those stages)", str,
+                             per_layer=False),
     }
 
     def __init__(self) -> None:
@@ -212,8 +213,8 @@ class FBSMethod(Method):
             _set_keep(gates, convs, ratio)
             stage: dict[str, Any] = {"ratio": ratio, "epochs": stage_epochs_i}
             if stage_epochs_i > 0:
-                checkpoint = (Path(f"{opts['checkpoint']}.ratios-"
-                                   + "-".join(f"{r:g}" for r in ratios[:i + 1]))
+                checkpoint = (Path(stage_checkpoint(opts["checkpoint"], ratios[:i + 1],
+                                                    stage_epochs[:i + 1]))
                               if opts["checkpoint"] else None)
                 settings = _stage_settings(job, ratios[:i + 1], stage_epochs[:i + 1])
                 stage["training"] = self._train(job, model, gates, stage_epochs_i, data,
@@ -266,6 +267,13 @@ class FBSMethod(Method):
 
 STAGE_INDEPENDENT = ("ratio", "epochs", "final_epochs")
 """Options whose effect on stage i is in its schedule prefix (ratios and epochs so far)."""
+
+
+def stage_checkpoint(prefix: str, ratios: list[float], epochs: list[int]) -> str:
+    """Stage i's checkpoint file: named by the schedule up to it, ratios and epochs, so runs
+    that share a prefix share its stages and schedules of other lengths do not collide."""
+    return (f"{prefix}.ratios-" + "-".join(f"{r:g}" for r in ratios)
+            + ".epochs-" + "-".join(str(e) for e in epochs))
 
 
 def _stage_settings(job: CompressJob, ratios: list[float], epochs: list[int]) -> dict[str, Any]:
