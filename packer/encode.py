@@ -206,7 +206,9 @@ class Encoder:
                 fields = {"scheme": "raw", "values_dtype": name_of_torch(values.dtype)}
             case UniformTensor():
                 low, _ = tensor.code_range
-                scales = self.array(tensor.scales.to(torch.float32).reshape(-1))
+                half = tensor.scales.dtype == torch.float16  # feature half_scales
+                scales = self.array(tensor.scales.to(torch.float16 if half else torch.float32)
+                                    .reshape(-1))
                 zps = (None if tensor.zero_points is None
                        else self.array(tensor.zero_points.to(torch.int32).reshape(-1)))
                 fields = {"scheme": "uniform", "bits": tensor.bits, "symbol_offset": low,

@@ -174,7 +174,8 @@ def check_record(record: TensorRecord) -> None:
                  f"symbol offset {record.symbol_offset} is outside -2**16..2**16")
         _require(_channels(record) > 0, record, "quantization axis has no channels")
         scales = record.scales
-        _require(scales is not None and scales.dtype == "float32"
+        # Float16 scales only behind the half_scales feature (runtime/format/features.py).
+        _require(scales is not None and scales.dtype in ("float32", "float16")
                  and scales.shape == (_channels(record),), record, "scales do not match the axis")
         zp = record.zero_points
         _require(zp is None or (zp.dtype == "int32" and zp.shape == (_channels(record),)),
@@ -226,7 +227,9 @@ def _read_parts(packed: PackedFile, record: TensorRecord, raw_out: np.ndarray | 
         return _Parts(data)
     parts = _Parts(np.empty(0))
     if record.scheme == "uniform":
-        parts.scales = read_array(packed, record.scales, f"{name}/scales")
+        # Float16 scales widen exactly: the decoded tensor is float32 from here on.
+        parts.scales = read_array(packed, record.scales, f"{name}/scales").astype(
+            np.float32, copy=False)
         if record.zero_points is not None:
             zp = read_array(packed, record.zero_points, f"{name}/zero_points")
             _require(int(np.abs(zp.astype(np.int64)).max()) <= MAX_CODE_SHIFT, record,

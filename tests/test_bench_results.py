@@ -122,3 +122,19 @@ def test_budget_choice_keeps_the_earlier_variant_unless_clearly_beaten():
     assert budget.choose(rows(94.0 + 2 * se))[1] == list(budget.ADAROUND.values())[1]
     nearest, _, request, _ = budget.choose(rows(94.0))
     assert nearest == () and request == {}  # all nearest variants tie: the reference stays
+
+
+def test_lowbit_bar_row_is_chosen_on_held_out_images_not_test():
+    import lowbit
+
+    def row(label: str, epochs: int, holdout: list[float], test: float) -> dict:
+        return {"label": label, "epochs": epochs, "holdout_by_epoch": holdout, "test": test}
+
+    bwn, bwn_f = row("bwn", 20, [40.0, 89.88], 86.28), row("bwn-f", 20, [40.0, 89.5], 99.0)
+    untrained = row("bwn-f", 0, [], 39.4)
+    judged = lowbit.bar_rows([row("bwn", 0, [], 39.4), bwn, untrained, bwn_f])
+    assert judged["bwn"] is bwn  # the better held-out row, whatever its test figure
+    bwn_f["holdout_by_epoch"] = [40.0, 90.5]
+    assert lowbit.bar_rows([bwn, bwn_f])["bwn"] is bwn_f
+    bwn_f["holdout_by_epoch"] = [40.0, 89.88]
+    assert lowbit.bar_rows([bwn, bwn_f])["bwn"] is bwn  # a tie keeps the first listed

@@ -150,6 +150,7 @@ def test_activation_quantization_clips_to_unit_interval_by_hand() -> None:
     (lambda w: TernaryQuantizer(w, 0.05), ScalarCodebookTensor),
     (lambda w: BinaryQuantizer(per_channel=False), ScalarCodebookTensor),
     (lambda w: BinaryQuantizer(per_channel=True), UniformTensor),
+    (lambda w: BinaryQuantizer(per_channel=True, half_scales=True), UniformTensor),
     (lambda w: DoReFaQuantizer(3), UniformTensor),
     (lambda w: DoReFaQuantizer(8), UniformTensor),
     (lambda w: Int8Quantizer(), UniformTensor),
@@ -214,6 +215,40 @@ def test_epochs_zero_packs_resnet20_with_int8_edges(tmp_path: Path, shared_dir: 
     assert lowbit["layer1.0.conv1"]["precision"] == "low"
     model = runtime.load(out)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_bwn_f_with_fp16_stores_half_scales_behind_their_feature(tmp_path: Path,
+                                                                 shared_dir: Path) -> None:
+    from runtime.decode import decode_tensor
+
+    files, reports = {}, {}
+    for fp16 in (False, True):
+        files[fp16] = tmp_path / f"fp16-{fp16}.fb"
+        reports[fp16] = pack(PackRequest(_r20(shared_dir), files[fp16], method="bwn",
+                                         progress=False, overrides=[
+                                             "epochs=0", "granularity=channel",
+                                             f"fp16={str(fp16).lower()}"]))
+    assert reports[True]["format"] == "1.3"
+    assert reports[True]["required_features"] == ["half_scales"]
+    assert reports[False]["format"] == "1.0" and not reports[False]["required_features"]
+    name = "layer2.1.conv1.weight"
+    with open_packed(files[True]) as packed:
+        record = next(t for t in packed.model.tensors if t.name == name)
+        assert record.scales.dtype == "float16" and record.scales.blob.length == 2 * 32
+        half = decode_tensor(packed, record)
+    with open_packed(files[False]) as packed:
+        full = decode_tensor(packed, next(t for t in packed.model.tensors if t.name == name))
+    # The same signs; the scales are the float32 ones rounded to float16, widened exactly.
+    assert torch.equal(half.codes, full.codes) and half.scales.dtype == torch.float32
+    assert torch.equal(half.scales, full.scales.half().float())
+    rows = [{r["name"]: r for r in reports[f]["tensors"]} for f in (False, True)]
+    low = reports[True]["lowbit_weights"]
+    channels = sum(rows[1][n]["shape"][0] for n in low)
+    saved = sum(rows[0][n]["coded_bytes"] - rows[1][n]["coded_bytes"] for n in low)
+    assert saved == 2 * channels  # 2 bytes per output channel, nothing else changes
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(runtime.load(files[True])(x), runtime.load(files[False])(x),
+                               rtol=2e-3, atol=2e-3)
 
 
 def test_edges_and_per_layer_precision_by_glob(tmp_path: Path, shared_dir: Path) -> None:

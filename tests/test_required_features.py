@@ -20,7 +20,7 @@ from runtime.format.preamble import FLAG_INDEX_ZSTD, FLAG_REQUIRED_FEATURES
 from runtime.format.reader import open_packed
 from runtime.format.records import ActivationQuantRecord, ArchitectureRecord, ModelRecord
 from runtime.quant import QuantError
-from runtime.tensors import RawTensor
+from runtime.tensors import RawTensor, UniformTensor
 from runtime.zoo.cifar_resnet import cifar_resnet20
 from tests.packing import CIFAR_SPEC
 
@@ -136,3 +136,47 @@ def test_runtime_applies_it_and_int8_refuses_it(tmp_path: Path) -> None:
         quant.int8_model(tmp_path / "aq.fb", act_scales={"conv1": 0.1})
     with pytest.raises(QuantError, match="without --int8"):
         quant.calibrate(model, [(torch.zeros(1, 3, 32, 32), torch.zeros(1))])
+
+
+def _half_scales_file(path: Path, declared: bool, half: bool = True) -> bytes:
+    """A ResNet-20 file whose layer1.0.conv1 is a per-channel uniform tensor with Float16
+    (or Float32) scales, declaring the half_scales feature or not."""
+    data = DataSection(8)
+    encoder = Encoder(data, "raw")
+    records = []
+    for n, t in cifar_resnet20().state_dict().items():
+        tensor = RawTensor(t, t.dtype)
+        if n == "layer1.0.conv1.weight":
+            scales = t.abs().mean(dim=(1, 2, 3)).to(torch.float16 if half else torch.float32)
+            tensor = UniformTensor(torch.where(t >= 0, 1, -1).int(), scales, None, 2, 0)
+        records.append(encoder.tensor(n, tensor).record)
+    model = ModelRecord(
+        producer="weightpack test", method="test", method_config_json="{}", source_sha256="",
+        architecture=ArchitectureRecord("builder", "cifar_resnet20", "{}"), input=CIFAR_SPEC,
+        num_classes=10, tensors=tuple(records), fp32_bytes=1,
+        required_features=("half_scales",) if declared else ())
+    blob = b"".join(layout(model, data).chunks)
+    path.write_bytes(blob)
+    return blob
+
+
+def test_half_scales_is_format_1_3_and_older_readers_refuse_it(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    blob = _half_scales_file(tmp_path / "h.fb", declared=True)
+    assert struct.unpack_from("<HH", blob, 8) == (1, 3)
+    model = runtime.load(tmp_path / "h.fb")
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    # A format 1.2 reader: it does not know the feature, and says which reader to get.
+    monkeypatch.delitem(features.FEATURES, "half_scales")
+    monkeypatch.setattr(features, "FORMAT_MINOR", 2)
+    with pytest.raises(UnsupportedVersion, match="reads format 1.3 or newer: feature "
+                       "'half_scales' is unknown to this one"):
+        runtime.load(tmp_path / "h.fb")
+
+
+def test_half_scales_declaration_must_agree_with_the_scales(tmp_path: Path) -> None:
+    _half_scales_file(tmp_path / "undeclared.fb", declared=False)
+    _half_scales_file(tmp_path / "unused.fb", declared=True, half=False)
+    for name in ("undeclared", "unused"):
+        with pytest.raises(FormatError, match="half_scales"):
+            open_packed(tmp_path / f"{name}.fb")

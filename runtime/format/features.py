@@ -29,10 +29,12 @@ from runtime.format.records import ModelRecord
 
 ACTIVATION_QUANT = "activation_quant"
 CHANNEL_GATING = "channel_gating"
+HALF_SCALES = "half_scales"
 
 FEATURES: dict[str, int] = {
     ACTIVATION_QUANT: 1,  # Model.activation_quant: quantize layer inputs (DoReFa bits_a)
     CHANNEL_GATING: 2,  # Model.channel_gates: FBS gates conv output channels per image
+    HALF_SCALES: 3,  # Uniform tensors' scales stored as Float16 arrays (BWN-F with fp16=true)
 }
 """Every feature this reader implements -> the format minor that introduced it."""
 
@@ -65,6 +67,15 @@ def check_features(model: ModelRecord, preamble: Preamble) -> None:
     if bool(model.activation_quant) != (ACTIVATION_QUANT in features):
         raise FormatError(f"activation quantization records and the {ACTIVATION_QUANT!r} "
                           f"feature must come together")
+    if uses_half_scales(model) != (HALF_SCALES in features):
+        raise FormatError(f"Float16 uniform scales and the {HALF_SCALES!r} feature must come "
+                          "together")
     if bool(model.channel_gates) != (CHANNEL_GATING in features):
         raise FormatError(f"channel gate records and the {CHANNEL_GATING!r} feature must come "
                           "together")
+
+
+def uses_half_scales(model: ModelRecord) -> bool:
+    """Whether any Uniform tensor keeps its scales as a Float16 array (feature half_scales)."""
+    return any(t.scheme == "uniform" and t.scales is not None and t.scales.dtype == "float16"
+               for t in model.tensors)

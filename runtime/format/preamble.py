@@ -16,7 +16,7 @@ from runtime.errors import (
 # PNG-style magic: non-text high byte first, CR LF, ^Z, LF catch transfer-mode damage.
 MAGIC = b"\x89WPK\r\n\x1a\n"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 2  # the newest minor this reader knows; a writer stamps the lowest a file needs
+FORMAT_MINOR = 3  # the newest minor this reader knows; a writer stamps the lowest a file needs
 PREAMBLE_SIZE = 64
 INDEX_IDENTIFIER = b"WPK1"
 DEFAULT_ALIGNMENT = 64

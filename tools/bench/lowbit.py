@@ -68,6 +68,10 @@ from runtime.evaluate import evaluate  # noqa: E402
 HOLDOUT = 5000
 SEED = 0
 BARS = {"ttq": (1.0, 1.3), "bwn": (1.5, 1.05)}  # (max top-1 drop in points, max bits/weight)
+BAR_OF = {"bwn-f": "bwn"}
+"""Recipes that compete for another recipe's bar (BWN-F is BWN with per-channel scales): of
+the trained rows of one bar, the one with the best held-out top-1 is judged against it; the
+test set does not choose."""
 
 
 @dataclass(frozen=True)
@@ -95,11 +99,13 @@ class Point:
 # training moves weights out of the zero band and its 8-epoch file ended at 1.312 bits
 # (zeros 0.627 -> 0.597; a size, not a test-set figure); t = 0.175, halfway to 0.2 (1.020
 # bits untrained), leaves the trained file room under 1.3. The table uses exactly these.
-# fp16=true stores BatchNorm and biases at float16 (raw tensors only).
+# fp16=true stores BatchNorm and biases at float16 (raw tensors), and BWN-F's per-channel
+# scales (format feature half_scales: 1.049 -> about 1.009 bits untrained); BWN-F trains at
+# BWN's selected rate.
 RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ttq": ("ttq", ("threshold=0.175", "fp16=true")),
     "bwn": ("bwn", ("lr=0.002", "fp16=true")),
-    "bwn-f": ("bwn", ("granularity=channel", "fp16=true")),
+    "bwn-f": ("bwn", ("granularity=channel", "lr=0.002", "fp16=true")),
     "dorefa W2 A4": ("dorefa", ("bits_w=2", "bits_a=4", "fp16=true")),
     "dorefa W2": ("dorefa", ("bits_w=2", "fp16=true")),
 }
@@ -288,11 +294,17 @@ def table(args: argparse.Namespace) -> str:
                                      "test", state))
     results = [r for label in RECIPES
                for r in [untrained[label], *(t for t in results if t["label"] == label)]]
+    judged = bar_rows(results)
     rows = []
     for r in results:
-        bar = BARS.get(r["label"]) if r["epochs"] else None
-        ok = (verdict(base - r["test"] <= bar[0] and r["lowbit_bits"] <= bar[1])
-              if bar else "")
+        bar_label = BAR_OF.get(r["label"], r["label"])
+        bar = BARS.get(bar_label) if r["epochs"] else None
+        ok = ""
+        if bar and judged[bar_label] is r:
+            ok = verdict(base - r["test"] <= bar[0] and r["lowbit_bits"] <= bar[1])
+        elif bar:
+            ok = (f"not judged: held-out {best_holdout(r):.2f} < "
+                  f"{best_holdout(judged[bar_label]):.2f} ({judged[bar_label]['label']})")
         rows.append([r["label"], r["epochs"], f"{r['test']:.2f}", f"{r['test'] - base:+.2f}",
                      f"{r['file_bytes']:,}", f"{r['ratio']:.2f}x", _fmt_bits(r),
                      f"{r['file_bits']:.3f}",
@@ -306,7 +318,9 @@ def table(args: argparse.Namespace) -> str:
                f"{min(r['images_per_s']):.0f}-{max(r['images_per_s']):.0f}"
                if r["images_per_s"] else "-", f"{r['pack_s']:.0f}"] for r in results]
     bars = "; ".join(f"{k}: within {d} points of the baseline at <= {b} bits/weight"
-                     for k, (d, b) in BARS.items())
+                     for k, (d, b) in BARS.items()) + "".join(
+        f"; {k} competes for {v}'s bar, the better held-out row judged"
+        for k, v in BAR_OF.items())
     return "\n\n".join([
         f"ResNet-20 on CIFAR-10 (`{checkpoint_path('resnet20').name}`), uncompressed baseline "
         f"**{base:.2f}%** top-1 on the 10,000 test images, measured in this run. Every row is "
@@ -327,6 +341,22 @@ def table(args: argparse.Namespace) -> str:
         md_table(["method", "epochs", "best epoch", "held-out top-1 by epoch",
                   "images/s", "pack s"], detail),
     ])
+
+
+def best_holdout(row: dict[str, Any]) -> float:
+    return max(row["holdout_by_epoch"])
+
+
+def bar_rows(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each bar's row: of the trained rows competing for it (BAR_OF), the best held-out top-1
+    (the first listed on a tie)."""
+    judged: dict[str, dict[str, Any]] = {}
+    for r in results:
+        bar_label = BAR_OF.get(r["label"], r["label"])
+        if r["epochs"] and bar_label in BARS and (
+                bar_label not in judged or best_holdout(r) > best_holdout(judged[bar_label])):
+            judged[bar_label] = r
+    return judged
 
 
 def _epochs(text: str) -> tuple[str, int]:

@@ -204,7 +204,9 @@ class BWNMethod(LowBitMethod):
     }
 
     def low_quantizer(self, latent: torch.Tensor, opts: dict[str, Any]) -> WeightQuantizer:
-        return BinaryQuantizer(per_channel=opts["granularity"] == "channel", clip_grad=True)
+        # fp16=true also stores BWN-F's per-channel scales at float16 (feature half_scales).
+        return BinaryQuantizer(per_channel=opts["granularity"] == "channel", clip_grad=True,
+                               half_scales=opts["fp16"])
 
 
 class DoReFaMethod(LowBitMethod):

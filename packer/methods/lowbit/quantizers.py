@@ -139,18 +139,23 @@ class BinaryQuantizer(WeightQuantizer):
     """alpha * sign(w~); alpha = mean|w~| per layer or per output channel (a constant).
 
     `clip_grad`: zero gradient where |w~| > alpha (BWN); off, plain straight-through
-    (DoReFa's 1-bit weights)."""
+    (DoReFa's 1-bit weights). `half_scales`: per-channel alphas rounded to float16, in training
+    and in the packed file alike (format feature `half_scales`): half the bytes of the scales,
+    which are most of what BWN-F adds over per-layer BWN."""
 
     kind = "binary"
 
-    def __init__(self, per_channel: bool = False, clip_grad: bool = True) -> None:
+    def __init__(self, per_channel: bool = False, clip_grad: bool = True,
+                 half_scales: bool = False) -> None:
         super().__init__()
         self.per_channel, self.clip_grad = per_channel, clip_grad
+        self.half_scales = half_scales and per_channel
 
     def alpha(self, latent: Tensor) -> Tensor:
         w = latent.detach()
         if self.per_channel and w.dim() > 1:
-            return w.abs().reshape(w.shape[0], -1).mean(dim=1).reshape(-1, *[1] * (w.dim() - 1))
+            alpha = w.abs().reshape(w.shape[0], -1).mean(dim=1).reshape(-1, *[1] * (w.dim() - 1))
+            return alpha.to(torch.float16).to(w.dtype) if self.half_scales else alpha
         return w.abs().mean()
 
     def forward(self, latent: Tensor) -> Tensor:
@@ -167,7 +172,8 @@ class BinaryQuantizer(WeightQuantizer):
             # One scale per output channel cannot be a 2-entry codebook; the uniform grid's
             # codes -1/+1 (2-bit alphabet, 2 symbols used) entropy-code to ~1 bit per weight.
             codes = torch.where(positive, 1, -1).to(torch.int32)
-            return UniformTensor(codes, alpha.reshape(-1), None, 2, 0, latent.dtype)
+            scales = alpha.reshape(-1).to(torch.float16 if self.half_scales else torch.float32)
+            return UniformTensor(codes, scales, None, 2, 0, latent.dtype)
         # Per layer: two codebook entries, an alphabet of 2, so even plain bit-packing
         # stores exactly one bit per weight, with no coder table.
         codebook = torch.stack([-alpha, alpha]).reshape(2)
@@ -180,7 +186,8 @@ class BinaryQuantizer(WeightQuantizer):
                                           4)}
 
     def extra_repr(self) -> str:
-        return f"per_channel={self.per_channel}, clip_grad={self.clip_grad}"
+        return (f"per_channel={self.per_channel}, clip_grad={self.clip_grad}"
+                + (", half_scales=True" if self.half_scales else ""))
 
 
 def dorefa_levels(bits: int) -> int:
