@@ -2,6 +2,7 @@
 
     python tools/bench/fbs.py select     # docs/results/fbs-select.md (held-out only)
     python tools/bench/fbs.py table      # docs/results/fbs.md and fbs-kept.png (test)
+    python tools/bench/fbs.py train ...  # table's training only: held-out curves, test unread
 
 `select` packs candidate recipes at ratio 0.5 on a short schedule and scores each packed
 file on 5,000 training images held out of training (the seeded split `holdout=5000`
@@ -115,6 +116,15 @@ def fbs_overrides(ratio: float, epochs: int, extra: tuple[str, ...],
                   final_epochs: int | None = None) -> list[str]:
     final = [] if final_epochs is None else [f"final_epochs={final_epochs}"]
     return [f"ratio={ratio}", f"epochs={epochs}", *final, f"holdout={HOLDOUT}", *extra]
+
+
+def final_epochs_of(args: argparse.Namespace, ratio: float) -> int | None:
+    """--final-epochs: one count for every point, or one per --ratios entry (None: --epochs)."""
+    if args.final_epochs is None:
+        return None
+    if len(args.final_epochs) == 1:
+        return args.final_epochs[0]
+    return args.final_epochs[args.ratios.index(ratio)]
 
 
 def stages_text(stages: int, epochs: int, final_epochs: int | None) -> str:
@@ -244,10 +254,47 @@ def select(args: argparse.Namespace) -> str:
     ])
 
 
+def point_overrides(ratio: float, args: argparse.Namespace, workdir: Path,
+                    recipe: tuple[str, ...]) -> list[str]:
+    """The fbs settings of one table point; `train` and `table` share them (and so the stage
+    checkpoints in workdir)."""
+    extra = (*recipe, f"train_limit={args.train_limit}", f"checkpoint={workdir / 'stages'}")
+    return fbs_overrides(ratio, args.epochs, extra, final_epochs_of(args, ratio))
+
+
+def train(args: argparse.Namespace) -> str:
+    """Train the table's points into --workdir and show their held-out curves; the test set is
+    not read, so a schedule can be chosen on held-out images before `table` reads test
+    (it then resumes every stage from the checkpoints)."""
+    _check_points(args)
+    _, recipe = chosen_recipe()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for ratio in args.ratios:
+        with cpu_lock(args.lock):
+            report = pack_point("fbs", point_overrides(ratio, args, workdir, recipe),
+                                workdir / f"fbs-{ratio}.fb", args.workers)
+        final = final_epochs_of(args, ratio)
+        rows += [[f"fbs {ratio}", stages_text(len(report["fbs_schedule"]), args.epochs, final),
+                  s["ratio"], s["epochs"], s["resumed_from"],
+                  " / ".join(f"{v:.2f}" for v in s["holdout_by_epoch"]), s["best_epoch"],
+                  max(s["holdout_by_epoch"])] for s in training_detail(report)]
+    return md_table(["point", "stages x epochs", "stage ratio", "epochs", "resumed from",
+                     "held-out top-1 by epoch", "best epoch", "best held-out"], rows)
+
+
+def _check_points(args: argparse.Namespace) -> None:
+    if args.final_epochs is not None and len(args.final_epochs) not in (1, len(args.ratios)):
+        raise SystemExit("--final-epochs: give one count, or one per --ratios entry")
+    if BAR_RATIO not in args.ratios:
+        raise SystemExit(f"--ratios must include the bar's ratio {BAR_RATIO}")
+
+
 def _point(ratio: float, args: argparse.Namespace, workdir: Path, recipe: tuple[str, ...],
            dense: torch.nn.Module, images: torch.Tensor) -> dict[str, Any]:
-    extra = (*recipe, f"train_limit={args.train_limit}", f"checkpoint={workdir / 'stages'}")
-    overrides = fbs_overrides(ratio, args.epochs, extra, args.final_epochs)
+    final_epochs = final_epochs_of(args, ratio)
+    overrides = point_overrides(ratio, args, workdir, recipe)
     with cpu_lock(args.lock):
         fbs_file = workdir / f"fbs-{ratio}.fb"
         report = pack_point("fbs", overrides, fbs_file, args.workers)
@@ -261,7 +308,7 @@ def _point(ratio: float, args: argparse.Namespace, workdir: Path, recipe: tuple[
         kreport = pack_point("fbs+kmeans", overrides, kmeans_file, args.workers)
         ktop1 = evaluate(load(kmeans_file), make_loader(test_set(), 500, args.workers),
                          progress=False).top1
-    result = {"ratio": ratio, "epochs": args.epochs, "top1": top1,
+    result = {"ratio": ratio, "epochs": args.epochs, "final_epochs": final_epochs, "top1": top1,
               **counter.summary(), "latency": latency,
               "fbs_bytes": report["file_bytes"], "kmeans_bytes": kreport["file_bytes"],
               "kmeans_ratio": kreport["ratio"], "kmeans_top1": ktop1,
@@ -308,9 +355,8 @@ def _figure(counter: MacCounter, ratio: float, path: Path) -> dict[str, Any]:
 
 
 def table(args: argparse.Namespace) -> tuple[str, list[Bar]]:
+    _check_points(args)
     label, recipe = chosen_recipe()
-    if BAR_RATIO not in args.ratios:
-        raise SystemExit(f"--ratios must include the bar's ratio {BAR_RATIO}")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     dense = dense_model()
@@ -340,7 +386,8 @@ def table(args: argparse.Namespace) -> tuple[str, list[Bar]]:
                 f"top-1 {bar_point['top1']:.2f} vs {base:.2f} "
                 f"({bar_point['top1'] - base:+.2f}), MACs {bar_point['macs_ratio']:.3f}x "
                 f"over the 10,000 test images, stages x epochs "
-                f"{stages_text(len(bar_point['stages']), args.epochs, args.final_epochs)} of "
+                f"{stages_text(len(bar_point['stages']), args.epochs, bar_point['final_epochs'])}"
+                f" of "
                 f"{args.train_limit:,} images")]
     for r in results:
         ok = (verdict(base - r["top1"] <= BAR_DROP and r["macs_ratio"] <= BAR_MACS)
@@ -348,7 +395,7 @@ def table(args: argparse.Namespace) -> tuple[str, list[Bar]]:
         lat = r["latency"]
         skip_ratio = lat["gated (skipping)"]["min_ms"] / lat["dense"]["min_ms"]
         rows.append([f"fbs {r['ratio']}",
-                     stages_text(len(r["stages"]), r["epochs"], args.final_epochs),
+                     stages_text(len(r["stages"]), r["epochs"], r["final_epochs"]),
                      f"{r['top1']:.2f}", f"{r['top1'] - base:+.2f}",
                      f"{r['macs_executed'] / 1e6:.2f}M", f"{r['macs_ratio']:.3f}",
                      f"{skip_ratio:.2f}x", f"{r['kmeans_bytes']:,} ({r['kmeans_ratio']:.1f}x)",
@@ -375,7 +422,10 @@ def table(args: argparse.Namespace) -> tuple[str, list[Bar]]:
     command = ("python tools/bench/fbs.py table --ratios "
                + " ".join(f"{r:g}" for r in (*args.ratios, *missing))
                + f" --epochs {args.epochs} --train-limit {args.train_limit}"
-               + ("" if args.final_epochs is None else f" --final-epochs {args.final_epochs}"))
+               + ("" if args.final_epochs is None
+                  else " --final-epochs " + " ".join(map(str, args.final_epochs if len(
+                      args.final_epochs) == 1 else [*args.final_epochs,
+                                                    *[args.epochs] * len(missing)]))))
     not_run = ([f"**Not measured in this run:** ratio {', '.join(f'{r:g}' for r in missing)} "
                 f"(`{command}` measures them, resuming the stages trained here from "
                 "--workdir)."] if missing else [])
@@ -386,7 +436,7 @@ def table(args: argparse.Namespace) -> tuple[str, list[Bar]]:
         "chosen on the held-out split: fbs-select.md) evaluated once on the test images "
         f"with `runtime.load`. Training: train/ minus {HOLDOUT} held-out images (seed "
         f"{SEED}); stages 0.9 -> 0.7 -> ... -> ratio, {args.epochs} epoch(s) each"
-        + ("" if args.final_epochs is None else f" ({args.final_epochs} for the last)")
+        + ("" if args.final_epochs is None else " (the last: the table's stages x epochs)")
         + " of "
         f"{args.train_limit:,} images drawn afresh per epoch, Adam with a cosine "
         "learning rate per stage, each stage keeping its epoch with the best held-out "
@@ -462,19 +512,11 @@ def main() -> int:
                    help="held-out images that pick each stage's best epoch (the final score "
                         f"uses all {HOLDOUT})")
     t = sub.add_parser("table", help="the chosen recipe at ratios 0.7, 0.5, 0.3, on test")
-    t.add_argument("--epochs", type=int, default=5, help="per stage")
-    t.add_argument("--final-epochs", type=int, default=None,
-                   help="epochs of each point's last stage (default: --epochs); the earlier "
-                        "stages, shared between points, keep --epochs")
-    t.add_argument("--train-limit", type=int, default=45000,
-                   help="training images per epoch (drawn afresh each epoch)")
-    t.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS),
-                   help=f"keep ratios to measure, in order; must include {BAR_RATIO}")
-    t.add_argument("--workdir", default="/tmp/fbs-bench",
-                   help="packed files and stage checkpoints (kept: a rerun resumes)")
-    t.add_argument("--rounds", type=int, default=9, help="latency rounds")
-    t.add_argument("--latency-images", type=int, default=64)
-    for p in (s, t):
+    tr = sub.add_parser("train", help="train table's points, print held-out curves only "
+                                      "(test not read, docs/results left alone)")
+    for p in (t, tr):
+        _table_args(p)
+    for p in (s, t, tr):
         p.add_argument("--workers", type=int, default=2)
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--lock", default="/tmp/wp-heavy.lock",
@@ -484,6 +526,9 @@ def main() -> int:
     refuse_dirty_tree(args.allow_dirty)
     setup_torch(args.threads)
     command = "python tools/bench/fbs.py " + shlex.join(sys.argv[1:])
+    if args.command == "train":
+        print(train(args))
+        return 0
     if args.command == "select":
         name, title, body, bars = ("fbs-select", "FBS: held-out selection of the recipe",
                                    select(args), [])
@@ -495,6 +540,22 @@ def main() -> int:
     else:
         print(write_results(name, title, command, body, bars))
     return BAR_FAILED if any(not b.ok for b in bars) else 0
+
+
+def _table_args(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--epochs", type=int, default=5, help="per stage")
+    t.add_argument("--final-epochs", type=int, nargs="+", default=None, metavar="N",
+                   help="epochs of each point's last stage (default: --epochs): one count, or "
+                        "one per --ratios entry; the earlier stages, shared between points, "
+                        "keep --epochs")
+    t.add_argument("--train-limit", type=int, default=45000,
+                   help="training images per epoch (drawn afresh each epoch)")
+    t.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS),
+                   help=f"keep ratios to measure, in order; must include {BAR_RATIO}")
+    t.add_argument("--workdir", default="/tmp/fbs-bench",
+                   help="packed files and stage checkpoints (kept: a rerun resumes)")
+    t.add_argument("--rounds", type=int, default=9, help="latency rounds")
+    t.add_argument("--latency-images", type=int, default=64)
 
 
 if __name__ == "__main__":
