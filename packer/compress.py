@@ -46,13 +46,18 @@ from runtime.data import calibration_root
 from runtime.decode import decode_state_dict
 from runtime.distributed import launch_rank
 from runtime.errors import ConfigError, DataError, WeightpackError
-from runtime.format.features import ACTIVATION_QUANT, CHANNEL_GATING, HALF_SCALES
+from runtime.format.features import (
+    ACTIVATION_QUANT,
+    CHANNEL_GATING,
+    HALF_SCALES,
+    uses_half_scales,
+)
 from runtime.format.preamble import DEFAULT_ALIGNMENT
 from runtime.format.reader import open_packed
 from runtime.format.records import ActivationQuantRecord, ArchitectureRecord, InputSpec, ModelRecord
 from runtime.onnx.graph import export_module, weight_free
 from runtime.report import size_report
-from runtime.tensors import CompressedTensor, UniformTensor
+from runtime.tensors import CompressedTensor
 from runtime.zoo.specs import IMAGENET_MEAN, IMAGENET_STD
 
 COMPRESSIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -313,17 +318,15 @@ def _assemble(ctx: _Context, config: MethodConfig, state_dict: dict[str, torch.T
     tensors = {name: compressed.get(name) or raw_tensor(value, config.for_tensor(name)["fp16"])
                for name, value in state_dict.items()}
     gates = tuple(job.channel_gates)  # a stage may have added gates (fbs) to the model
-    half_scales = any(isinstance(t, UniformTensor) and t.scales.dtype == torch.float16
-                      for t in tensors.values())
-    features = ({ACTIVATION_QUANT} if act_quant else set()) | (
-        {CHANNEL_GATING} if gates else set()) | (
-        {HALF_SCALES} if half_scales else set())  # what the file holds needs
     act_scales, calibration = _calibrate(ctx, job.model, tensors)
     data = DataSection(req.alignment)
     encoder = Encoder(data, req.coder)
     encoder.plan(tensors, lambda name: config.for_tensor(name).get("coder"))
     encoded = [encoder.tensor(name, t, config.for_tensor(name).get("coder"))
                for name, t in tensors.items()]
+    features = ({ACTIVATION_QUANT} if act_quant else set()) | (
+        {CHANNEL_GATING} if gates else set()) | (
+        {HALF_SCALES} if uses_half_scales(e.record for e in encoded) else set())
     architecture = _architecture_record(ctx.arch, ctx.spec, set(tensors), data)
     record = ModelRecord(
         producer=f"weightpack {__version__}", method=req.method,

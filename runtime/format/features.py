@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 from runtime.errors import FormatError, UnsupportedVersion
 from runtime.format.preamble import FLAG_REQUIRED_FEATURES, FORMAT_MAJOR, FORMAT_MINOR, Preamble
-from runtime.format.records import ModelRecord
+from runtime.format.records import ModelRecord, TensorRecord
 
 ACTIVATION_QUANT = "activation_quant"
 CHANNEL_GATING = "channel_gating"
@@ -67,7 +67,7 @@ def check_features(model: ModelRecord, preamble: Preamble) -> None:
     if bool(model.activation_quant) != (ACTIVATION_QUANT in features):
         raise FormatError(f"activation quantization records and the {ACTIVATION_QUANT!r} "
                           f"feature must come together")
-    if uses_half_scales(model) != (HALF_SCALES in features):
+    if uses_half_scales(model.tensors) != (HALF_SCALES in features):
         raise FormatError(f"Float16 uniform scales and the {HALF_SCALES!r} feature must come "
                           "together")
     if bool(model.channel_gates) != (CHANNEL_GATING in features):
@@ -75,7 +75,8 @@ def check_features(model: ModelRecord, preamble: Preamble) -> None:
                           "together")
 
 
-def uses_half_scales(model: ModelRecord) -> bool:
-    """Whether any Uniform tensor keeps its scales as a Float16 array (feature half_scales)."""
+def uses_half_scales(tensors: Iterable[TensorRecord]) -> bool:
+    """Whether any Uniform tensor keeps its scales as a Float16 array (feature half_scales):
+    the one rule, for the writer declaring the feature and the reader checking it."""
     return any(t.scheme == "uniform" and t.scales is not None and t.scales.dtype == "float16"
-               for t in model.tensors)
+               for t in tensors)

@@ -419,13 +419,13 @@ def table(args: argparse.Namespace) -> tuple[str, list[Bar]]:
     which = (f"the default set as changed by `{' '.join(gate_sets)}`" if gate_sets
              else "fbs's default set, every 3x3 block conv")
     missing = [r for r in RATIOS if r not in args.ratios]
+    finals = args.final_epochs  # per ratio: the missing ratios' last stages keep --epochs
+    if finals is not None and len(finals) > 1:
+        finals = [*finals, *[args.epochs] * len(missing)]
     command = ("python tools/bench/fbs.py table --ratios "
                + " ".join(f"{r:g}" for r in (*args.ratios, *missing))
                + f" --epochs {args.epochs} --train-limit {args.train_limit}"
-               + ("" if args.final_epochs is None
-                  else " --final-epochs " + " ".join(map(str, args.final_epochs if len(
-                      args.final_epochs) == 1 else [*args.final_epochs,
-                                                    *[args.epochs] * len(missing)]))))
+               + ("" if finals is None else " --final-epochs " + " ".join(map(str, finals))))
     not_run = ([f"**Not measured in this run:** ratio {', '.join(f'{r:g}' for r in missing)} "
                 f"(`{command}` measures them, resuming the stages trained here from "
                 "--workdir)."] if missing else [])
