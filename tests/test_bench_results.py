@@ -138,3 +138,5 @@ def test_lowbit_bar_row_is_chosen_on_held_out_images_not_test():
     assert lowbit.bar_rows([bwn, bwn_f])["bwn"] is bwn_f
     bwn_f["holdout_by_epoch"] = [40.0, 89.88]
     assert lowbit.bar_rows([bwn, bwn_f])["bwn"] is bwn  # a tie keeps the first listed
+    longer = row("bwn-f", 30, [40.0, 89.9, 90.1], 80.0)  # a second length of one recipe
+    assert lowbit.bar_rows([bwn, bwn_f, longer])["bwn"] is longer
