@@ -46,12 +46,7 @@ from runtime.data import calibration_root
 from runtime.decode import decode_state_dict
 from runtime.distributed import launch_rank
 from runtime.errors import ConfigError, DataError, WeightpackError
-from runtime.format.features import (
-    ACTIVATION_QUANT,
-    CHANNEL_GATING,
-    HALF_SCALES,
-    uses_half_scales,
-)
+from runtime.format.features import ACTIVATION_QUANT, CHANNEL_GATING, features_held
 from runtime.format.preamble import DEFAULT_ALIGNMENT
 from runtime.format.reader import open_packed
 from runtime.format.records import ActivationQuantRecord, ArchitectureRecord, InputSpec, ModelRecord
@@ -324,9 +319,7 @@ def _assemble(ctx: _Context, config: MethodConfig, state_dict: dict[str, torch.T
     encoder.plan(tensors, lambda name: config.for_tensor(name).get("coder"))
     encoded = [encoder.tensor(name, t, config.for_tensor(name).get("coder"))
                for name, t in tensors.items()]
-    features = ({ACTIVATION_QUANT} if act_quant else set()) | (
-        {CHANNEL_GATING} if gates else set()) | (
-        {HALF_SCALES} if uses_half_scales(e.record for e in encoded) else set())
+    features = features_held((e.record for e in encoded), act_quant, gates)
     architecture = _architecture_record(ctx.arch, ctx.spec, set(tensors), data)
     record = ModelRecord(
         producer=f"weightpack {__version__}", method=req.method,

@@ -21,7 +21,7 @@ cannot apply it), and document it in docs/FORMAT.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from runtime.errors import FormatError, UnsupportedVersion
 from runtime.format.preamble import FLAG_REQUIRED_FEATURES, FORMAT_MAJOR, FORMAT_MINOR, Preamble
@@ -64,19 +64,26 @@ def check_features(model: ModelRecord, preamble: Preamble) -> None:
         raise FormatError(f"file declares format {preamble.major}.{preamble.minor}, but "
                           f"feature(s) {', '.join(features)} need format "
                           f"{preamble.major}.{format_minor(features)}")
-    if bool(model.activation_quant) != (ACTIVATION_QUANT in features):
-        raise FormatError(f"activation quantization records and the {ACTIVATION_QUANT!r} "
-                          f"feature must come together")
-    if uses_half_scales(model.tensors) != (HALF_SCALES in features):
-        raise FormatError(f"Float16 uniform scales and the {HALF_SCALES!r} feature must come "
-                          "together")
-    if bool(model.channel_gates) != (CHANNEL_GATING in features):
-        raise FormatError(f"channel gate records and the {CHANNEL_GATING!r} feature must come "
-                          "together")
+    held = features_held(model.tensors, model.activation_quant, model.channel_gates)
+    for feature, what in HELD_AS.items():
+        if (feature in held) != (feature in features):
+            raise FormatError(f"{what} and the {feature!r} feature must come together")
 
 
-def uses_half_scales(tensors: Iterable[TensorRecord]) -> bool:
-    """Whether any Uniform tensor keeps its scales as a Float16 array (feature half_scales):
-    the one rule, for the writer declaring the feature and the reader checking it."""
-    return any(t.scheme == "uniform" and t.scales is not None and t.scales.dtype == "float16"
-               for t in tensors)
+HELD_AS: dict[str, str] = {
+    ACTIVATION_QUANT: "activation quantization records",
+    HALF_SCALES: "Float16 uniform scales",
+    CHANNEL_GATING: "channel gate records",
+}
+"""What in a file's index makes it need each feature (in the order the reader checks them)."""
+
+
+def features_held(tensors: Iterable[TensorRecord], activation_quant: Sequence[object],
+                  channel_gates: Sequence[object]) -> set[str]:
+    """The features a file's data needs: the one rule, for the writer declaring them and the
+    reader checking the declaration."""
+    half_scales = any(t.scheme == "uniform" and t.scales is not None
+                      and t.scales.dtype == "float16" for t in tensors)
+    return ({ACTIVATION_QUANT} if activation_quant else set()) | (
+        {HALF_SCALES} if half_scales else set()) | (
+        {CHANNEL_GATING} if channel_gates else set())
