@@ -140,3 +140,18 @@ def test_lowbit_bar_row_is_chosen_on_held_out_images_not_test():
     assert lowbit.bar_rows([bwn, bwn_f])["bwn"] is bwn  # a tie keeps the first listed
     longer = row("bwn-f", 30, [40.0, 89.9, 90.1], 80.0)  # a second length of one recipe
     assert lowbit.bar_rows([bwn, bwn_f, longer])["bwn"] is longer
+
+
+def test_lowbit_training_variants_quantize_as_the_recipe_whose_untrained_row_they_share():
+    import lowbit
+
+    def quantizing(label: str) -> tuple[str, set[str]]:
+        method, sets = lowbit.RECIPES[label]
+        return method, {s for s in sets if not s.startswith("lr=")}
+
+    for variant, base in lowbit.TRAINING_VARIANT_OF.items():
+        assert base not in lowbit.TRAINING_VARIANT_OF
+        assert quantizing(variant) == quantizing(base)
+        assert lowbit.RECIPES[variant] != lowbit.RECIPES[base]
+        assert lowbit.BAR_OF.get(variant, variant) == lowbit.BAR_OF.get(base, base)
+    assert lowbit._epochs("bwn-f lr=0.001=30") == ("bwn-f lr=0.001", 30)
