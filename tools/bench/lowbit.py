@@ -328,8 +328,8 @@ def table(args: argparse.Namespace) -> str:
                if r["images_per_s"] else "-", f"{r['pack_s']:.0f}"] for r in results]
     bars = "; ".join(f"{k}: within {d} points of the baseline at <= {b} bits/weight"
                      for k, (d, b) in BARS.items()) + "".join(
-        f"; {k} competes for {v}'s bar, the better held-out row judged"
-        for k, v in BAR_OF.items())
+        f"; {', '.join(k for k, v in BAR_OF.items() if v == bar)} compete for {bar}'s bar, "
+        "the best held-out row judged" for bar in dict.fromkeys(BAR_OF.values()))
     return "\n\n".join([
         f"ResNet-20 on CIFAR-10 (`{checkpoint_path('resnet20').name}`), uncompressed baseline "
         f"**{base:.2f}%** top-1 on the 10,000 test images, measured in this run. Every row is "
