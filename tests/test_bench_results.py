@@ -153,5 +153,5 @@ def test_lowbit_training_variants_quantize_as_the_recipe_whose_untrained_row_the
         assert base not in lowbit.TRAINING_VARIANT_OF
         assert quantizing(variant) == quantizing(base)
         assert lowbit.RECIPES[variant] != lowbit.RECIPES[base]
-        assert lowbit.BAR_OF.get(variant, variant) == lowbit.BAR_OF.get(base, base)
+        assert lowbit.bar_of(variant) == lowbit.bar_of(base) == "bwn"
     assert lowbit._epochs("bwn-f lr=0.001=30") == ("bwn-f lr=0.001", 30)

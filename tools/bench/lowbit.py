@@ -68,13 +68,19 @@ from runtime.evaluate import evaluate  # noqa: E402
 HOLDOUT = 5000
 SEED = 0
 BARS = {"ttq": (1.0, 1.3), "bwn": (1.5, 1.05)}  # (max top-1 drop in points, max bits/weight)
-BAR_OF = {"bwn-f": "bwn", "bwn-f lr=0.001": "bwn", "bwn-f lr=0.0005": "bwn"}
+BAR_OF = {"bwn-f": "bwn"}
 """Recipes that compete for another recipe's bar (BWN-F is BWN with per-channel scales): of
 the trained rows of one bar, the one with the best held-out top-1 is judged against it; the
 test set does not choose."""
 TRAINING_VARIANT_OF = {"bwn-f lr=0.001": "bwn-f", "bwn-f lr=0.0005": "bwn-f"}
 """Recipes that quantize exactly as another and differ only in training (the learning rate):
-they share its epochs=0 row instead of repeating it."""
+they share its epochs=0 row instead of repeating it, and compete for its bar."""
+
+
+def bar_of(label: str) -> str:
+    """The bar a recipe's trained rows are judged against (through its base recipe)."""
+    base = TRAINING_VARIANT_OF.get(label, label)
+    return BAR_OF.get(base, base)
 
 
 @dataclass(frozen=True)
@@ -295,7 +301,7 @@ def table(args: argparse.Namespace) -> str:
     results = []
     # Trained rows in RECIPES order (the bars' methods first, then activation quantization),
     # so a run cut short has the rows that matter most; a recipe given two lengths gets a
-    # row for each (their held-out top-1 picks the one a bar judges, as BAR_OF's rows do).
+    # row for each (their held-out top-1 picks the one a bar judges, as `bar_of`'s rows do).
     for label, (method, sets) in RECIPES.items():
         for n in sorted({n for name, n in args.epochs if name == label and n > 0}):
             results.append(run_point(Point(label, method, sets, n, args.train_limit),
@@ -306,7 +312,7 @@ def table(args: argparse.Namespace) -> str:
     judged = bar_rows(results)
     rows = []
     for r in results:
-        bar_label = BAR_OF.get(r["label"], r["label"])
+        bar_label = bar_of(r["label"])
         bar = BARS.get(bar_label) if r["epochs"] else None
         ok = ""
         if bar and judged[bar_label] is r:
@@ -328,8 +334,9 @@ def table(args: argparse.Namespace) -> str:
                if r["images_per_s"] else "-", f"{r['pack_s']:.0f}"] for r in results]
     bars = "; ".join(f"{k}: within {d} points of the baseline at <= {b} bits/weight"
                      for k, (d, b) in BARS.items()) + "".join(
-        f"; {', '.join(k for k, v in BAR_OF.items() if v == bar)} compete for {bar}'s bar, "
-        "the best held-out row judged" for bar in dict.fromkeys(BAR_OF.values()))
+        f"; {', '.join(k for k in RECIPES if k != bar and bar_of(k) == bar)} compete for "
+        f"{bar}'s bar, the best held-out row judged"
+        for bar in dict.fromkeys(bar_of(k) for k in RECIPES if bar_of(k) != k))
     return "\n\n".join([
         f"ResNet-20 on CIFAR-10 (`{checkpoint_path('resnet20').name}`), uncompressed baseline "
         f"**{base:.2f}%** top-1 on the 10,000 test images, measured in this run. Every row is "
@@ -357,11 +364,11 @@ def best_holdout(row: dict[str, Any]) -> float:
 
 
 def bar_rows(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each bar's row: of the trained rows competing for it (BAR_OF), the best held-out top-1
+    """Each bar's row: of the trained rows competing for it (`bar_of`), the best held-out top-1
     (the first listed on a tie)."""
     judged: dict[str, dict[str, Any]] = {}
     for r in results:
-        bar_label = BAR_OF.get(r["label"], r["label"])
+        bar_label = bar_of(r["label"])
         if r["epochs"] and bar_label in BARS and (
                 bar_label not in judged or best_holdout(r) > best_holdout(judged[bar_label])):
             judged[bar_label] = r
