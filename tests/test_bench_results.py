@@ -155,3 +155,17 @@ def test_lowbit_training_variants_quantize_as_the_recipe_whose_untrained_row_the
         assert lowbit.RECIPES[variant] != lowbit.RECIPES[base]
         assert lowbit.bar_of(variant) == lowbit.bar_of(base) == "bwn"
     assert lowbit._epochs("bwn-f lr=0.001=30") == ("bwn-f lr=0.001", 30)
+    assert lowbit._epochs("bwn-f lr=0.0005 all images=20") == ("bwn-f lr=0.0005 all images", 20)
+
+
+def test_lowbit_every_image_recipes_ignore_the_train_limit():
+    import lowbit
+
+    assert lowbit.EVERY_IMAGE and lowbit.EVERY_IMAGE.issubset(lowbit.TRAINING_VARIANT_OF)
+    for label in lowbit.RECIPES:
+        expected = None if label in lowbit.EVERY_IMAGE else 20000
+        assert lowbit.images_per_epoch(label, 20000) == expected
+    every = next(iter(lowbit.EVERY_IMAGE))
+    point = lowbit.Point(every, *lowbit.RECIPES[every], 20, lowbit.images_per_epoch(every, 20000))
+    assert not any(s.startswith("train_limit=") for s in point.overrides())
+    assert point.slug().endswith("-e20-nall")
