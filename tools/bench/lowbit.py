@@ -125,13 +125,14 @@ class Point:
 # their held-out top-1 (BAR_OF). Held-out picked 5e-4 at 30 epochs; every BWN-F run ended
 # level however long (20, 30, 40 epochs at 2e-3), each on 20,000 images per epoch, so the
 # held-out pick's rate also trains on every training image each epoch (EVERY_IMAGE).
+_BWN_F_LR_5E4 = ("bwn", ("granularity=channel", "lr=0.0005", "fp16=true"))
 RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ttq": ("ttq", ("threshold=0.175", "fp16=true")),
     "bwn": ("bwn", ("lr=0.002", "fp16=true")),
     "bwn-f": ("bwn", ("granularity=channel", "lr=0.002", "fp16=true")),
     "bwn-f lr=0.001": ("bwn", ("granularity=channel", "lr=0.001", "fp16=true")),
-    "bwn-f lr=0.0005": ("bwn", ("granularity=channel", "lr=0.0005", "fp16=true")),
-    "bwn-f lr=0.0005 all images": ("bwn", ("granularity=channel", "lr=0.0005", "fp16=true")),
+    "bwn-f lr=0.0005": _BWN_F_LR_5E4,
+    "bwn-f lr=0.0005 all images": _BWN_F_LR_5E4,  # the same recipe, every image (EVERY_IMAGE)
     "dorefa W2 A4": ("dorefa", ("bits_w=2", "bits_a=4", "fp16=true")),
     "dorefa W2": ("dorefa", ("bits_w=2", "fp16=true")),
 }
